@@ -1,0 +1,107 @@
+//! Validated configuration. No clap types past this module: `cli` builds these structs and
+//! everything else reads them.
+
+use std::{net::SocketAddr, time::Duration};
+
+/// One mebibyte, in bytes.
+pub const MIB: usize = 1024 * 1024;
+
+/// The hard ceiling for `--max-message-bytes` (64 MiB).
+pub const MAX_MESSAGE_BYTES_CEILING: usize = 64 * MIB;
+
+/// Bytes charged per retained message on top of its payload and headers, for the broker's own
+/// bookkeeping (message struct, sequence, timestamp, queue entries). Without it, empty payloads
+/// would be free and the retention byte bounds would not bound memory.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 128;
+
+/// Retention and size limits, in force for every address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload accepted by Send, in bytes. Default 4 MiB, at most 64 MiB.
+    pub max_message_bytes: usize,
+    /// Most messages one address retains. Default 65,536.
+    pub retention_messages: usize,
+    /// Most bytes one address retains (payload + headers + [`MESSAGE_OVERHEAD_BYTES`] per
+    /// message). Default 64 MiB.
+    pub retention_bytes: usize,
+    /// Most bytes retained across all addresses. Default 1 GiB. When a Send would exceed it, the
+    /// oldest retained messages broker-wide are evicted first.
+    pub max_retained_bytes: usize,
+    /// How long an address with nothing retained, no subscriber and no waiting Recv stays before
+    /// it is reclaimed. Default 10 s.
+    pub idle_address: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * MIB,
+            retention_messages: 65_536,
+            retention_bytes: 64 * MIB,
+            max_retained_bytes: 1024 * MIB,
+            idle_address: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the limits against each other and their ranges.
+    ///
+    /// # Errors
+    /// A message naming the flag and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_message_bytes > MAX_MESSAGE_BYTES_CEILING {
+            return Err(format!(
+                "--max-message-bytes: {} is above the ceiling of {MAX_MESSAGE_BYTES_CEILING} bytes (64 MiB)",
+                self.max_message_bytes
+            ));
+        }
+        if self.retention_messages == 0 {
+            return Err("--retention-messages: must be at least 1".into());
+        }
+        if self.retention_bytes < self.max_message_bytes {
+            return Err(format!(
+                "--retention-bytes: {} is below --max-message-bytes ({}); the largest message must fit",
+                self.retention_bytes, self.max_message_bytes
+            ));
+        }
+        if self.max_retained_bytes < self.retention_bytes {
+            return Err(format!(
+                "--max-retained-bytes: {} is below --retention-bytes ({})",
+                self.max_retained_bytes, self.retention_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything `switchboard serve` needs besides the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Retention and size limits.
+    pub limits: Limits,
+    /// How long shutdown waits for open calls to finish before the server stops anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// tonic's decode limit: above `--max-message-bytes` by room for headers, the address and
+    /// framing, so that our own check answers with the field and the limit named.
+    pub fn decode_limit(&self) -> usize {
+        self.limits.max_message_bytes + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
+    }
+}
+
+/// The default listen address.
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}

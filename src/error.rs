@@ -1,0 +1,54 @@
+//! [`BrokerError`], the broker's one error type, and its one mapping to a gRPC [`tonic::Status`].
+
+/// Everything a request can be refused for. Messages name the field, the value and the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// A field broke a rule (length, characters, range). Maps to `INVALID_ARGUMENT`.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The request field, as named in the proto (`address`, `wait`, ...).
+        field: &'static str,
+        /// What was wrong, with the limit.
+        reason: String,
+    },
+    /// A field is larger than a size limit. Maps to `RESOURCE_EXHAUSTED`.
+    #[error("{field}: {actual} bytes exceeds the limit of {limit} bytes ({limit_name})")]
+    TooLarge {
+        /// The request field (`payload`, `headers`).
+        field: &'static str,
+        /// Its size in bytes.
+        actual: usize,
+        /// The limit in bytes.
+        limit: usize,
+        /// Which limit (the flag that sets it).
+        limit_name: &'static str,
+    },
+    /// The server is shutting down. Maps to `UNAVAILABLE`.
+    #[error("server shutting down")]
+    ShuttingDown,
+}
+
+impl BrokerError {
+    /// Shorthand for [`BrokerError::Invalid`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The gRPC status code this error maps to.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Invalid { .. } => tonic::Code::InvalidArgument,
+            Self::TooLarge { .. } => tonic::Code::ResourceExhausted,
+            Self::ShuttingDown => tonic::Code::Unavailable,
+        }
+    }
+}
+
+impl From<BrokerError> for tonic::Status {
+    fn from(e: BrokerError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,58 @@
+//! The `switchboard` binary: parses flags, installs tracing, and runs the chosen command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchboard::{
+    cli::{Cli, Command},
+    registry::Broker,
+    server, shutdown,
+};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| EnvFilter::new("switchboard=info")),
+                )
+                .init();
+            let config = match args.config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("switchboard: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let (listener, addr) = match server::bind(args.listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let l = &config.limits;
+            tracing::info!(
+                listen = %addr,
+                max_message_bytes = l.max_message_bytes,
+                retention_messages = l.retention_messages,
+                retention_bytes = l.retention_bytes,
+                max_retained_bytes = l.max_retained_bytes,
+                idle_address_ms = l.idle_address.as_millis(),
+                "switchboard listening"
+            );
+            let broker = Broker::new(config.limits.clone());
+            match server::run(listener, broker, config, shutdown::signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

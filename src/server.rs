@@ -1,0 +1,102 @@
+//! Binding and running the gRPC server. `bind` is split from `run` so tests and `main` share one
+//! path: tests bind `127.0.0.1:0`, read the port, then run.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
+use tonic::transport::Server;
+
+use crate::{
+    config::ServerConfig,
+    pb::broker_server::BrokerServer,
+    registry::Broker,
+    service::BrokerService,
+    shutdown::Shutdown,
+};
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Binds `addr` (port 0 picks a free port). Returns the listener and the address it got.
+///
+/// # Errors
+/// [`ServerError::Bind`] when the address is taken or not local.
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
+/// Serves `broker` on `listener` until `signal` resolves, then shuts down gracefully: stops
+/// accepting, ends open Subscribe streams with `UNAVAILABLE`, returns waiting Recv calls empty,
+/// lets unary calls in flight finish, and gives up on connections still open after
+/// `config.shutdown_grace`.
+///
+/// # Errors
+/// [`ServerError::Transport`] if the transport fails.
+pub async fn run(
+    listener: TcpListener,
+    broker: Broker,
+    config: ServerConfig,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let shutdown = Shutdown::new();
+    let token = shutdown.token();
+    tokio::spawn(broker.clone().run_reclaimer(shutdown.token()));
+
+    let service = BrokerServer::new(BrokerService::new(broker, shutdown.token()))
+        .max_decoding_message_size(config.decode_limit())
+        .max_encoding_message_size(config.decode_limit());
+
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            // Small messages must not wait for Nagle's algorithm.
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    });
+
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            signal.await;
+            shutdown.trigger();
+        });
+
+    let mut grace_token = token.clone();
+    let grace = config.shutdown_grace;
+    let deadline = async move {
+        grace_token.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = serve => r?,
+        () = deadline => tracing::warn!(grace_ms = grace.as_millis(), "shutdown grace period over; closing remaining connections"),
+    }
+    tracing::info!("switchboard stopped");
+    Ok(())
+}

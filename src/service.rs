@@ -1,0 +1,178 @@
+//! The gRPC face of the broker: `impl pb::broker_server::Broker`. A thin translation layer:
+//! decode, validate, call the [`Broker`], encode. No policy lives here.
+
+use std::{pin::Pin, time::Duration};
+
+use futures_util::Stream;
+use tonic::{metadata::MetadataMap, Request, Response, Status};
+
+use crate::{
+    address::Message,
+    pb,
+    registry::Broker,
+    shutdown::ShutdownToken,
+    subscription::{Event, Subscription},
+    validate::{self, Address, Group},
+};
+
+/// The `switchboard.v1.Broker` service over a [`Broker`].
+#[derive(Debug, Clone)]
+pub struct BrokerService {
+    broker: Broker,
+    shutdown: ShutdownToken,
+}
+
+impl BrokerService {
+    /// Serves `broker`; open streams and long-polls end when `shutdown` fires.
+    pub fn new(broker: Broker, shutdown: ShutdownToken) -> Self {
+        Self { broker, shutdown }
+    }
+}
+
+/// Converts a stored message to its wire form. The payload is shared, not copied.
+pub fn to_pb(m: &Message) -> pb::Message {
+    pb::Message {
+        address: m.address.to_string(),
+        sequence: m.sequence,
+        payload: m.payload.clone(),
+        headers: m.headers.clone(),
+        sent_at: Some(prost_types::Timestamp::from(m.sent_at)),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header, if it sent one.
+fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The stream behind `Subscribe`: one [`Subscription`], its events as `SubscribeResponse`s.
+/// Ends with `UNAVAILABLE` ("server shutting down") on shutdown; dropping it (the client went
+/// away) unregisters the subscriber.
+pub struct SubscribeStream {
+    inner: Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>,
+}
+
+impl std::fmt::Debug for SubscribeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscribeStream").finish_non_exhaustive()
+    }
+}
+
+impl SubscribeStream {
+    fn new(subscription: Subscription) -> Self {
+        let inner = futures_util::stream::unfold(subscription, |mut s| async move {
+            let item = s.next().await?.map_err(Status::from).map(|event| {
+                let event = match event {
+                    Event::Message(m) => pb::subscribe_response::Event::Message(to_pb(&m)),
+                    Event::Dropped(count) => {
+                        pb::subscribe_response::Event::Dropped(pb::Dropped { count })
+                    }
+                };
+                pb::SubscribeResponse { event: Some(event) }
+            });
+            Some((item, s))
+        });
+        Self {
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl Stream for SubscribeStream {
+    type Item = Result<pb::SubscribeResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerService {
+    #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        let r = request.into_inner();
+        let address = Address::parse(r.address)?;
+        let sequence = self.broker.send(&address, r.payload, r.headers)?;
+        Ok(Response::new(pb::SendResponse { sequence }))
+    }
+
+    #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
+    async fn recv(
+        &self,
+        request: Request<pb::RecvRequest>,
+    ) -> Result<Response<pb::RecvResponse>, Status> {
+        let deadline = client_timeout(request.metadata());
+        let r = request.into_inner();
+        let address = Address::parse(r.address)?;
+        let group = Group::parse(r.group)?;
+        let max = validate::max_messages(r.max_messages)?;
+        let mut wait = validate::wait(r.wait.as_ref())?;
+        if let Some(d) = deadline {
+            // Answer (empty) a little before the client gives up, rather than let it time out.
+            let margin = (d / 10).min(Duration::from_millis(100));
+            wait = wait.min(d.saturating_sub(margin));
+        }
+        let mut shutdown = self.shutdown.clone();
+        let batch = self
+            .broker
+            .recv(&address, &group, max, wait, &mut shutdown)
+            .await?;
+        Ok(Response::new(pb::RecvResponse {
+            messages: batch.messages.iter().map(|m| to_pb(m)).collect(),
+            dropped: batch.dropped,
+        }))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = request.into_inner();
+        let address = Address::parse(r.address)?;
+        let group = Group::parse(r.group)?;
+        let subscription = self
+            .broker
+            .subscribe(&address, &group, self.shutdown.clone());
+        Ok(Response::new(SubscribeStream::new(subscription)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let t = |v: &str| {
+            let mut m = MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            client_timeout(&m)
+        };
+        assert_eq!(t("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(t("x"), None);
+        assert_eq!(t(""), None);
+    }
+}

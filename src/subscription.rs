@@ -1,0 +1,133 @@
+//! [`Subscription`]: one registered subscriber, fan-out or group member, read as a sequence of
+//! [`Event`]s. Dropping it unregisters the subscriber.
+//!
+//! Slow-consumer policy: a subscriber never slows Send or other subscribers. It reads from the
+//! address's retention window at its own pace; if the window moves past it, the messages it
+//! missed are reported as one [`Event::Dropped`] with the exact count, then delivery resumes at
+//! the oldest retained message.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use crate::{
+    address::{AddressShared, Message},
+    error::BrokerError,
+    shutdown::ShutdownToken,
+    validate::Group,
+};
+
+/// How many messages a fan-out subscriber copies out of the window per lock.
+const FANOUT_BATCH: usize = 64;
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The next message, in sequence order.
+    Message(Arc<Message>),
+    /// The subscriber fell behind the retention window and lost exactly this many messages.
+    Dropped(u64),
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// Next sequence this subscriber is owed.
+    Fanout { cursor: u64 },
+    Group(Group),
+}
+
+/// A registered subscriber. See the module docs.
+#[derive(Debug)]
+pub struct Subscription {
+    address: Arc<AddressShared>,
+    kind: Kind,
+    buffer: VecDeque<Arc<Message>>,
+    shutdown: ShutdownToken,
+    done: bool,
+}
+
+impl Subscription {
+    pub(crate) fn fanout(
+        address: Arc<AddressShared>,
+        cursor: u64,
+        shutdown: ShutdownToken,
+    ) -> Self {
+        Self {
+            address,
+            kind: Kind::Fanout { cursor },
+            buffer: VecDeque::new(),
+            shutdown,
+            done: false,
+        }
+    }
+
+    pub(crate) fn group(address: Arc<AddressShared>, group: Group, shutdown: ShutdownToken) -> Self {
+        Self {
+            address,
+            kind: Kind::Group(group),
+            buffer: VecDeque::new(),
+            shutdown,
+            done: false,
+        }
+    }
+
+    /// The next event. Waits while nothing is there.
+    ///
+    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down, then
+    /// `None`.
+    pub async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.shutdown.is_cancelled() {
+                self.done = true;
+                return Some(Err(BrokerError::ShuttingDown));
+            }
+            if let Some(m) = self.buffer.pop_front() {
+                return Some(Ok(Event::Message(m)));
+            }
+            let Self {
+                address,
+                kind,
+                buffer,
+                shutdown,
+                ..
+            } = self;
+            let notified = address.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let dropped = {
+                let mut st = address.state.lock();
+                match kind {
+                    Kind::Fanout { cursor } => {
+                        address.read_fanout(&mut st, cursor, FANOUT_BATCH, buffer)
+                    }
+                    Kind::Group(group) => {
+                        // One at a time, so the group's other members get their share.
+                        let batch = address.take(&mut st, group.as_str(), 1);
+                        buffer.extend(batch.messages);
+                        batch.dropped
+                    }
+                }
+            };
+            if dropped > 0 {
+                return Some(Ok(Event::Dropped(dropped)));
+            }
+            if !buffer.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        match self.kind {
+            Kind::Fanout { cursor } => self.address.unsubscribe_fanout(cursor),
+            Kind::Group(_) => self.address.unsubscribe_group(),
+        }
+    }
+}

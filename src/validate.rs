@@ -1,0 +1,283 @@
+//! Pure request checks. [`Address`] and [`Group`] can only be built here, so the core never sees
+//! an unchecked name.
+//!
+//! Every check returns a [`BrokerError`] naming the field and the limit, and none has side
+//! effects: a rejected request changes no state.
+
+use std::{collections::HashMap, fmt, time::Duration};
+
+use crate::{config::Limits, error::BrokerError};
+
+/// Longest address or group name, in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Most headers one message may carry.
+pub const MAX_HEADERS: usize = 64;
+/// Most bytes of header keys plus values one message may carry (16 KiB).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Most messages one Recv may return.
+pub const MAX_RECV_MESSAGES: u32 = 1000;
+/// Longest Recv `wait`.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Message headers: string keys to string values.
+pub type Headers = HashMap<String, String>;
+
+/// A checked address: 1–255 bytes of UTF-8, no whitespace or control characters, and none of the
+/// reserved wildcard characters `*` and `>`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Address(String);
+
+/// A checked consumer-group name: 0–255 bytes, no whitespace or control characters. The empty
+/// name is the address's default group.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Group(String);
+
+impl Address {
+    /// Checks `name` as the `address` field.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] (`INVALID_ARGUMENT`) naming `address` when the name is empty,
+    /// longer than 255 bytes, has whitespace or control characters, or uses `*` or `>` (reserved
+    /// for wildcard subscriptions).
+    pub fn parse(name: impl Into<String>) -> Result<Self, BrokerError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(BrokerError::invalid("address", "must not be empty (1-255 bytes)"));
+        }
+        check_name("address", &name)?;
+        if let Some(c) = name.chars().find(|c| matches!(c, '*' | '>')) {
+            return Err(BrokerError::invalid(
+                "address",
+                format!("{c:?} is reserved for wildcard subscriptions and may not be used"),
+            ));
+        }
+        Ok(Self(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Group {
+    /// Checks `name` as the `group` field; empty is the default group.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] naming `group` when the name is longer than 255 bytes or has
+    /// whitespace or control characters.
+    pub fn parse(name: impl Into<String>) -> Result<Self, BrokerError> {
+        let name = name.into();
+        check_name("group", &name)?;
+        Ok(Self(name))
+    }
+
+    /// The name; empty for the default group.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is the address's default group (`""`).
+    pub fn is_default(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<(), BrokerError> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(BrokerError::invalid(
+            field,
+            format!("{} bytes is longer than the limit of {MAX_NAME_BYTES} bytes", name.len()),
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(BrokerError::invalid(
+            field,
+            format!("must not contain whitespace or control characters (found {c:?})"),
+        ));
+    }
+    Ok(())
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Checks a payload's size against `--max-message-bytes`.
+///
+/// # Errors
+/// [`BrokerError::TooLarge`] (`RESOURCE_EXHAUSTED`) naming `payload` and the limit.
+pub fn payload(len: usize, limits: &Limits) -> Result<(), BrokerError> {
+    if len > limits.max_message_bytes {
+        return Err(BrokerError::TooLarge {
+            field: "payload",
+            actual: len,
+            limit: limits.max_message_bytes,
+            limit_name: "--max-message-bytes",
+        });
+    }
+    Ok(())
+}
+
+/// Checks headers: at most [`MAX_HEADERS`] entries, non-empty keys, and at most
+/// [`MAX_HEADER_BYTES`] of keys plus values. Returns their size in bytes.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] naming `headers` for too many entries or an empty key;
+/// [`BrokerError::TooLarge`] naming `headers` when they are larger than 16 KiB.
+pub fn headers(headers: &Headers) -> Result<usize, BrokerError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(BrokerError::invalid(
+            "headers",
+            format!("{} entries is more than the limit of {MAX_HEADERS}", headers.len()),
+        ));
+    }
+    if headers.keys().any(String::is_empty) {
+        return Err(BrokerError::invalid("headers", "keys must not be empty"));
+    }
+    let bytes = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err(BrokerError::TooLarge {
+            field: "headers",
+            actual: bytes,
+            limit: MAX_HEADER_BYTES,
+            limit_name: "16 KiB of keys plus values",
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks `max_messages`: 0 means 1, at most [`MAX_RECV_MESSAGES`]. Returns the effective count.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] naming `max_messages` when it is above 1000.
+pub fn max_messages(n: u32) -> Result<usize, BrokerError> {
+    if n > MAX_RECV_MESSAGES {
+        return Err(BrokerError::invalid(
+            "max_messages",
+            format!("{n} is more than the limit of {MAX_RECV_MESSAGES}"),
+        ));
+    }
+    Ok(usize::try_from(n.max(1)).unwrap_or(1))
+}
+
+/// Checks Recv's `wait`: unset is zero; negative, malformed or above [`MAX_WAIT`] is refused.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] naming `wait` with the allowed range.
+pub fn wait(wait: Option<&prost_types::Duration>) -> Result<Duration, BrokerError> {
+    let Some(w) = wait else {
+        return Ok(Duration::ZERO);
+    };
+    let range = "must be between 0 and 60s";
+    if w.seconds < 0 || w.nanos < 0 {
+        return Err(BrokerError::invalid(
+            "wait",
+            format!("{}s{}ns is negative; {range}", w.seconds, w.nanos),
+        ));
+    }
+    if w.nanos >= 1_000_000_000 {
+        return Err(BrokerError::invalid(
+            "wait",
+            format!("nanos {} is out of range 0..999999999", w.nanos),
+        ));
+    }
+    let secs = u64::try_from(w.seconds).unwrap_or(u64::MAX);
+    let nanos = u32::try_from(w.nanos).unwrap_or(0);
+    let d = Duration::new(secs, nanos);
+    if d > MAX_WAIT {
+        return Err(BrokerError::invalid(
+            "wait",
+            format!("{d:?} is longer than the limit of 60s"),
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn address_rules() {
+        assert!(Address::parse("orders.eu-1").is_ok());
+        assert!(Address::parse("ü").is_ok());
+        assert!(Address::parse("a".repeat(255)).is_ok());
+        for bad in ["", "a b", "a\tb", "a\u{7}", "a.*", "a.>", &"a".repeat(256)] {
+            let e = Address::parse(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.to_string().starts_with("address: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn group_rules() {
+        assert!(Group::parse("").unwrap().is_default());
+        assert!(Group::parse("workers").is_ok());
+        assert!(Group::parse("w k").unwrap_err().to_string().starts_with("group: "));
+        assert!(Group::parse("g".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn wait_rules() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(wait(None).unwrap(), Duration::ZERO);
+        assert_eq!(wait(Some(&d(60, 0))).unwrap(), MAX_WAIT);
+        assert_eq!(wait(Some(&d(1, 500))).unwrap(), Duration::new(1, 500));
+        for bad in [d(-1, 0), d(0, -1), d(60, 1), d(0, 1_000_000_000)] {
+            assert!(wait(Some(&bad)).unwrap_err().to_string().starts_with("wait: "));
+        }
+    }
+
+    #[test]
+    fn max_messages_rules() {
+        assert_eq!(max_messages(0).unwrap(), 1);
+        assert_eq!(max_messages(1000).unwrap(), 1000);
+        assert!(max_messages(1001).is_err());
+    }
+
+    #[test]
+    fn header_rules() {
+        let mut h = Headers::new();
+        h.insert("k".into(), "v".repeat(10));
+        assert_eq!(headers(&h).unwrap(), 11);
+        h.insert(String::new(), "x".into());
+        assert!(headers(&h).is_err());
+        let many: Headers = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(headers(&many).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let mut big = Headers::new();
+        big.insert("k".into(), "v".repeat(MAX_HEADER_BYTES));
+        assert_eq!(headers(&big).unwrap_err().code(), tonic::Code::ResourceExhausted);
+    }
+
+    proptest! {
+        #[test]
+        fn address_accepts_exactly_the_rule(name in "\\PC{0,300}|[ a-z*>\t]{0,8}") {
+            let ok = !name.is_empty()
+                && name.len() <= MAX_NAME_BYTES
+                && !name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>');
+            prop_assert_eq!(Address::parse(name.clone()).is_ok(), ok);
+        }
+
+        #[test]
+        fn wait_never_panics(seconds in any::<i64>(), nanos in any::<i32>()) {
+            let r = wait(Some(&prost_types::Duration { seconds, nanos }));
+            if let Ok(d) = r { prop_assert!(d <= MAX_WAIT); }
+        }
+    }
+}
