@@ -387,6 +387,11 @@ impl State {
         self.subscribers
     }
 
+    /// Recv calls waiting for a message.
+    pub(crate) fn waiters(&self) -> usize {
+        self.waiters
+    }
+
     /// Messages in the window.
     pub(crate) fn retained_messages(&self) -> usize {
         self.window.len()

@@ -219,6 +219,11 @@ impl Broker {
         self.snapshot(address, State::subscribers)
     }
 
+    /// Recv calls waiting on `address` now; 0 for an unknown address.
+    pub fn waiting_recvs(&self, address: &str) -> usize {
+        self.snapshot(address, State::waiters)
+    }
+
     /// Messages retained by `address` now; 0 for an unknown address.
     pub fn retained_messages(&self, address: &str) -> usize {
         self.snapshot(address, State::retained_messages)

@@ -271,7 +271,7 @@ mod tests {
             let ok = !name.is_empty()
                 && name.len() <= MAX_NAME_BYTES
                 && !name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>');
-            prop_assert_eq!(Address::parse(name.clone()).is_ok(), ok);
+            prop_assert_eq!(Address::parse(name).is_ok(), ok);
         }
 
         #[test]

@@ -1,0 +1,153 @@
+//! Shared test harness: a real broker on 127.0.0.1:0, reached through the generated client.
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(unreachable_pub, reason = "a test-only module shared by test binaries")]
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use switchboard::{
+    config::{Limits, ServerConfig},
+    pb::{
+        broker_client::BrokerClient, subscribe_response::Event, RecvRequest, RecvResponse,
+        SendRequest, SubscribeRequest, SubscribeResponse,
+    },
+    registry::Broker,
+    server::{self, ServerError},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{transport::Channel, Streaming};
+
+/// Upper bound for any single await in a test, so a bug fails instead of hanging.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// A broker serving on a free loopback port, in this process (so tests can read its counters).
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub broker: Broker,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with_limits(Limits::default()).await
+    }
+
+    /// Binds first, then spawns: connects wait in the backlog, so no sleep is needed.
+    pub async fn with_limits(limits: Limits) -> Self {
+        limits.validate().expect("test limits are valid");
+        let (listener, addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind 127.0.0.1:0");
+        let broker = Broker::new(limits.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = ServerConfig {
+            limits,
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(server::run(listener, broker.clone(), config, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            broker,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> BrokerClient<Channel> {
+        BrokerClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to test server")
+            .max_decoding_message_size(128 * 1024 * 1024)
+            .max_encoding_message_size(128 * 1024 * 1024)
+    }
+
+    /// Triggers shutdown and asserts the server stopped cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let r = tokio::time::timeout(STEP, self.task)
+            .await
+            .expect("server stops within the step timeout")
+            .expect("server task did not panic");
+        assert!(r.is_ok(), "server returned {r:?}");
+    }
+}
+
+/// Awaits `f` with the step timeout.
+pub async fn step<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Polls `cond` until it holds or `STEP` passes (for library counters that have no signal).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub async fn send(client: &mut BrokerClient<Channel>, address: &str, payload: &[u8]) -> u64 {
+    client
+        .send(SendRequest {
+            address: address.into(),
+            payload: payload.to_vec().into(),
+            headers: Default::default(),
+        })
+        .await
+        .expect("send succeeds")
+        .into_inner()
+        .sequence
+}
+
+pub async fn recv(
+    client: &mut BrokerClient<Channel>,
+    address: &str,
+    group: &str,
+    max_messages: u32,
+    wait: Duration,
+) -> RecvResponse {
+    step(
+        "recv",
+        client.recv(RecvRequest {
+            address: address.into(),
+            group: group.into(),
+            max_messages,
+            wait: Some(prost_types::Duration::try_from(wait).expect("wait fits")),
+        }),
+    )
+    .await
+    .expect("recv succeeds")
+    .into_inner()
+}
+
+/// Subscribes; returns once the server has registered the subscriber (response headers seen).
+pub async fn subscribe(
+    client: &mut BrokerClient<Channel>,
+    address: &str,
+    group: &str,
+) -> Streaming<SubscribeResponse> {
+    step(
+        "subscribe",
+        client.subscribe(SubscribeRequest {
+            address: address.into(),
+            group: group.into(),
+        }),
+    )
+    .await
+    .expect("subscribe succeeds")
+    .into_inner()
+}
+
+/// The next event of a stream, which must exist.
+pub async fn next_event(stream: &mut Streaming<SubscribeResponse>) -> Event {
+    step("next event", stream.message())
+        .await
+        .expect("stream ok")
+        .expect("stream open")
+        .event
+        .expect("event set")
+}
