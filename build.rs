@@ -9,12 +9,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(["switchboard/v1/broker.proto"], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(
-        out.join("switchboard_descriptor.bin"),
-        fds.encode_to_vec(),
-    )?;
-    tonic_prost_build::configure()
-        .bytes(".")
-        .compile_fds(fds)?;
+    fs::write(out.join("switchboard_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

@@ -116,7 +116,9 @@ pub(crate) struct State {
 
 impl std::fmt::Debug for AddressShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Address").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Address")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,7 +126,13 @@ impl AddressShared {
     pub(crate) fn new(name: Arc<str>, budget: Arc<Budget>, age_queue: usize) -> Self {
         let mut groups = HashMap::new();
         // The default group exists from creation, so messages sent before anyone asks wait.
-        groups.insert(Box::from(""), Cursor { next: 1, dropped: 0 });
+        groups.insert(
+            Box::from(""),
+            Cursor {
+                next: 1,
+                dropped: 0,
+            },
+        );
         Self {
             name,
             state: Mutex::new(State {
@@ -152,7 +160,10 @@ impl AddressShared {
     }
 
     fn sync_first(&self, st: &State) {
-        let first = st.window.front().map_or(st.next_seq, |e| e.message.sequence);
+        let first = st
+            .window
+            .front()
+            .map_or(st.next_seq, |e| e.message.sequence);
         self.first_seq.store(first, Ordering::Release);
     }
 
@@ -168,7 +179,12 @@ impl AddressShared {
 
     /// Drops the consumed prefix: entries every group has taken and every subscriber was handed.
     fn trim(&self, st: &mut State) {
-        let floor = st.groups.values().map(|c| c.next).min().unwrap_or(st.next_seq);
+        let floor = st
+            .groups
+            .values()
+            .map(|c| c.next)
+            .min()
+            .unwrap_or(st.next_seq);
         let mut trimmed = false;
         while st
             .window
@@ -194,8 +210,7 @@ impl AddressShared {
         retention_bytes: usize,
     ) -> Arc<Message> {
         while !st.window.is_empty()
-            && (st.window.len() >= retention_messages
-                || st.retained_bytes + size > retention_bytes)
+            && (st.window.len() >= retention_messages || st.retained_bytes + size > retention_bytes)
         {
             self.pop_front(st);
         }
@@ -241,7 +256,10 @@ impl AddressShared {
     /// Takes up to `max` messages for `group` (creating a named group at the current end of the
     /// address on first use), with the count the group lost since its last take.
     pub(crate) fn take(&self, st: &mut State, group: &str, max: usize) -> Batch {
-        let first = st.window.front().map_or(st.next_seq, |e| e.message.sequence);
+        let first = st
+            .window
+            .front()
+            .map_or(st.next_seq, |e| e.message.sequence);
         let next_seq = st.next_seq;
         if !st.groups.contains_key(group) {
             st.groups.insert(
@@ -307,7 +325,10 @@ impl AddressShared {
         max: usize,
         out: &mut VecDeque<Arc<Message>>,
     ) -> u64 {
-        let first = st.window.front().map_or(st.next_seq, |e| e.message.sequence);
+        let first = st
+            .window
+            .front()
+            .map_or(st.next_seq, |e| e.message.sequence);
         let mut dropped = 0;
         if *cursor < first {
             dropped = first - *cursor;
@@ -329,7 +350,10 @@ impl AddressShared {
     /// Unregisters a fan-out subscriber at `cursor`: what it was still owed no longer waits for it.
     pub(crate) fn unsubscribe_fanout(&self, cursor: u64) {
         let mut st = self.state.lock();
-        let first = st.window.front().map_or(st.next_seq, |e| e.message.sequence);
+        let first = st
+            .window
+            .front()
+            .map_or(st.next_seq, |e| e.message.sequence);
         let start = usize::try_from(cursor.saturating_sub(first)).unwrap_or(usize::MAX);
         for e in st.window.iter_mut().skip(start) {
             e.pending_subscribers = e.pending_subscribers.saturating_sub(1);

@@ -73,8 +73,7 @@ impl Broker {
             .addresses
             .entry(Box::from(name.as_str()))
             .or_insert_with(|| {
-                let queue = usize::try_from(self.inner.hasher.hash_one(name.as_str()))
-                    .unwrap_or(0)
+                let queue = usize::try_from(self.inner.hasher.hash_one(name.as_str())).unwrap_or(0)
                     % AGE_QUEUES;
                 Arc::new(AddressShared::new(
                     Arc::from(name.as_str()),
@@ -235,7 +234,12 @@ impl Broker {
     }
 
     fn snapshot(&self, address: &str, f: impl FnOnce(&State) -> usize) -> usize {
-        let Some(a) = self.inner.addresses.get(address).map(|a| Arc::clone(a.value())) else {
+        let Some(a) = self
+            .inner
+            .addresses
+            .get(address)
+            .map(|a| Arc::clone(a.value()))
+        else {
             return 0;
         };
         let st = a.state.lock();
@@ -286,7 +290,8 @@ impl Broker {
     /// Calls [`Broker::reclaim_idle`] every half idle period (at most every second) until
     /// `shutdown` fires.
     pub async fn run_reclaimer(self, mut shutdown: ShutdownToken) {
-        let period = (self.inner.limits.idle_address / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let period = (self.inner.limits.idle_address / 2)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

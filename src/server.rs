@@ -8,11 +8,8 @@ use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 use tonic::transport::Server;
 
 use crate::{
-    config::ServerConfig,
-    pb::broker_server::BrokerServer,
-    registry::Broker,
-    service::BrokerService,
-    shutdown::Shutdown,
+    config::ServerConfig, pb::broker_server::BrokerServer, registry::Broker,
+    service::BrokerService, shutdown::Shutdown,
 };
 
 /// Errors that stop the server.

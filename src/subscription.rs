@@ -30,7 +30,9 @@ pub enum Event {
 #[derive(Debug)]
 enum Kind {
     /// Next sequence this subscriber is owed.
-    Fanout { cursor: u64 },
+    Fanout {
+        cursor: u64,
+    },
     Group(Group),
 }
 
@@ -59,7 +61,11 @@ impl Subscription {
         }
     }
 
-    pub(crate) fn group(address: Arc<AddressShared>, group: Group, shutdown: ShutdownToken) -> Self {
+    pub(crate) fn group(
+        address: Arc<AddressShared>,
+        group: Group,
+        shutdown: ShutdownToken,
+    ) -> Self {
         Self {
             address,
             kind: Kind::Group(group),

@@ -42,7 +42,10 @@ impl Address {
     pub fn parse(name: impl Into<String>) -> Result<Self, BrokerError> {
         let name = name.into();
         if name.is_empty() {
-            return Err(BrokerError::invalid("address", "must not be empty (1-255 bytes)"));
+            return Err(BrokerError::invalid(
+                "address",
+                "must not be empty (1-255 bytes)",
+            ));
         }
         check_name("address", &name)?;
         if let Some(c) = name.chars().find(|c| matches!(c, '*' | '>')) {
@@ -87,7 +90,10 @@ fn check_name(field: &'static str, name: &str) -> Result<(), BrokerError> {
     if name.len() > MAX_NAME_BYTES {
         return Err(BrokerError::invalid(
             field,
-            format!("{} bytes is longer than the limit of {MAX_NAME_BYTES} bytes", name.len()),
+            format!(
+                "{} bytes is longer than the limit of {MAX_NAME_BYTES} bytes",
+                name.len()
+            ),
         ));
     }
     if let Some(c) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
@@ -143,7 +149,10 @@ pub fn headers(headers: &Headers) -> Result<usize, BrokerError> {
     if headers.len() > MAX_HEADERS {
         return Err(BrokerError::invalid(
             "headers",
-            format!("{} entries is more than the limit of {MAX_HEADERS}", headers.len()),
+            format!(
+                "{} entries is more than the limit of {MAX_HEADERS}",
+                headers.len()
+            ),
         ));
     }
     if headers.keys().any(String::is_empty) {
@@ -229,7 +238,10 @@ mod tests {
     fn group_rules() {
         assert!(Group::parse("").unwrap().is_default());
         assert!(Group::parse("workers").is_ok());
-        assert!(Group::parse("w k").unwrap_err().to_string().starts_with("group: "));
+        assert!(Group::parse("w k")
+            .unwrap_err()
+            .to_string()
+            .starts_with("group: "));
         assert!(Group::parse("g".repeat(256)).is_err());
     }
 
@@ -240,7 +252,10 @@ mod tests {
         assert_eq!(wait(Some(&d(60, 0))).unwrap(), MAX_WAIT);
         assert_eq!(wait(Some(&d(1, 500))).unwrap(), Duration::new(1, 500));
         for bad in [d(-1, 0), d(0, -1), d(60, 1), d(0, 1_000_000_000)] {
-            assert!(wait(Some(&bad)).unwrap_err().to_string().starts_with("wait: "));
+            assert!(wait(Some(&bad))
+                .unwrap_err()
+                .to_string()
+                .starts_with("wait: "));
         }
     }
 
@@ -259,10 +274,16 @@ mod tests {
         h.insert(String::new(), "x".into());
         assert!(headers(&h).is_err());
         let many: Headers = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
-        assert_eq!(headers(&many).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            headers(&many).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         let mut big = Headers::new();
         big.insert("k".into(), "v".repeat(MAX_HEADER_BYTES));
-        assert_eq!(headers(&big).unwrap_err().code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            headers(&big).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
     }
 
     proptest! {

@@ -95,13 +95,18 @@ async fn three_group_streams_split_messages_without_duplicates() {
     }
     let mut seen = HashSet::new();
     while seen.len() < N {
-        let (id, seq) = step("group delivery", rx.recv()).await.expect("members alive");
+        let (id, seq) = step("group delivery", rx.recv())
+            .await
+            .expect("members alive");
         assert!(seen.insert(seq), "sequence {seq} delivered twice");
         assert!(id < 3);
     }
     assert_eq!(seen, (1..=N as u64).collect::<HashSet<_>>());
     // Every message went to the group; none is left for it.
-    assert!(recv(&mut c, "tasks", "pool", 10, Duration::ZERO).await.messages.is_empty());
+    assert!(recv(&mut c, "tasks", "pool", 10, Duration::ZERO)
+        .await
+        .messages
+        .is_empty());
     server.stop().await;
     for m in members {
         step("member ends", m).await.unwrap();

@@ -56,7 +56,10 @@ async fn fifo_with_contiguous_sequences_and_sent_at() {
         assert!(sent_at >= before - Duration::from_secs(1) && sent_at <= SystemTime::now());
     }
     // Taken once by the default group: nothing left.
-    assert!(recv(&mut c, "fifo", "", 10, Duration::ZERO).await.messages.is_empty());
+    assert!(recv(&mut c, "fifo", "", 10, Duration::ZERO)
+        .await
+        .messages
+        .is_empty());
     server.stop().await;
 }
 
@@ -83,9 +86,10 @@ async fn recv_wait_returns_message_sent_during_wait() {
     let server = TestServer::start().await;
     let mut receiver = server.client().await;
     let mut sender = server.client().await;
-    let waiting = tokio::spawn(async move {
-        recv(&mut receiver, "later", "", 5, Duration::from_secs(15)).await
-    });
+    let waiting =
+        tokio::spawn(
+            async move { recv(&mut receiver, "later", "", 5, Duration::from_secs(15)).await },
+        );
     // The Recv is waiting once the broker counts a waiter on the address; only then send.
     let broker = server.broker.clone();
     common::eventually("recv is waiting", || broker.waiting_recvs("later") == 1).await;
@@ -124,7 +128,10 @@ async fn recv_wait_never_outlives_the_client_deadline() {
     });
     req.set_timeout(Duration::from_millis(300));
     // The broker answers (empty) before the client's deadline instead of DEADLINE_EXCEEDED.
-    let got = step("recv with deadline", c.recv(req)).await.unwrap().into_inner();
+    let got = step("recv with deadline", c.recv(req))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(got.messages.is_empty());
     server.stop().await;
 }
@@ -135,14 +142,21 @@ async fn default_group_keeps_early_messages_named_group_starts_at_first_use() {
     let mut c = server.client().await;
     send(&mut c, "mailbox", b"early").await;
     // The named group did not exist yet: it starts after its first use.
-    assert!(recv(&mut c, "mailbox", "audit", 10, Duration::ZERO).await.messages.is_empty());
+    assert!(recv(&mut c, "mailbox", "audit", 10, Duration::ZERO)
+        .await
+        .messages
+        .is_empty());
     send(&mut c, "mailbox", b"late").await;
     let audit = recv(&mut c, "mailbox", "audit", 10, Duration::ZERO).await;
     assert_eq!(audit.messages.len(), 1);
     assert_eq!(audit.messages[0].payload.as_ref(), b"late");
     // The default group existed from the address's creation: both are waiting there.
     let default = recv(&mut c, "mailbox", "", 10, Duration::ZERO).await;
-    let payloads: Vec<&[u8]> = default.messages.iter().map(|m| m.payload.as_ref()).collect();
+    let payloads: Vec<&[u8]> = default
+        .messages
+        .iter()
+        .map(|m| m.payload.as_ref())
+        .collect();
     assert_eq!(payloads, vec![&b"early"[..], &b"late"[..]]);
     server.stop().await;
 }

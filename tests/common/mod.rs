@@ -1,5 +1,8 @@
 //! Shared test harness: a real broker on 127.0.0.1:0, reached through the generated client.
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
 #![allow(unreachable_pub, reason = "a test-only module shared by test binaries")]
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -85,7 +88,10 @@ pub async fn step<T>(what: &str, f: impl Future<Output = T>) -> T {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + STEP;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -1,0 +1,87 @@
+//! A client that goes away frees its subscriber; idle addresses are reclaimed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, recv, send, subscribe, TestServer};
+use switchboard::config::Limits;
+
+fn quick_reclaim() -> Limits {
+    Limits {
+        idle_address: Duration::from_millis(50),
+        ..Limits::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_stream_frees_its_subscriber_and_the_address_is_reclaimed() {
+    let server = TestServer::with_limits(quick_reclaim()).await;
+    let broker = server.broker.clone();
+    {
+        let mut client = server.client().await;
+        let _stream = subscribe(&mut client, "ephemeral", "").await;
+        assert_eq!(broker.subscriber_count("ephemeral"), 1);
+        // The address is live while a subscriber is there, even past the idle time.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(broker.contains("ephemeral"));
+        // Client and stream dropped here: the connection closes, the server drops the stream.
+    }
+    eventually("subscriber freed", || {
+        broker.subscriber_count("ephemeral") == 0
+    })
+    .await;
+    eventually("address reclaimed", || !broker.contains("ephemeral")).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_with_messages_stay_and_consumed_ones_go() {
+    let server = TestServer::with_limits(quick_reclaim()).await;
+    let broker = server.broker.clone();
+    let mut c = server.client().await;
+    send(&mut c, "kept", b"waiting for a reader").await;
+    send(&mut c, "drained", b"read at once").await;
+    assert_eq!(
+        recv(&mut c, "drained", "", 10, Duration::ZERO)
+            .await
+            .messages
+            .len(),
+        1
+    );
+    eventually("drained address reclaimed", || !broker.contains("drained")).await;
+    // "kept" was last touched before "drained" yet holds a message nobody has taken.
+    assert!(broker.contains("kept"));
+    assert_eq!(broker.retained_messages("kept"), 1);
+    // A reclaimed address starts over: sequences may restart (documented).
+    assert_eq!(send(&mut c, "drained", b"again").await, 1);
+    assert_eq!(
+        recv(&mut c, "kept", "", 10, Duration::ZERO).await.messages[0].sequence,
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churned_addresses_do_not_accumulate() {
+    let server = TestServer::with_limits(quick_reclaim()).await;
+    let broker = server.broker.clone();
+    let mut c = server.client().await;
+    for i in 0..200 {
+        let address = format!("churn.{i}");
+        send(&mut c, &address, b"x").await;
+        assert_eq!(
+            recv(&mut c, &address, "", 1, Duration::ZERO)
+                .await
+                .messages
+                .len(),
+            1
+        );
+    }
+    eventually("all churned addresses reclaimed", || {
+        broker.address_count() == 0
+    })
+    .await;
+    assert_eq!(broker.total_retained_bytes(), 0);
+    server.stop().await;
+}

@@ -1,0 +1,152 @@
+//! Retention bounds: per-address count and bytes, and the broker-wide byte bound that evicts the
+//! oldest messages first, whichever address holds them.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{recv, send, TestServer};
+use proptest::prelude::*;
+use switchboard::{
+    config::Limits,
+    shutdown::Shutdown,
+    validate::{Address, Group},
+    Broker,
+};
+
+const MSG: usize = 1000 + 128; // payload + per-message overhead
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_bound_evicts_oldest_across_addresses_and_tells_the_group() {
+    let limits = Limits {
+        max_message_bytes: 1024,
+        retention_bytes: 10 * MSG,
+        max_retained_bytes: 10 * MSG,
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let mut c = server.client().await;
+    for _ in 0..5 {
+        send(&mut c, "old", &[1; 1000]).await;
+    }
+    for _ in 0..5 {
+        send(&mut c, "new", &[2; 1000]).await;
+    }
+    assert_eq!(server.broker.total_retained_bytes(), 10 * MSG);
+    // Two more on a third address: the two oldest broker-wide ("old" 1 and 2) leave.
+    send(&mut c, "third", &[3; 1000]).await;
+    send(&mut c, "third", &[3; 1000]).await;
+    assert!(server.broker.total_retained_bytes() <= 10 * MSG);
+    let old = recv(&mut c, "old", "", 100, Duration::ZERO).await;
+    assert_eq!(old.dropped, 2);
+    assert_eq!(
+        old.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    let new = recv(&mut c, "new", "", 100, Duration::ZERO).await;
+    assert_eq!((new.dropped, new.messages.len()), (0, 5));
+    let third = recv(&mut c, "third", "", 100, Duration::ZERO).await;
+    assert_eq!((third.dropped, third.messages.len()), (0, 2));
+    // Consumed messages leave the window and return their bytes.
+    assert_eq!(server.broker.total_retained_bytes(), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_byte_bound_evicts_oldest_of_that_address() {
+    let limits = Limits {
+        max_message_bytes: 1024,
+        retention_bytes: 3 * MSG,
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let mut c = server.client().await;
+    for _ in 0..5 {
+        send(&mut c, "bytes", &[0; 1000]).await;
+    }
+    send(&mut c, "other", &[0; 1000]).await;
+    assert_eq!(server.broker.retained_bytes("bytes"), 3 * MSG);
+    let r = recv(&mut c, "bytes", "", 100, Duration::ZERO).await;
+    assert_eq!(r.dropped, 2);
+    assert_eq!(r.messages.len(), 3);
+    assert_eq!(
+        server.broker.retained_messages("other"),
+        1,
+        "other addresses untouched"
+    );
+    server.stop().await;
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Send { address: u8, len: usize },
+    Recv { address: u8, max: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..4, 0usize..600).prop_map(|(address, len)| Op::Send { address, len }),
+        1 => (0u8..4, 1usize..20).prop_map(|(address, max)| Op::Recv { address, max }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Window invariants: retained bytes never exceed the bounds, and for the default group
+    /// every message is either received or counted as dropped, exactly once.
+    #[test]
+    fn delivered_plus_dropped_equals_sent(ops in proptest::collection::vec(op(), 1..300)) {
+        let limits = Limits {
+            max_message_bytes: 600,
+            retention_messages: 7,
+            retention_bytes: 3_000,
+            max_retained_bytes: 6_000,
+            idle_address: Duration::from_secs(3600),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let broker = Broker::new(limits.clone());
+        let shutdown = Shutdown::new();
+        let mut token = shutdown.token();
+        let mut sent = [0u64; 4];
+        let mut accounted = [0u64; 4];
+        let mut next = [1u64; 4];
+        let group = Group::default();
+        for op in ops {
+            match op {
+                Op::Send { address, len } => {
+                    let a = Address::parse(format!("p{address}")).unwrap();
+                    let seq = broker.send(&a, Bytes::from(vec![0; len]), Default::default()).unwrap();
+                    sent[address as usize] += 1;
+                    prop_assert_eq!(seq, sent[address as usize]);
+                }
+                Op::Recv { address, max } => {
+                    let a = Address::parse(format!("p{address}")).unwrap();
+                    let b = rt.block_on(broker.recv(&a, &group, max, Duration::ZERO, &mut token)).unwrap();
+                    let i = address as usize;
+                    next[i] += b.dropped;
+                    for m in &b.messages {
+                        prop_assert_eq!(m.sequence, next[i], "contiguous after dropped gaps");
+                        next[i] += 1;
+                    }
+                    accounted[i] += b.dropped + b.messages.len() as u64;
+                }
+            }
+            prop_assert!(broker.total_retained_bytes() <= limits.max_retained_bytes);
+            for i in 0..4 {
+                let name = format!("p{i}");
+                prop_assert!(broker.retained_bytes(&name) <= limits.retention_bytes);
+                prop_assert!(broker.retained_messages(&name) <= limits.retention_messages);
+            }
+        }
+        // Drain: everything sent is now received or reported dropped.
+        for i in 0..4u8 {
+            let a = Address::parse(format!("p{i}")).unwrap();
+            let b = rt.block_on(broker.recv(&a, &group, 1000, Duration::ZERO, &mut token)).unwrap();
+            accounted[i as usize] += b.dropped + b.messages.len() as u64;
+            prop_assert_eq!(accounted[i as usize], sent[i as usize]);
+        }
+        prop_assert_eq!(broker.total_retained_bytes(), 0);
+    }
+}
