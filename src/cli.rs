@@ -21,6 +21,106 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker (service switchboard.v1.Broker) until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Send one message to ADDRESS and print its sequence.
+    Send(SendArgs),
+    /// Pull messages from a consumer group of ADDRESS and print them.
+    ///
+    /// Exit code 0 when messages came, 3 when the wait ended with none, 1 on an error.
+    Recv(RecvArgs),
+    /// Print messages sent to ADDRESS as they arrive, until Ctrl-C or --count messages.
+    Subscribe(SubscribeArgs),
+}
+
+/// Flags shared by the client commands.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The broker to talk to.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+
+    /// Print one JSON object per line (address, sequence, sent_at as RFC 3339, headers, payload
+    /// in base64) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `switchboard send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The address to send to.
+    pub address: String,
+
+    /// The payload; `-` reads it from stdin (binary-safe); omitted sends an empty payload.
+    pub payload: Option<String>,
+
+    /// A header, `KEY=VALUE`; repeat for more.
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Flags of `switchboard recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// The address to pull from.
+    pub address: String,
+
+    /// Consumer group; empty is the address's default group.
+    #[arg(long, default_value = "")]
+    pub group: String,
+
+    /// Most messages to take (1-1000).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max: u32,
+
+    /// How long to wait when nothing is waiting: `500ms`, `5s`, `1m`; at most 60s.
+    #[arg(long, default_value = "0s", value_parser = parse_wait)]
+    pub wait: Duration,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Flags of `switchboard subscribe`.
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// The address to watch.
+    pub address: String,
+
+    /// Join this consumer group (share its messages) instead of getting every message.
+    #[arg(long, default_value = "")]
+    pub group: String,
+
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (try 500ms, 5s, 1m)"))?;
+    if d > crate::validate::MAX_WAIT {
+        return Err(format!("{s:?} is longer than the server's limit of 60s"));
+    }
+    Ok(d)
 }
 
 /// Flags of `switchboard serve`.

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`pb`]: generated protobuf and tonic code for `proto/switchboard/v1/broker.proto`.
-//! - [`cli`]: clap flags; [`config`]: validated [`config::Limits`] and [`config::ServerConfig`].
+//! - [`cli`]: clap flags; [`client`]: the `send` / `recv` / `subscribe` commands; [`config`]: validated [`config::Limits`] and [`config::ServerConfig`].
 //! - [`error`]: [`error::BrokerError`] and its one mapping to `tonic::Status`.
 //! - [`validate`]: pure request checks; builds [`validate::Address`] and [`validate::Group`].
 //! - [`registry`]: the [`registry::Broker`] handle: a sharded map of addresses, Send / Recv /
@@ -14,6 +14,7 @@
 //! - `address`: one address: sequence, retention window, group cursors, fan-out bookkeeping.
 //! - `budget`: the broker-wide retained-bytes bound and its oldest-first eviction.
 //! - [`subscription`]: a registered subscriber as a sequence of events; lag becomes `Dropped`.
+//! - [`health`]: `grpc.health.v1.Health` whose watch streams end at shutdown.
 //! - [`service`]: the thin gRPC layer; [`server`]: `bind` + `run` with graceful shutdown;
 //!   [`shutdown`]: the shutdown trigger, tokens and the SIGINT/SIGTERM future.
 //!
@@ -37,8 +38,10 @@
 mod address;
 mod budget;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod pb;
 pub mod registry;
 pub mod server;

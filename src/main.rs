@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, ServeArgs},
+    client,
     registry::Broker,
     server, shutdown,
 };
@@ -13,46 +14,60 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| EnvFilter::new("switchboard=info")),
-                )
-                .init();
-            let config = match args.config() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("switchboard: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let (listener, addr) = match server::bind(args.listen).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let l = &config.limits;
-            tracing::info!(
-                listen = %addr,
-                max_message_bytes = l.max_message_bytes,
-                retention_messages = l.retention_messages,
-                retention_bytes = l.retention_bytes,
-                max_retained_bytes = l.max_retained_bytes,
-                idle_address_ms = l.idle_address.as_millis(),
-                "switchboard listening"
-            );
-            let broker = Broker::new(config.limits.clone());
-            match server::run(listener, broker, config, shutdown::signal()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+    let result = match cli.command {
+        Command::Serve(args) => return serve(args).await,
+        Command::Send(args) => client::send(args).await,
+        Command::Recv(args) => client::recv(args).await,
+        Command::Subscribe(args) => client::subscribe(args).await,
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("switchboard=info")),
+        )
+        .init();
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (listener, addr) = match server::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let l = &config.limits;
+    tracing::info!(
+        listen = %addr,
+        max_message_bytes = l.max_message_bytes,
+        retention_messages = l.retention_messages,
+        retention_bytes = l.retention_bytes,
+        max_retained_bytes = l.max_retained_bytes,
+        idle_address_ms = l.idle_address.as_millis(),
+        "switchboard listening"
+    );
+    let broker = Broker::new(config.limits.clone());
+    match server::run(listener, broker, config, shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,8 +8,12 @@ use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 use tonic::transport::Server;
 
 use crate::{
-    config::ServerConfig, pb::broker_server::BrokerServer, registry::Broker,
-    service::BrokerService, shutdown::Shutdown,
+    config::ServerConfig,
+    health,
+    pb::{broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
+    registry::Broker,
+    service::BrokerService,
+    shutdown::Shutdown,
 };
 
 /// Errors that stop the server.
@@ -45,13 +49,15 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerE
     Ok((listener, local))
 }
 
-/// Serves `broker` on `listener` until `signal` resolves, then shuts down gracefully: stops
-/// accepting, ends open Subscribe streams with `UNAVAILABLE`, returns waiting Recv calls empty,
+/// Serves `broker` on `listener`, with gRPC health (`grpc.health.v1.Health`) and server
+/// reflection (`grpc.reflection.v1` and `v1alpha`), until `signal` resolves, then shuts down
+/// gracefully: reports `NOT_SERVING`, stops accepting, ends open Subscribe streams with `UNAVAILABLE`, returns waiting Recv calls empty,
 /// lets unary calls in flight finish, and gives up on connections still open after
 /// `config.shutdown_grace`.
 ///
 /// # Errors
-/// [`ServerError::Transport`] if the transport fails.
+/// [`ServerError::Transport`] if the transport fails; [`ServerError::Reflection`] if the
+/// embedded descriptor set is unreadable (a build defect).
 pub async fn run(
     listener: TcpListener,
     broker: Broker,
@@ -61,6 +67,18 @@ pub async fn run(
     let shutdown = Shutdown::new();
     let token = shutdown.token();
     tokio::spawn(broker.clone().run_reclaimer(shutdown.token()));
+
+    let (health_reporter, health_service) = health::service(shutdown.token()).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let service = BrokerServer::new(BrokerService::new(broker, shutdown.token()))
         .max_decoding_message_size(config.decode_limit())
@@ -79,9 +97,15 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move {
             signal.await;
+            // Health first, so watchers see NOT_SERVING before their streams end.
+            health::set_not_serving(&health_reporter).await;
             shutdown.trigger();
+            tracing::info!("shutting down: streams ended, waiting for calls in flight");
         });
 
     let mut grace_token = token.clone();

@@ -37,16 +37,21 @@ impl TestServer {
 
     /// Binds first, then spawns: connects wait in the backlog, so no sleep is needed.
     pub async fn with_limits(limits: Limits) -> Self {
+        Self::with_config(ServerConfig {
+            limits,
+            shutdown_grace: Duration::from_secs(5),
+        })
+        .await
+    }
+
+    pub async fn with_config(config: ServerConfig) -> Self {
+        let limits = config.limits.clone();
         limits.validate().expect("test limits are valid");
         let (listener, addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("bind 127.0.0.1:0");
         let broker = Broker::new(limits.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = ServerConfig {
-            limits,
-            shutdown_grace: Duration::from_secs(5),
-        };
         let task = tokio::spawn(server::run(listener, broker.clone(), config, async {
             let _ = stopped.await;
         }));

@@ -1,0 +1,255 @@
+//! The command-line client: `switchboard send`, `recv` and `subscribe`.
+//!
+//! Output is one line per message. Text: `SEQUENCE PAYLOAD`, the payload as text when it is
+//! UTF-8 without control characters, else `base64:` and its base64. `--json`: one object per line
+//! with `address`, `sequence`, `sent_at` (RFC 3339), `headers` and `payload` (base64). A `Dropped`
+//! event prints `dropped COUNT` (text) or `{"dropped": COUNT}`.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Read, Write},
+    time::SystemTime,
+};
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    cli::{ClientArgs, RecvArgs, SendArgs, SubscribeArgs},
+    pb::{self, broker_client::BrokerClient, subscribe_response::Event},
+};
+
+/// Exit code of `switchboard recv` when the wait ended with no message.
+pub const EXIT_EMPTY: u8 = 3;
+
+/// Why a client command failed; printed as one line on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `--server` is not a URI.
+    #[error("--server {server:?}: {reason}")]
+    BadServer {
+        /// What was given.
+        server: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// The broker could not be reached.
+    #[error("cannot connect to {server}: {reason}")]
+    Connect {
+        /// The broker's URI.
+        server: String,
+        /// The transport's reason (with its causes).
+        reason: String,
+    },
+    /// The broker answered with an error status.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
+    /// Reading stdin or writing stdout failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+fn code_name(code: tonic::Code) -> String {
+    // `Code::description` is prose; the status name is what gRPC users search for.
+    format!("{code:?}")
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let sep = (i > 0 && c.is_uppercase()).then_some('_');
+            sep.into_iter().chain(c.to_uppercase())
+        })
+        .collect()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn connect(args: &ClientArgs) -> Result<BrokerClient<Channel>, ClientError> {
+    let endpoint =
+        Endpoint::from_shared(args.server.clone()).map_err(|e| ClientError::BadServer {
+            server: args.server.clone(),
+            reason: chain(&e),
+        })?;
+    let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
+        server: args.server.clone(),
+        reason: chain(&e),
+    })?;
+    Ok(BrokerClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// `switchboard send`: prints the sequence. Returns the exit code.
+///
+/// # Errors
+/// [`ClientError`] when stdin cannot be read, the broker cannot be reached or refuses.
+pub async fn send(args: SendArgs) -> Result<u8, ClientError> {
+    let payload = match args.payload.as_deref() {
+        Some("-") => {
+            let mut buf = Vec::new();
+            io::stdin().lock().read_to_end(&mut buf)?;
+            buf
+        }
+        Some(p) => p.as_bytes().to_vec(),
+        None => Vec::new(),
+    };
+    let mut client = connect(&args.client).await?;
+    let r = client
+        .send(pb::SendRequest {
+            address: args.address,
+            payload: payload.into(),
+            headers: args.headers.into_iter().collect(),
+        })
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    let mut out = io::stdout().lock();
+    if args.client.json {
+        writeln!(out, "{}", serde_json::json!({ "sequence": r.sequence }))?;
+    } else {
+        writeln!(out, "{}", r.sequence)?;
+    }
+    Ok(0)
+}
+
+/// `switchboard recv`: prints what it got; exit code 0, or [`EXIT_EMPTY`] when nothing came.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached or refuses.
+pub async fn recv(args: RecvArgs) -> Result<u8, ClientError> {
+    let mut client = connect(&args.client).await?;
+    let wait = prost_types::Duration::try_from(args.wait).unwrap_or_default();
+    let r = client
+        .recv(pb::RecvRequest {
+            address: args.address,
+            group: args.group,
+            max_messages: args.max,
+            wait: Some(wait),
+        })
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    let mut out = io::stdout().lock();
+    if r.dropped > 0 {
+        print_dropped(&mut out, r.dropped, args.client.json)?;
+    }
+    for m in &r.messages {
+        print_message(&mut out, m, args.client.json)?;
+    }
+    Ok(if r.messages.is_empty() { EXIT_EMPTY } else { 0 })
+}
+
+/// `switchboard subscribe`: prints events until Ctrl-C, `--count` messages, or the stream ends.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached, refuses, or ends the stream with an error.
+pub async fn subscribe(args: SubscribeArgs) -> Result<u8, ClientError> {
+    let mut client = connect(&args.client).await?;
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            address: args.address,
+            group: args.group,
+        })
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    let mut received = 0u64;
+    loop {
+        if args.count.is_some_and(|n| received >= n) {
+            return Ok(0);
+        }
+        let next = tokio::select! {
+            r = stream.message() => r.map_err(ClientError::Status)?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        };
+        let Some(response) = next else {
+            return Ok(0);
+        };
+        let mut out = io::stdout().lock();
+        match response.event {
+            Some(Event::Message(m)) => {
+                print_message(&mut out, &m, args.client.json)?;
+                received += 1;
+            }
+            Some(Event::Dropped(d)) => print_dropped(&mut out, d.count, args.client.json)?,
+            None => {}
+        }
+        out.flush()?;
+    }
+}
+
+fn print_dropped(out: &mut impl Write, count: u64, json: bool) -> io::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::json!({ "dropped": count }))
+    } else {
+        writeln!(out, "dropped {count}")
+    }
+}
+
+/// Writes one message as one line (see the module docs for the format).
+///
+/// # Errors
+/// Writing to `out` failed.
+pub fn print_message(out: &mut impl Write, m: &pb::Message, json: bool) -> io::Result<()> {
+    if json {
+        let sent_at = m
+            .sent_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map(|t| humantime::format_rfc3339_micros(t).to_string());
+        let headers: BTreeMap<_, _> = m.headers.iter().collect();
+        let line = serde_json::json!({
+            "address": m.address,
+            "sequence": m.sequence,
+            "sent_at": sent_at,
+            "headers": headers,
+            "payload": STANDARD.encode(&m.payload),
+        });
+        writeln!(out, "{line}")
+    } else {
+        match std::str::from_utf8(&m.payload) {
+            Ok(text) if !text.chars().any(char::is_control) => {
+                writeln!(out, "{} {text}", m.sequence)
+            }
+            _ => writeln!(out, "{} base64:{}", m.sequence, STANDARD.encode(&m.payload)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names() {
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+    }
+
+    #[test]
+    fn text_and_binary_lines() {
+        let mut m = pb::Message {
+            address: "a".into(),
+            sequence: 7,
+            payload: b"hi there".to_vec().into(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_message(&mut out, &m, false).unwrap();
+        m.payload = vec![0xff, 0x00].into();
+        print_message(&mut out, &m, false).unwrap();
+        m.payload = b"two\nlines".to_vec().into();
+        print_message(&mut out, &m, false).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "7 hi there\n7 base64:/wA=\n7 base64:dHdvCmxpbmVz\n"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! The command-line client against a real broker: send, recv, subscribe, output formats, errors.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::{send, step, TestServer};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::Command,
+};
+
+fn switchboard(server: &TestServer) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    cmd.env("SWITCHBOARD_SERVER", format!("http://{}", server.addr))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(mut cmd: Command) -> (i32, String, String) {
+    let out = step("cli", cmd.output()).await.expect("cli runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_then_recv_text_and_json() {
+    let server = TestServer::start().await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.orders", "first order", "--header", "kind=test"]);
+    assert_eq!(run(cmd).await, (0, "1\n".into(), String::new()));
+
+    // Binary payload from stdin with `-`.
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.orders", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[0xff, 0x00, 0x01])
+        .await
+        .unwrap();
+    let out = step("send stdin", child.wait_with_output()).await.unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"2\n");
+
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.orders"]);
+    assert_eq!(run(cmd).await, (0, "1 first order\n".into(), String::new()));
+
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.orders", "--json", "--max", "10"]);
+    let (code, stdout, _) = run(cmd).await;
+    assert_eq!(code, 0);
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["address"], "cli.orders");
+    assert_eq!(line["sequence"], 2);
+    assert_eq!(line["payload"], "/wAB");
+    assert!(line["sent_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(line["headers"], serde_json::json!({}));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_exit_code_when_the_wait_ends_empty() {
+    let server = TestServer::start().await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.none", "--wait", "100ms"]);
+    assert_eq!(run(cmd).await, (3, String::new(), String::new()));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_prints_messages_until_count() {
+    let server = TestServer::start().await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["subscribe", "cli.feed", "--count", "2"])
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let broker = server.broker.clone();
+    common::eventually("cli subscribed", || {
+        broker.subscriber_count("cli.feed") == 1
+    })
+    .await;
+    let mut c = server.client().await;
+    send(&mut c, "cli.feed", b"one").await;
+    send(&mut c, "cli.feed", b"two").await;
+    send(&mut c, "cli.feed", b"three").await;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(
+        step("line", lines.next_line()).await.unwrap().as_deref(),
+        Some("1 one")
+    );
+    assert_eq!(
+        step("line", lines.next_line()).await.unwrap().as_deref(),
+        Some("2 two")
+    );
+    let status = step("subscribe exits", child.wait()).await.unwrap();
+    assert!(status.success());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_clear_line_and_non_zero() {
+    let server = TestServer::start().await;
+    // A status from the server.
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "bad address", "x"]);
+    let (code, stdout, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("address"),
+        "{stderr}"
+    );
+
+    // A wait beyond the server's cap is an argument error before any call.
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.x", "--wait", "2m"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("60s"), "{stderr}");
+    assert!(!server.broker.contains("cli.x"), "no call was made");
+    server.stop().await;
+
+    // A refused connection: bind a port, then free it, so nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    cmd.args([
+        "send",
+        "a",
+        "x",
+        "--server",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
+    let (code, _, stderr) = tokio::time::timeout(Duration::from_secs(20), run(cmd))
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+}
