@@ -1,0 +1,78 @@
+"""Test fixtures: generate the Python code from proto/, start a real broker on a free port."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+GEN = HERE / "gen"
+
+
+def _generate() -> None:
+    from grpc_tools import protoc
+
+    GEN.mkdir(exist_ok=True)
+    proto_include = Path(protoc.__file__).parent / "_proto"
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto'}",
+            f"-I{proto_include}",
+            f"--python_out={GEN}",
+            f"--grpc_python_out={GEN}",
+            "switchboard/v1/broker.proto",
+        ]
+    )
+    if rc != 0:
+        raise RuntimeError(f"protoc failed with {rc}")
+    sys.path.insert(0, str(GEN))
+
+
+_generate()
+
+
+class Broker:
+    """A switchboard process on 127.0.0.1 with a free port, stopped (SIGTERM) at the end."""
+
+    def __init__(self) -> None:
+        binary = os.environ.get("SWITCHBOARD_BIN", str(ROOT / "target" / "debug" / "switchboard"))
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--listen", "127.0.0.1:0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RUST_LOG": "switchboard=info"},
+        )
+        self.target = None
+        assert self.proc.stderr is not None
+        # The start-up line says where it listens; read until it appears (or the process dies).
+        for line in self.proc.stderr:
+            m = re.search(r"listen=(127\.0\.0\.1:\d+)", line)
+            if m:
+                self.target = m.group(1)
+                break
+        if self.target is None:
+            self.proc.kill()
+            raise RuntimeError("broker did not report its listen address")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture
+def broker():
+    b = Broker()
+    yield b
+    assert b.stop() == 0, "broker exits 0 on SIGTERM"
