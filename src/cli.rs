@@ -61,6 +61,11 @@ pub struct SendArgs {
     #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
 
+    /// With PAYLOAD `-`: send each line of stdin as one message (without its newline), pipelined
+    /// over one SendStream; prints one sequence per line.
+    #[arg(long)]
+    pub lines: bool,
+
     #[command(flatten)]
     #[allow(missing_docs, reason = "flattened; its fields are documented")]
     pub client: ClientArgs,

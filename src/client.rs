@@ -44,6 +44,9 @@ pub enum ClientError {
     /// The broker answered with an error status.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(tonic::Status),
+    /// The arguments do not fit together.
+    #[error("{0}")]
+    Usage(String),
     /// Reading stdin or writing stdout failed.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -92,6 +95,9 @@ async fn connect(args: &ClientArgs) -> Result<BrokerClient<Channel>, ClientError
 /// # Errors
 /// [`ClientError`] when stdin cannot be read, the broker cannot be reached or refuses.
 pub async fn send(args: SendArgs) -> Result<u8, ClientError> {
+    if args.lines {
+        return send_lines(args).await;
+    }
     let payload = match args.payload.as_deref() {
         Some("-") => {
             let mut buf = Vec::new();
@@ -118,6 +124,68 @@ pub async fn send(args: SendArgs) -> Result<u8, ClientError> {
         writeln!(out, "{}", r.sequence)?;
     }
     Ok(0)
+}
+
+/// `send --lines`: each stdin line is one message over one SendStream. Refused lines are
+/// reported on stderr (`line N: CODE: message`) and make the exit code 1; the rest are sent.
+async fn send_lines(args: SendArgs) -> Result<u8, ClientError> {
+    if args.payload.as_deref() != Some("-") {
+        return Err(ClientError::Usage(
+            "--lines reads stdin: give `-` as the payload".into(),
+        ));
+    }
+    let mut client = connect(&args.client).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::SendRequest>(1024);
+    let headers: std::collections::HashMap<_, _> = args.headers.into_iter().collect();
+    let address = args.address;
+    // Stdin is blocking: read it on its own thread, feeding the request stream.
+    let reader = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let mut stdin = io::stdin().lock();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if io::BufRead::read_until(&mut stdin, b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            let request = pb::SendRequest {
+                address: address.clone(),
+                payload: line.clone().into(),
+                headers: headers.clone(),
+            };
+            if tx.blocking_send(request).is_err() {
+                return Ok(()); // the stream ended; its status is reported below
+            }
+        }
+    });
+    let mut responses = client
+        .send_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    let mut out = io::stdout().lock();
+    let mut failed = false;
+    let mut n = 0u64;
+    while let Some(r) = responses.message().await.map_err(ClientError::Status)? {
+        n += 1;
+        match r.error {
+            Some(e) => {
+                failed = true;
+                let code = code_name(tonic::Code::from(e.code));
+                eprintln!("switchboard: line {n}: {code}: {}", e.message);
+            }
+            None if args.client.json => {
+                writeln!(out, "{}", serde_json::json!({ "sequence": r.sequence }))?;
+            }
+            None => writeln!(out, "{}", r.sequence)?,
+        }
+    }
+    reader
+        .await
+        .map_err(|e| ClientError::Io(io::Error::other(e)))??;
+    Ok(u8::from(failed))
 }
 
 /// `switchboard recv`: prints what it got; exit code 0, or [`EXIT_EMPTY`] when nothing came.

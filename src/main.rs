@@ -24,7 +24,10 @@ async fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("switchboard: {e}");
-            ExitCode::FAILURE
+            match e {
+                client::ClientError::Usage(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -4,10 +4,11 @@
 use std::{pin::Pin, time::Duration};
 
 use futures_util::Stream;
-use tonic::{metadata::MetadataMap, Request, Response, Status};
+use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
 use crate::{
     address::Message,
+    error::BrokerError,
     pb,
     registry::Broker,
     shutdown::ShutdownToken,
@@ -100,6 +101,17 @@ impl Stream for SubscribeStream {
     }
 }
 
+impl BrokerService {
+    fn send_one(&self, r: pb::SendRequest) -> Result<u64, BrokerError> {
+        let address = Address::parse(r.address)?;
+        self.broker.send(&address, r.payload, r.headers)
+    }
+}
+
+/// The stream behind `SendStream`: one response per request, in order; ends with `UNAVAILABLE`
+/// when the server shuts down, or with the transport's status if the request stream fails.
+pub type SendResponseStream = Pin<Box<dyn Stream<Item = Result<pb::SendResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
     #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
@@ -107,10 +119,53 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
-        let r = request.into_inner();
-        let address = Address::parse(r.address)?;
-        let sequence = self.broker.send(&address, r.payload, r.headers)?;
-        Ok(Response::new(pb::SendResponse { sequence }))
+        let sequence = self.send_one(request.into_inner())?;
+        Ok(Response::new(pb::SendResponse {
+            sequence,
+            error: None,
+        }))
+    }
+
+    type SendStreamStream = SendResponseStream;
+
+    async fn send_stream(
+        &self,
+        request: Request<Streaming<pb::SendRequest>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let inbound = request.into_inner();
+        let state = (self.clone(), inbound, self.shutdown.clone(), false);
+        let responses = futures_util::stream::unfold(state, |state| async move {
+            let (svc, mut inbound, mut shutdown, done) = state;
+            if done {
+                return None;
+            }
+            let next = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => Err(BrokerError::ShuttingDown.into()),
+                r = inbound.message() => r,
+            };
+            let item = match next {
+                Ok(Some(r)) => Ok(match svc.send_one(r) {
+                    Ok(sequence) => pb::SendResponse {
+                        sequence,
+                        error: None,
+                    },
+                    Err(e) => pb::SendResponse {
+                        sequence: 0,
+                        error: Some(pb::SendError {
+                            code: e.code() as i32,
+                            message: e.to_string(),
+                        }),
+                    },
+                }),
+                Ok(None) => return None,
+                Err(status) => {
+                    return Some((Err(status), (svc, inbound, shutdown, true)));
+                }
+            };
+            Some((item, (svc, inbound, shutdown, false)))
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
     #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]

@@ -69,6 +69,36 @@ async fn send_then_recv_text_and_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_lines_pipelines_one_message_per_line() {
+    let server = TestServer::start().await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.lines", "-", "--lines"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"alpha\nbeta\n\n\xffbin").await.unwrap();
+    drop(stdin);
+    let out = step("send --lines", child.wait_with_output())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"1\n2\n3\n4\n");
+    let mut c = server.client().await;
+    let r = common::recv(&mut c, "cli.lines", "", 10, Duration::ZERO).await;
+    let payloads: Vec<&[u8]> = r.messages.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(payloads, vec![&b"alpha"[..], b"beta", b"", b"\xffbin"]);
+
+    // --lines without `-` is an argument error.
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.lines", "x", "--lines"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--lines"), "{stderr}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recv_exit_code_when_the_wait_ends_empty() {
     let server = TestServer::start().await;
     let mut cmd = switchboard(&server);
