@@ -58,7 +58,7 @@ async fn responses_in_order_and_refusals_do_not_end_the_stream() {
     let r = recv(&mut c, "piped", "", 1000, std::time::Duration::ZERO).await;
     assert_eq!(r.messages.len(), 1000);
     for (i, m) in r.messages.iter().enumerate() {
-        assert_eq!(m.payload.as_ref(), (i as u32).to_be_bytes());
+        assert_eq!(m.payload.as_ref(), u32::try_from(i).unwrap().to_be_bytes());
     }
     // Unary Send never sets `error`.
     let unary = c.send(req("piped", b"u")).await.unwrap().into_inner();
