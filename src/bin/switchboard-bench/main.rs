@@ -1,0 +1,724 @@
+//! `switchboard-bench`: measures a switchboard broker over real gRPC on loopback, next to a
+//! ceiling (a bare tonic server of ours with no registry) measured in the same run, and prints
+//! each figure with its ratio to the ceiling. Both servers run as separate processes.
+//!
+//! ```text
+//! cargo build --release && target/release/switchboard-bench          # full run, a few minutes
+//! target/release/switchboard-bench --quick                           # every workload, tiny
+//! ```
+//!
+//! Workloads: W1 throughput (1→1, 128 B; unary ×1, unary ×64 in flight, SendStream), W2 fan-out
+//! (1→16), W3 large payloads (1 MiB, 1→4 and 1→64, MB/s and the broker's peak RSS), W4 latency
+//! (5,000 msg/s for 5 s), W5 work queue (4 Recv workers, `max_messages` 1 and 100), W6 scale
+//! (memory per idle address and per idle subscriber). See BENCHMARKS.md.
+
+mod ceiling;
+
+use std::{
+    error::Error,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use switchboard::pb::{
+    broker_client::BrokerClient, subscribe_response::Event, RecvRequest, SendRequest,
+    SubscribeRequest,
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+use tonic::transport::{Channel, Endpoint};
+
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Measure the broker against a ceiling, in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard-bench", version, about)]
+struct Args {
+    /// Run every workload tiny (seconds in all): proves the tool works, measures nothing.
+    #[arg(long)]
+    quick: bool,
+    /// The broker binary; default: `switchboard` beside this executable.
+    #[arg(long)]
+    broker_bin: Option<PathBuf>,
+    /// Only these workloads (W1..W6), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Internal: serve the ceiling and print its address.
+    #[arg(long, hide = true)]
+    serve_ceiling: bool,
+}
+
+/// Message counts for one run size.
+struct Sizes {
+    w1_unary1: u64,
+    w1_unary64: u64,
+    w1_stream: u64,
+    w2: u64,
+    w3: u64,
+    w4_secs: f64,
+    w5_one: u64,
+    w5_batch: u64,
+    w6_addresses: u64,
+    w6_subscribers: u64,
+}
+
+const FULL: Sizes = Sizes {
+    w1_unary1: 20_000,
+    w1_unary64: 200_000,
+    w1_stream: 500_000,
+    w2: 100_000,
+    w3: 100,
+    w4_secs: 5.0,
+    w5_one: 20_000,
+    w5_batch: 200_000,
+    w6_addresses: 100_000,
+    w6_subscribers: 10_000,
+};
+
+const QUICK: Sizes = Sizes {
+    w1_unary1: 200,
+    w1_unary64: 1_280,
+    w1_stream: 2_000,
+    w2: 500,
+    w3: 4,
+    w4_secs: 0.3,
+    w5_one: 200,
+    w5_batch: 2_000,
+    w6_addresses: 1_000,
+    w6_subscribers: 200,
+};
+
+/// A server process we started; killed (by its PID, through the handle) when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn broker(bin: &PathBuf) -> Res<Self> {
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "switchboard=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let addr = read_addr(stderr, "listen=").await?;
+        Ok(Self { child, addr })
+    }
+
+    async fn ceiling() -> Res<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve-ceiling")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let addr = read_addr(stdout, "listening ").await?;
+        Ok(Self { child, addr })
+    }
+
+    /// A `VmRSS` / `VmHWM` figure of the process, in bytes.
+    fn mem(&self, field: &str) -> Res<u64> {
+        let pid = self.child.id().ok_or("process gone")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .ok_or_else(|| format!("{field} not in /proc/{pid}/status"))?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .ok_or("bad status line")?
+            .parse()?;
+        Ok(kib * 1024)
+    }
+
+    async fn client(&self) -> Res<BrokerClient<Channel>> {
+        client(self.addr).await
+    }
+}
+
+/// Reads lines until one contains `marker` followed by an address; the rest is drained.
+async fn read_addr(
+    pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    marker: &str,
+) -> Res<SocketAddr> {
+    let mut lines = BufReader::new(pipe).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .map_err(|_| "server did not report its address in 20 s")??
+            .ok_or("server exited before reporting its address")?;
+        if let Some(rest) = line.split(marker).nth(1) {
+            let addr: SocketAddr = rest
+                .split(|c: char| c.is_whitespace() || c == '\u{1b}')
+                .next()
+                .unwrap_or_default()
+                .parse()?;
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok(addr);
+        }
+    }
+}
+
+async fn client(addr: SocketAddr) -> Res<BrokerClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(BrokerClient::new(channel)
+        .max_decoding_message_size(80 * 1024 * 1024)
+        .max_encoding_message_size(80 * 1024 * 1024))
+}
+
+fn request(address: &str, payload: &bytes::Bytes) -> SendRequest {
+    SendRequest {
+        address: address.to_string(),
+        payload: payload.clone(),
+        headers: Default::default(),
+    }
+}
+
+/// What a subscriber saw.
+struct Seen {
+    messages: u64,
+    dropped: u64,
+    last: Instant,
+}
+
+/// Opens `count` subscriptions (each on its own connection) and waits until each is registered.
+/// Each task reads until it has accounted for `expect` messages (received or dropped).
+async fn subscribers(
+    addr: SocketAddr,
+    address: &str,
+    count: usize,
+    expect: u64,
+) -> Res<Vec<tokio::task::JoinHandle<Res<Seen>>>> {
+    let mut tasks = Vec::new();
+    for _ in 0..count {
+        let mut c = client(addr).await?;
+        let mut stream = c
+            .subscribe(SubscribeRequest {
+                address: address.into(),
+                group: String::new(),
+            })
+            .await?
+            .into_inner();
+        tasks.push(tokio::spawn(async move {
+            let _keep = c;
+            let mut seen = Seen {
+                messages: 0,
+                dropped: 0,
+                last: Instant::now(),
+            };
+            while seen.messages + seen.dropped < expect {
+                let r = tokio::time::timeout(Duration::from_secs(60), stream.message())
+                    .await
+                    .map_err(|_| "subscriber stalled for 60 s")??
+                    .ok_or("stream ended early")?;
+                match r.event {
+                    Some(Event::Message(_)) => seen.messages += 1,
+                    Some(Event::Dropped(d)) => seen.dropped += d.count,
+                    None => {}
+                }
+            }
+            seen.last = Instant::now();
+            Ok(seen)
+        }));
+    }
+    Ok(tasks)
+}
+
+/// Sends `n` messages with unary Send, `inflight` at a time.
+async fn publish_unary(
+    c: &BrokerClient<Channel>,
+    address: &str,
+    n: u64,
+    inflight: u64,
+    payload: &bytes::Bytes,
+) -> Res<()> {
+    let mut tasks = Vec::new();
+    for k in 0..inflight {
+        let mut c = c.clone();
+        let (address, payload) = (address.to_string(), payload.clone());
+        let share = n / inflight + u64::from(k < n % inflight);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..share {
+                c.send(request(&address, &payload)).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Sends `n` messages over one SendStream; returns once every response came back.
+async fn publish_stream(
+    c: &BrokerClient<Channel>,
+    address: &str,
+    n: u64,
+    payload: &bytes::Bytes,
+) -> Res<()> {
+    let req = request(address, payload);
+    let requests = futures_util::stream::iter((0..n).map(move |_| req.clone()));
+    let mut responses = c.clone().send_stream(requests).await?.into_inner();
+    let mut got = 0;
+    while let Some(r) = responses.next().await {
+        if let Some(e) = r?.error {
+            return Err(format!("send refused: {}", e.message).into());
+        }
+        got += 1;
+    }
+    if got != n {
+        return Err(format!("{got} responses for {n} sends").into());
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Publish {
+    Unary(u64),
+    Stream,
+}
+
+/// One publisher → `subs` subscribers: returns (deliveries per second, messages dropped).
+async fn throughput(
+    server: &Server,
+    subs: usize,
+    n: u64,
+    payload_len: usize,
+    how: Publish,
+) -> Res<(f64, u64)> {
+    let address = "bench.w";
+    let tasks = subscribers(server.addr, address, subs, n).await?;
+    let c = server.client().await?;
+    let payload = bytes::Bytes::from(vec![0xabu8; payload_len]);
+    let start = Instant::now();
+    match how {
+        Publish::Unary(inflight) => publish_unary(&c, address, n, inflight, &payload).await?,
+        Publish::Stream => publish_stream(&c, address, n, &payload).await?,
+    }
+    let mut last = start;
+    let mut delivered = 0;
+    let mut dropped = 0;
+    for t in tasks {
+        let seen = t.await??;
+        last = last.max(seen.last);
+        delivered += seen.messages;
+        dropped += seen.dropped;
+    }
+    let secs = (last - start).as_secs_f64().max(1e-9);
+    Ok((delivered as f64 / secs, dropped))
+}
+
+/// Paced publishing at `rate`/s for `secs`, 1→1, 128 B: send-to-receive latency in µs.
+async fn latency(server: &Server, rate: f64, secs: f64) -> Res<Histogram<u64>> {
+    let address = "bench.latency";
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a small positive message count"
+    )]
+    let n = (rate * secs).round() as u64;
+    let epoch = Instant::now();
+    let mut sub_client = server.client().await?;
+    let mut stream = sub_client
+        .subscribe(SubscribeRequest {
+            address: address.into(),
+            group: String::new(),
+        })
+        .await?
+        .into_inner();
+    let reader = tokio::spawn(async move {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut seen = 0;
+        while seen < n {
+            let r = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .map_err(|_| "latency subscriber stalled")??
+                .ok_or("stream ended")?;
+            match r.event {
+                Some(Event::Message(m)) => {
+                    let sent = u64::from_le_bytes(m.payload[..8].try_into()?);
+                    let now = micros_since(epoch);
+                    h.record(now.saturating_sub(sent).max(1))?;
+                    seen += 1;
+                }
+                Some(Event::Dropped(d)) => seen += d.count,
+                None => {}
+            }
+        }
+        Ok::<_, Box<dyn Error + Send + Sync>>(h)
+    });
+    let (tx, rx) = mpsc::channel::<SendRequest>(1024);
+    let c = server.client().await?;
+    let sender = tokio::spawn(async move {
+        let mut responses = c
+            .clone()
+            .send_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        while let Some(r) = responses.next().await {
+            r?;
+        }
+        Ok::<_, tonic::Status>(())
+    });
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    for i in 0..n {
+        let due = start + period.mul_f64(i as f64);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mut payload = vec![0u8; 128];
+        payload[..8].copy_from_slice(&micros_since(epoch).to_le_bytes());
+        tx.send(SendRequest {
+            address: address.into(),
+            payload: payload.into(),
+            headers: Default::default(),
+        })
+        .await?;
+    }
+    drop(tx);
+    let h = reader.await??;
+    sender.await??;
+    Ok(h)
+}
+
+fn micros_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// `workers` Recv callers drain `n` pre-sent messages from one group: messages per second.
+async fn work_queue(server: &Server, n: u64, workers: usize, max: u32) -> Res<f64> {
+    let address = "bench.jobs";
+    let mut c = server.client().await?;
+    c.recv(RecvRequest {
+        address: address.into(),
+        group: "workers".into(),
+        max_messages: 1,
+        wait: None,
+    })
+    .await?;
+    publish_stream(&c, address, n, &bytes::Bytes::from(vec![1u8; 128])).await?;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let mut c = server.client().await?;
+        tasks.push(tokio::spawn(async move {
+            let mut got = 0u64;
+            loop {
+                let r = c
+                    .recv(RecvRequest {
+                        address: address.into(),
+                        group: "workers".into(),
+                        max_messages: max,
+                        wait: None,
+                    })
+                    .await?
+                    .into_inner();
+                if r.messages.is_empty() {
+                    return Ok::<_, tonic::Status>(got);
+                }
+                got += r.messages.len() as u64;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    if total != n {
+        return Err(format!("work queue took {total} of {n}").into());
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Memory per idle address (one 128 B message each) and per idle subscriber, in bytes.
+async fn scale(server: &Server, addresses: u64, subs: u64) -> Res<(f64, f64)> {
+    let c = server.client().await?;
+    // Warm the connection and allocator a little before the baseline.
+    publish_stream(&c, "bench.warm", 100, &bytes::Bytes::from(vec![0u8; 128])).await?;
+    let before = server.mem("VmRSS:")?;
+    let payload = bytes::Bytes::from(vec![0u8; 128]);
+    let requests = futures_util::stream::iter((0..addresses).map(move |i| SendRequest {
+        address: format!("bench.scale.{i}"),
+        payload: payload.clone(),
+        headers: Default::default(),
+    }));
+    let mut responses = c.clone().send_stream(requests).await?.into_inner();
+    while let Some(r) = responses.next().await {
+        r?;
+    }
+    let after_addresses = server.mem("VmRSS:")?;
+    let per_address = after_addresses.saturating_sub(before) as f64 / addresses as f64;
+
+    // Idle subscribers: 100 streams per connection, each on its own address.
+    let mut held = Vec::new();
+    let per_conn = 100;
+    for conn in 0..subs.div_ceil(per_conn) {
+        let c = server.client().await?;
+        for k in 0..per_conn.min(subs - conn * per_conn) {
+            let mut c2 = c.clone();
+            let stream = c2
+                .subscribe(SubscribeRequest {
+                    address: format!("bench.idle.{conn}.{k}"),
+                    group: String::new(),
+                })
+                .await?
+                .into_inner();
+            held.push(stream);
+        }
+        held.shrink_to_fit();
+        std::mem::drop(c);
+    }
+    let after_subs = server.mem("VmRSS:")?;
+    let per_sub = after_subs.saturating_sub(after_addresses) as f64 / subs as f64;
+    drop(held);
+    Ok((per_address, per_sub))
+}
+
+/// One printed figure.
+struct Row {
+    workload: &'static str,
+    variant: String,
+    unit: &'static str,
+    broker: f64,
+    ceiling: Option<f64>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        self.ceiling.filter(|c| *c > 0.0).map(|c| self.broker / c)
+    }
+
+    fn print(&self) {
+        let ceiling = self.ceiling.map_or("-".to_string(), fmt_num);
+        let ratio = self.ratio().map_or("-".to_string(), |r| format!("{r:.2}"));
+        println!(
+            "{:<4} {:<34} {:>14} {:>14} {:>7}  {}",
+            self.workload,
+            self.variant,
+            fmt_num(self.broker),
+            ceiling,
+            ratio,
+            self.unit
+        );
+    }
+
+    fn json(&self) -> String {
+        serde_json::json!({
+            "workload": self.workload,
+            "variant": self.variant,
+            "unit": self.unit,
+            "broker": self.broker,
+            "ceiling": self.ceiling,
+            "ratio": self.ratio(),
+        })
+        .to_string()
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        let s = format!("{v:.0}");
+        let mut out = String::new();
+        for (i, ch) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(ch);
+        }
+        out
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+async fn pair<F, Fut>(bin: &PathBuf, f: F) -> Res<(f64, f64)>
+where
+    F: Fn(Arc<Server>) -> Fut,
+    Fut: std::future::Future<Output = Res<f64>>,
+{
+    let broker = Arc::new(Server::broker(bin).await?);
+    let b = f(Arc::clone(&broker)).await?;
+    drop(broker);
+    let ceiling = Arc::new(Server::ceiling().await?);
+    let c = f(Arc::clone(&ceiling)).await?;
+    Ok((b, c))
+}
+
+fn wants(args: &Args, w: &str) -> bool {
+    args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(w))
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let args = Args::parse();
+    if args.serve_ceiling {
+        return ceiling::serve().await.map_err(|e| e.to_string().into());
+    }
+    let bin = match &args.broker_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or("no parent dir")?
+            .join("switchboard"),
+    };
+    let s = if args.quick { &QUICK } else { &FULL };
+    println!(
+        "switchboard-bench{}: broker {} vs ceiling (bare tonic + broadcast), loopback, {} cores",
+        if args.quick { " --quick" } else { "" },
+        bin.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<4} {:<34} {:>14} {:>14} {:>7}  unit",
+        "", "variant", "broker", "ceiling", "ratio"
+    );
+    let mut rows = Vec::new();
+    let mut emit = |row: Row| {
+        row.print();
+        rows.push(row);
+    };
+
+    if wants(&args, "W1") {
+        for (variant, n, how) in [
+            (
+                "1->1 128B unary, 1 in flight",
+                s.w1_unary1,
+                Publish::Unary(1),
+            ),
+            (
+                "1->1 128B unary, 64 in flight",
+                s.w1_unary64,
+                Publish::Unary(64),
+            ),
+            ("1->1 128B SendStream", s.w1_stream, Publish::Stream),
+        ] {
+            let (b, c) = pair(&bin, |srv| async move {
+                Ok(throughput(&srv, 1, n, 128, how).await?.0)
+            })
+            .await?;
+            emit(Row {
+                workload: "W1",
+                variant: variant.into(),
+                unit: "msgs/s",
+                broker: b,
+                ceiling: Some(c),
+            });
+        }
+    }
+    if wants(&args, "W2") {
+        let n = s.w2;
+        let (b, c) = pair(&bin, |srv| async move {
+            Ok(throughput(&srv, 16, n, 128, Publish::Stream).await?.0)
+        })
+        .await?;
+        emit(Row {
+            workload: "W2",
+            variant: "1->16 128B fan-out".into(),
+            unit: "deliveries/s",
+            broker: b,
+            ceiling: Some(c),
+        });
+    }
+    if wants(&args, "W3") {
+        for subs in [4usize, 64] {
+            let n = s.w3;
+            let broker = Server::broker(&bin).await?;
+            let (rate, dropped) = throughput(&broker, subs, n, 1 << 20, Publish::Unary(1)).await?;
+            let hwm = broker.mem("VmHWM:")?;
+            drop(broker);
+            let ceiling = Server::ceiling().await?;
+            let (crate_, _) = throughput(&ceiling, subs, n, 1 << 20, Publish::Unary(1)).await?;
+            let chwm = ceiling.mem("VmHWM:")?;
+            drop(ceiling);
+            let mb = |r: f64| r * (1u64 << 20) as f64 / 1e6;
+            emit(Row {
+                workload: "W3",
+                variant: format!("1->{subs} 1MiB ({dropped} dropped)"),
+                unit: "MB/s",
+                broker: mb(rate),
+                ceiling: Some(mb(crate_)),
+            });
+            emit(Row {
+                workload: "W3",
+                variant: format!("1->{subs} 1MiB peak RSS"),
+                unit: "MiB",
+                broker: hwm as f64 / f64::from(1u32 << 20),
+                ceiling: Some(chwm as f64 / f64::from(1u32 << 20)),
+            });
+        }
+    }
+    if wants(&args, "W4") {
+        let secs = s.w4_secs;
+        let broker = Server::broker(&bin).await?;
+        let hb = latency(&broker, 5000.0, secs).await?;
+        drop(broker);
+        let ceiling = Server::ceiling().await?;
+        let hc = latency(&ceiling, 5000.0, secs).await?;
+        drop(ceiling);
+        for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+            emit(Row {
+                workload: "W4",
+                variant: format!("5000 msg/s 1->1 128B latency {name}"),
+                unit: "us",
+                broker: hb.value_at_quantile(q) as f64,
+                ceiling: Some(hc.value_at_quantile(q) as f64),
+            });
+        }
+    }
+    if wants(&args, "W5") {
+        for (max, n) in [(1u32, s.w5_one), (100, s.w5_batch)] {
+            let broker = Server::broker(&bin).await?;
+            let rate = work_queue(&broker, n, 4, max).await?;
+            emit(Row {
+                workload: "W5",
+                variant: format!("4 Recv workers, max_messages {max}"),
+                unit: "msgs/s",
+                broker: rate,
+                ceiling: None,
+            });
+        }
+    }
+    if wants(&args, "W6") {
+        let broker = Server::broker(&bin).await?;
+        let (per_address, per_sub) = scale(&broker, s.w6_addresses, s.w6_subscribers).await?;
+        emit(Row {
+            workload: "W6",
+            variant: format!("memory per idle address ({} addr)", s.w6_addresses),
+            unit: "bytes",
+            broker: per_address,
+            ceiling: None,
+        });
+        emit(Row {
+            workload: "W6",
+            variant: format!("memory per idle subscriber ({} subs)", s.w6_subscribers),
+            unit: "bytes",
+            broker: per_sub,
+            ceiling: None,
+        });
+    }
+    println!();
+    for r in &rows {
+        println!("{}", r.json());
+    }
+    Ok(())
+}
