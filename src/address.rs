@@ -49,6 +49,8 @@ pub struct Message {
     pub sent_at: SystemTime,
     /// Bytes charged against the retention bounds (payload + headers + overhead).
     pub(crate) size: usize,
+    /// The message encoded once for every subscriber (see `wire`).
+    pub(crate) frame: std::sync::OnceLock<crate::wire::WireFrame>,
 }
 
 struct Entry {
@@ -221,6 +223,7 @@ impl AddressShared {
             headers,
             sent_at: SystemTime::now(),
             size,
+            frame: std::sync::OnceLock::new(),
         });
         st.next_seq += 1;
         st.retained_bytes += size;

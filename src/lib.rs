@@ -15,6 +15,7 @@
 //! - `budget`: the broker-wide retained-bytes bound and its oldest-first eviction.
 //! - [`subscription`]: a registered subscriber as a sequence of events; lag becomes `Dropped`.
 //! - [`health`]: `grpc.health.v1.Health` whose watch streams end at shutdown.
+//! - [`wire`]: zero-copy fan-out: Subscribe served from frames encoded once per message.
 //! - [`service`]: the thin gRPC layer; [`server`]: `bind` + `run` with graceful shutdown;
 //!   [`shutdown`]: the shutdown trigger, tokens and the SIGINT/SIGTERM future.
 //!
@@ -49,6 +50,7 @@ pub mod service;
 pub mod shutdown;
 pub mod subscription;
 pub mod validate;
+pub mod wire;
 
 pub use address::{Batch, Message};
 pub use budget::Budget;

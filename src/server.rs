@@ -14,6 +14,7 @@ use crate::{
     registry::Broker,
     service::BrokerService,
     shutdown::Shutdown,
+    wire::SubscribeRoute,
 };
 
 /// Errors that stop the server.
@@ -80,9 +81,10 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-    let service = BrokerServer::new(BrokerService::new(broker, shutdown.token()))
+    let service = BrokerServer::new(BrokerService::new(broker.clone(), shutdown.token()))
         .max_decoding_message_size(config.decode_limit())
         .max_encoding_message_size(config.decode_limit());
+    let service = SubscribeRoute::new(service, broker, shutdown.token());
 
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         conn.inspect(|s| {

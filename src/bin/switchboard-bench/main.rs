@@ -79,7 +79,7 @@ const FULL: Sizes = Sizes {
     w3: 100,
     w4_secs: 5.0,
     w5_one: 20_000,
-    w5_batch: 200_000,
+    w5_batch: 60_000, // below the default 65,536-message retention window
     w6_addresses: 100_000,
     w6_subscribers: 10_000,
 };

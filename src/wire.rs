@@ -1,0 +1,354 @@
+//! Zero-copy fan-out on the wire: the `Subscribe` route served without tonic's per-stream
+//! encoder.
+//!
+//! tonic encodes every streamed message into each stream's own buffer, so a message fanned out to
+//! N subscribers is encoded N times and its payload copied N times. Here each stored message is
+//! encoded once, lazily, into a gRPC frame ([`WireFrame`]) cached on the message; every
+//! subscriber's HTTP/2 stream is handed clones of the same `Bytes`. Payloads above
+//! [`INLINE_PAYLOAD_BYTES`] are not even copied into the frame: they travel as their own chunk,
+//! the very `Bytes` the publisher sent, and h2 writes them without copying.
+//!
+//! The encoding is ordinary protobuf with the `payload` field last (decoders accept fields in
+//! any order), so any gRPC client reads it as a `SubscribeResponse`.
+//!
+//! [`SubscribeRoute`] wraps the generated `BrokerServer`: it serves
+//! `/switchboard.v1.Broker/Subscribe` itself and passes every other call through.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{future::BoxFuture, Stream};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited};
+use prost::{
+    encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType},
+    Message as _,
+};
+use tonic::{body::Body, server::NamedService, Status};
+
+use crate::{
+    address::Message,
+    error::BrokerError,
+    pb,
+    registry::Broker,
+    service::to_pb,
+    shutdown::ShutdownToken,
+    subscription::{Event, Subscription},
+    validate::{Address, Group},
+};
+
+/// Payloads up to this size are copied into the (shared) frame; larger ones travel as their own
+/// chunk, never copied.
+pub const INLINE_PAYLOAD_BYTES: usize = 4096;
+/// Small frames ready at once are coalesced into one HTTP/2 DATA frame up to this size.
+const COALESCE_BYTES: usize = 32 * 1024;
+/// Largest Subscribe request body accepted (an address and a group fit many times over).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const SUBSCRIBE_PATH: &str = "/switchboard.v1.Broker/Subscribe";
+
+/// A message encoded once as a gRPC length-prefixed `SubscribeResponse`: `head`, then `payload`
+/// when it was too large to inline.
+#[derive(Debug)]
+pub(crate) struct WireFrame {
+    head: Bytes,
+    payload: Option<Bytes>,
+}
+
+/// The message's frame, encoded on first use and shared by every subscriber after that.
+pub(crate) fn frame(m: &Message) -> &WireFrame {
+    m.frame.get_or_init(|| encode_message(m))
+}
+
+fn encode_message(m: &Message) -> WireFrame {
+    let mut meta = to_pb(m);
+    meta.payload = Bytes::new(); // proto3 omits an empty bytes field; the payload goes last
+    let plen = m.payload.len();
+    let payload_field = if plen == 0 {
+        0
+    } else {
+        key_len(3) + encoded_len_varint(plen as u64) + plen
+    };
+    let msg_len = meta.encoded_len() + payload_field;
+    let resp_len = key_len(1) + encoded_len_varint(msg_len as u64) + msg_len;
+    let inline = plen <= INLINE_PAYLOAD_BYTES;
+    let mut buf = BytesMut::with_capacity(5 + resp_len - if inline { 0 } else { plen });
+    buf.put_u8(0); // not compressed
+    buf.put_u32(u32::try_from(resp_len).unwrap_or(u32::MAX));
+    encode_key(1, WireType::LengthDelimited, &mut buf);
+    encode_varint(msg_len as u64, &mut buf);
+    meta.encode_raw(&mut buf);
+    if plen > 0 {
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(plen as u64, &mut buf);
+        if inline {
+            buf.put_slice(&m.payload);
+        }
+    }
+    WireFrame {
+        head: buf.freeze(),
+        payload: (!inline).then(|| m.payload.clone()),
+    }
+}
+
+fn encode_response(r: &pb::SubscribeResponse) -> Bytes {
+    let len = r.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    r.encode_raw(&mut buf);
+    buf.freeze()
+}
+
+/// The response body of one Subscribe call: frames of its subscription's events, then the
+/// trailers (`grpc-status` 0, or the status that ended it). Dropping it (the client went away)
+/// drops the subscription, which unregisters the subscriber.
+struct SubscribeBody {
+    events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>>,
+    queued: VecDeque<Bytes>,
+    trailers: Option<Status>,
+    done: bool,
+}
+
+impl SubscribeBody {
+    fn new(subscription: Subscription) -> Self {
+        let events = futures_util::stream::unfold(subscription, |mut s| async move {
+            s.next().await.map(|e| (e, s))
+        });
+        Self {
+            events: Box::pin(events),
+            queued: VecDeque::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn trailers_frame(status: &Status) -> Frame<Bytes> {
+        let mut map = http::HeaderMap::new();
+        if status.add_header(&mut map).is_err() {
+            map.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        Frame::trailers(map)
+    }
+}
+
+impl http_body::Body for SubscribeBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(b) = this.queued.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if let Some(status) = this.trailers.take() {
+            this.done = true;
+            return Poll::Ready(Some(Ok(Self::trailers_frame(&status))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut small = BytesMut::new();
+        loop {
+            let chunk = match this.events.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(Event::Message(m)))) => {
+                    let f = frame(&m);
+                    if let Some(payload) = &f.payload {
+                        this.queued.push_back(f.head.clone());
+                        this.queued.push_back(payload.clone());
+                        break;
+                    }
+                    f.head.clone()
+                }
+                Poll::Ready(Some(Ok(Event::Dropped(count)))) => {
+                    encode_response(&pb::SubscribeResponse {
+                        event: Some(pb::subscribe_response::Event::Dropped(pb::Dropped {
+                            count,
+                        })),
+                    })
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.trailers = Some(e.into());
+                    break;
+                }
+                Poll::Ready(None) => {
+                    this.trailers = Some(Status::ok(""));
+                    break;
+                }
+                Poll::Pending if small.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            };
+            small.extend_from_slice(&chunk);
+            if small.len() >= COALESCE_BYTES {
+                break;
+            }
+        }
+        if !small.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(small.freeze()))));
+        }
+        // Nothing small was gathered: what ended the loop is queued.
+        self.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.queued.is_empty() && self.trailers.is_none()
+    }
+}
+
+/// Wraps the generated `BrokerServer` (`inner`): serves Subscribe with [`SubscribeBody`] and
+/// passes every other method through.
+#[derive(Debug, Clone)]
+pub struct SubscribeRoute<S> {
+    inner: S,
+    broker: Broker,
+    shutdown: ShutdownToken,
+}
+
+impl<S> SubscribeRoute<S> {
+    /// Serves Subscribe from `broker` (streams end at `shutdown`), the rest from `inner`.
+    pub fn new(inner: S, broker: Broker, shutdown: ShutdownToken) -> Self {
+        Self {
+            inner,
+            broker,
+            shutdown,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for SubscribeRoute<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+async fn subscribe(
+    broker: Broker,
+    shutdown: ShutdownToken,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, Status> {
+    let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("request body: {e}")))?
+        .to_bytes();
+    let (flag, rest) = match body.split_first() {
+        Some((flag, rest)) if rest.len() >= 4 => (*flag, rest),
+        _ => return Err(Status::invalid_argument("request: missing gRPC message frame")),
+    };
+    if flag != 0 {
+        return Err(Status::unimplemented(
+            "request: compressed Subscribe requests are not supported",
+        ));
+    }
+    let (len, msg) = rest.split_at(4);
+    let len = usize::try_from(u32::from_be_bytes([len[0], len[1], len[2], len[3]]))
+        .unwrap_or(usize::MAX);
+    if msg.len() != len {
+        return Err(Status::invalid_argument(
+            "request: gRPC frame length does not match the body",
+        ));
+    }
+    let r = pb::SubscribeRequest::decode(msg)
+        .map_err(|e| Status::invalid_argument(format!("request: not a SubscribeRequest: {e}")))?;
+    let address = Address::parse(r.address)?;
+    let group = Group::parse(r.group)?;
+    // Registered before the response (and so its headers) exists.
+    let subscription = broker.subscribe(&address, &group, shutdown);
+    let mut response = http::Response::new(Body::new(SubscribeBody::new(subscription)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    Ok(response)
+}
+
+impl<S> tower_service::Service<http::Request<Body>> for SubscribeRoute<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() == SUBSCRIBE_PATH {
+            let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
+            Box::pin(async move {
+                Ok(subscribe(broker, shutdown, request)
+                    .await
+                    .unwrap_or_else(|status| status.into_http()))
+            })
+        } else {
+            let fut = self.inner.call(request);
+            Box::pin(fut)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::SystemTime};
+
+    use super::*;
+
+    fn message(payload_len: usize) -> Message {
+        let mut headers = crate::validate::Headers::new();
+        headers.insert("k".into(), "v".into());
+        Message {
+            address: Arc::from("wire.test"),
+            sequence: 42,
+            payload: Bytes::from(vec![7u8; payload_len]),
+            headers,
+            sent_at: SystemTime::now(),
+            size: 0,
+            frame: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn decode(f: &WireFrame) -> pb::SubscribeResponse {
+        let mut all = f.head.to_vec();
+        if let Some(p) = &f.payload {
+            all.extend_from_slice(p);
+        }
+        assert_eq!(all[0], 0);
+        let len = u32::from_be_bytes(all[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, all.len() - 5, "length prefix covers the whole message");
+        pb::SubscribeResponse::decode(&all[5..]).unwrap()
+    }
+
+    #[test]
+    fn frames_decode_as_the_same_subscribe_response() {
+        for len in [0, 1, 128, INLINE_PAYLOAD_BYTES, INLINE_PAYLOAD_BYTES + 1, 1 << 20] {
+            let m = message(len);
+            let f = frame(&m);
+            assert_eq!(f.payload.is_some(), len > INLINE_PAYLOAD_BYTES, "len {len}");
+            let expected = pb::SubscribeResponse {
+                event: Some(pb::subscribe_response::Event::Message(to_pb(&m))),
+            };
+            assert_eq!(decode(f), expected, "len {len}");
+        }
+    }
+
+    #[test]
+    fn large_payloads_are_shared_not_copied() {
+        let m = message(1 << 20);
+        let f = frame(&m);
+        let p = f.payload.as_ref().unwrap();
+        assert_eq!(p.as_ptr(), m.payload.as_ptr(), "the frame holds the publisher's bytes");
+        // Cached: every subscriber gets the same frame.
+        assert!(std::ptr::eq(frame(&m), f));
+    }
+}
