@@ -1,7 +1,12 @@
 //! The gRPC face of the broker: `impl pb::broker_server::Broker`. A thin translation layer:
 //! decode, validate, call the [`Broker`], encode. No policy lives here.
 
-use std::{pin::Pin, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use futures_util::Stream;
 use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
@@ -110,11 +115,73 @@ impl BrokerService {
 
 /// The stream behind `SendStream`: one response per request, in order; ends with `UNAVAILABLE`
 /// when the server shuts down, or with the transport's status if the request stream fails.
-pub type SendResponseStream = Pin<Box<dyn Stream<Item = Result<pb::SendResponse, Status>> + Send>>;
+pub struct SendResponses {
+    service: BrokerService,
+    inbound: Streaming<pb::SendRequest>,
+    cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for SendResponses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendResponses").finish_non_exhaustive()
+    }
+}
+
+impl SendResponses {
+    fn respond(&self, r: pb::SendRequest) -> pb::SendResponse {
+        match self.service.send_one(r) {
+            Ok(sequence) => pb::SendResponse {
+                sequence,
+                error: None,
+            },
+            Err(e) => pb::SendResponse {
+                sequence: 0,
+                error: Some(pb::SendError {
+                    code: e.code() as i32,
+                    message: e.to_string(),
+                }),
+            },
+        }
+    }
+}
+
+impl Stream for SendResponses {
+    type Item = Result<pb::SendResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.service.shutdown.is_cancelled() {
+            self.done = true;
+            return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
+        }
+        match Pin::new(&mut self.inbound).poll_next(cx) {
+            Poll::Ready(Some(Ok(r))) => Poll::Ready(Some(Ok(self.respond(r)))),
+            Poll::Ready(Some(Err(status))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                // Waiting for the client: also wake when shutdown begins.
+                if self.cancelled.as_mut().poll(cx).is_ready() {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
-    #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
     async fn send(
         &self,
         request: Request<pb::SendRequest>,
@@ -126,49 +193,24 @@ impl pb::broker_server::Broker for BrokerService {
         }))
     }
 
-    type SendStreamStream = SendResponseStream;
+    type SendStreamStream = SendResponses;
 
     async fn send_stream(
         &self,
         request: Request<Streaming<pb::SendRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        let inbound = request.into_inner();
-        let state = (self.clone(), inbound, self.shutdown.clone(), false);
-        let responses = futures_util::stream::unfold(state, |state| async move {
-            let (svc, mut inbound, mut shutdown, done) = state;
-            if done {
-                return None;
-            }
-            let next = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => Err(BrokerError::ShuttingDown.into()),
-                r = inbound.message() => r,
-            };
-            let item = match next {
-                Ok(Some(r)) => Ok(match svc.send_one(r) {
-                    Ok(sequence) => pb::SendResponse {
-                        sequence,
-                        error: None,
-                    },
-                    Err(e) => pb::SendResponse {
-                        sequence: 0,
-                        error: Some(pb::SendError {
-                            code: e.code() as i32,
-                            message: e.to_string(),
-                        }),
-                    },
-                }),
-                Ok(None) => return None,
-                Err(status) => {
-                    return Some((Err(status), (svc, inbound, shutdown, true)));
-                }
-            };
-            Some((item, (svc, inbound, shutdown, false)))
-        });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(SendResponses {
+            service: self.clone(),
+            inbound: request.into_inner(),
+            cancelled: Box::pin({
+                let mut token = self.shutdown.clone();
+                async move { token.cancelled().await }
+            }),
+            done: false,
+        }))
     }
 
-    #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
     async fn recv(
         &self,
         request: Request<pb::RecvRequest>,
@@ -197,7 +239,7 @@ impl pb::broker_server::Broker for BrokerService {
 
     type SubscribeStream = SubscribeStream;
 
-    #[tracing::instrument(skip_all, fields(address = %request.get_ref().address))]
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,

@@ -26,7 +26,9 @@ use futures_util::{future::BoxFuture, Stream};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited};
 use prost::{
-    encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType},
+    encoding::{
+        encode_key, encode_varint, encoded_len_varint, hash_map, key_len, message, string, WireType,
+    },
     Message as _,
 };
 use tonic::{body::Body, server::NamedService, Status};
@@ -36,7 +38,6 @@ use crate::{
     error::BrokerError,
     pb,
     registry::Broker,
-    service::to_pb,
     shutdown::ShutdownToken,
     subscription::{Event, Subscription},
     validate::{Address, Group},
@@ -65,23 +66,50 @@ pub(crate) fn frame(m: &Message) -> &WireFrame {
 }
 
 fn encode_message(m: &Message) -> WireFrame {
-    let mut meta = to_pb(m);
-    meta.payload = Bytes::new(); // proto3 omits an empty bytes field; the payload goes last
+    // Encoded by hand from the stored message (no intermediate `pb::Message`, no copies of the
+    // address or headers); `payload` (field 3) goes last so a large one can stay a separate chunk.
+    let address = m.address.as_bytes();
+    let sent_at = prost_types::Timestamp::from(m.sent_at);
     let plen = m.payload.len();
-    let payload_field = if plen == 0 {
-        0
-    } else {
-        key_len(3) + encoded_len_varint(plen as u64) + plen
-    };
-    let msg_len = meta.encoded_len() + payload_field;
-    let resp_len = key_len(1) + encoded_len_varint(msg_len as u64) + msg_len;
+    let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let mut msg_len =
+        hash_map::encoded_len(string::encoded_len, string::encoded_len, 4, &m.headers)
+            + message::encoded_len(5, &sent_at);
+    if !address.is_empty() {
+        msg_len += field(1, address.len());
+    }
+    if m.sequence != 0 {
+        msg_len += key_len(2) + encoded_len_varint(m.sequence);
+    }
+    if plen > 0 {
+        msg_len += field(3, plen);
+    }
+    let resp_len = field(1, msg_len);
     let inline = plen <= INLINE_PAYLOAD_BYTES;
     let mut buf = BytesMut::with_capacity(5 + resp_len - if inline { 0 } else { plen });
     buf.put_u8(0); // not compressed
     buf.put_u32(u32::try_from(resp_len).unwrap_or(u32::MAX));
     encode_key(1, WireType::LengthDelimited, &mut buf);
     encode_varint(msg_len as u64, &mut buf);
-    meta.encode_raw(&mut buf);
+    if !address.is_empty() {
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(address.len() as u64, &mut buf);
+        buf.put_slice(address);
+    }
+    if m.sequence != 0 {
+        encode_key(2, WireType::Varint, &mut buf);
+        encode_varint(m.sequence, &mut buf);
+    }
+    hash_map::encode(
+        string::encode,
+        string::encoded_len,
+        string::encode,
+        string::encoded_len,
+        4,
+        &m.headers,
+        &mut buf,
+    );
+    message::encode(5, &sent_at, &mut buf);
     if plen > 0 {
         encode_key(3, WireType::LengthDelimited, &mut buf);
         encode_varint(plen as u64, &mut buf);
@@ -238,7 +266,11 @@ async fn subscribe(
         .to_bytes();
     let (flag, rest) = match body.split_first() {
         Some((flag, rest)) if rest.len() >= 4 => (*flag, rest),
-        _ => return Err(Status::invalid_argument("request: missing gRPC message frame")),
+        _ => {
+            return Err(Status::invalid_argument(
+                "request: missing gRPC message frame",
+            ))
+        }
     };
     if flag != 0 {
         return Err(Status::unimplemented(
@@ -246,8 +278,8 @@ async fn subscribe(
         ));
     }
     let (len, msg) = rest.split_at(4);
-    let len = usize::try_from(u32::from_be_bytes([len[0], len[1], len[2], len[3]]))
-        .unwrap_or(usize::MAX);
+    let len =
+        usize::try_from(u32::from_be_bytes([len[0], len[1], len[2], len[3]])).unwrap_or(usize::MAX);
     if msg.len() != len {
         return Err(Status::invalid_argument(
             "request: gRPC frame length does not match the body",
@@ -269,8 +301,11 @@ async fn subscribe(
 
 impl<S> tower_service::Service<http::Request<Body>> for SubscribeRoute<S>
 where
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
+    S: tower_service::Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -303,6 +338,7 @@ mod tests {
     use std::{sync::Arc, time::SystemTime};
 
     use super::*;
+    use crate::service::to_pb;
 
     fn message(payload_len: usize) -> Message {
         let mut headers = crate::validate::Headers::new();
@@ -331,7 +367,14 @@ mod tests {
 
     #[test]
     fn frames_decode_as_the_same_subscribe_response() {
-        for len in [0, 1, 128, INLINE_PAYLOAD_BYTES, INLINE_PAYLOAD_BYTES + 1, 1 << 20] {
+        for len in [
+            0,
+            1,
+            128,
+            INLINE_PAYLOAD_BYTES,
+            INLINE_PAYLOAD_BYTES + 1,
+            1 << 20,
+        ] {
             let m = message(len);
             let f = frame(&m);
             assert_eq!(f.payload.is_some(), len > INLINE_PAYLOAD_BYTES, "len {len}");
@@ -347,7 +390,11 @@ mod tests {
         let m = message(1 << 20);
         let f = frame(&m);
         let p = f.payload.as_ref().unwrap();
-        assert_eq!(p.as_ptr(), m.payload.as_ptr(), "the frame holds the publisher's bytes");
+        assert_eq!(
+            p.as_ptr(),
+            m.payload.as_ptr(),
+            "the frame holds the publisher's bytes"
+        );
         // Cached: every subscriber gets the same frame.
         assert!(std::ptr::eq(frame(&m), f));
     }

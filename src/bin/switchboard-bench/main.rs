@@ -49,7 +49,7 @@ struct Args {
     /// The broker binary; default: `switchboard` beside this executable.
     #[arg(long)]
     broker_bin: Option<PathBuf>,
-    /// Only these workloads (W1..W6), comma-separated.
+    /// Only these workloads (W1..W6; W1a, W1b, W1c for one W1 variant), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Internal: serve the ceiling and print its address.
@@ -496,6 +496,8 @@ async fn scale(server: &Server, addresses: u64, subs: u64) -> Res<(f64, f64)> {
 
 /// One printed figure.
 struct Row {
+    /// Stable key for the targets (`W1a`, `W3.rss.64`, ...).
+    id: String,
     workload: &'static str,
     variant: String,
     unit: &'static str,
@@ -598,32 +600,37 @@ async fn main() -> Res<()> {
         rows.push(row);
     };
 
-    if wants(&args, "W1") {
-        for (variant, n, how) in [
-            (
-                "1->1 128B unary, 1 in flight",
-                s.w1_unary1,
-                Publish::Unary(1),
-            ),
-            (
-                "1->1 128B unary, 64 in flight",
-                s.w1_unary64,
-                Publish::Unary(64),
-            ),
-            ("1->1 128B SendStream", s.w1_stream, Publish::Stream),
-        ] {
-            let (b, c) = pair(&bin, |srv| async move {
-                Ok(throughput(&srv, 1, n, 128, how).await?.0)
-            })
-            .await?;
-            emit(Row {
-                workload: "W1",
-                variant: variant.into(),
-                unit: "msgs/s",
-                broker: b,
-                ceiling: Some(c),
-            });
+    let w1 = [
+        (
+            "W1a",
+            "1->1 128B unary, 1 in flight",
+            s.w1_unary1,
+            Publish::Unary(1),
+        ),
+        (
+            "W1b",
+            "1->1 128B unary, 64 in flight",
+            s.w1_unary64,
+            Publish::Unary(64),
+        ),
+        ("W1c", "1->1 128B SendStream", s.w1_stream, Publish::Stream),
+    ];
+    for (id, variant, n, how) in w1 {
+        if !(wants(&args, "W1") || wants(&args, id)) {
+            continue;
         }
+        let (b, c) = pair(&bin, |srv| async move {
+            Ok(throughput(&srv, 1, n, 128, how).await?.0)
+        })
+        .await?;
+        emit(Row {
+            id: id.into(),
+            workload: "W1",
+            variant: variant.into(),
+            unit: "msgs/s",
+            broker: b,
+            ceiling: Some(c),
+        });
     }
     if wants(&args, "W2") {
         let n = s.w2;
@@ -632,6 +639,7 @@ async fn main() -> Res<()> {
         })
         .await?;
         emit(Row {
+            id: "W2".into(),
             workload: "W2",
             variant: "1->16 128B fan-out".into(),
             unit: "deliveries/s",
@@ -652,6 +660,7 @@ async fn main() -> Res<()> {
             drop(ceiling);
             let mb = |r: f64| r * (1u64 << 20) as f64 / 1e6;
             emit(Row {
+                id: format!("W3.rate.{subs}"),
                 workload: "W3",
                 variant: format!("1->{subs} 1MiB ({dropped} dropped)"),
                 unit: "MB/s",
@@ -659,6 +668,7 @@ async fn main() -> Res<()> {
                 ceiling: Some(mb(crate_)),
             });
             emit(Row {
+                id: format!("W3.rss.{subs}"),
                 workload: "W3",
                 variant: format!("1->{subs} 1MiB peak RSS"),
                 unit: "MiB",
@@ -677,6 +687,7 @@ async fn main() -> Res<()> {
         drop(ceiling);
         for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
             emit(Row {
+                id: format!("W4.{name}"),
                 workload: "W4",
                 variant: format!("5000 msg/s 1->1 128B latency {name}"),
                 unit: "us",
@@ -690,6 +701,7 @@ async fn main() -> Res<()> {
             let broker = Server::broker(&bin).await?;
             let rate = work_queue(&broker, n, 4, max).await?;
             emit(Row {
+                id: format!("W5.{max}"),
                 workload: "W5",
                 variant: format!("4 Recv workers, max_messages {max}"),
                 unit: "msgs/s",
@@ -702,6 +714,7 @@ async fn main() -> Res<()> {
         let broker = Server::broker(&bin).await?;
         let (per_address, per_sub) = scale(&broker, s.w6_addresses, s.w6_subscribers).await?;
         emit(Row {
+            id: "W6.address".into(),
             workload: "W6",
             variant: format!("memory per idle address ({} addr)", s.w6_addresses),
             unit: "bytes",
@@ -709,6 +722,7 @@ async fn main() -> Res<()> {
             ceiling: None,
         });
         emit(Row {
+            id: "W6.subscriber".into(),
             workload: "W6",
             variant: format!("memory per idle subscriber ({} subs)", s.w6_subscribers),
             unit: "bytes",
@@ -717,8 +731,66 @@ async fn main() -> Res<()> {
         });
     }
     println!();
+    targets(&rows);
+    println!();
     for r in &rows {
         println!("{}", r.json());
     }
     Ok(())
+}
+
+/// Checks the targets of the performance issue against this run's figures.
+fn targets(rows: &[Row]) {
+    let get = |id: &str| rows.iter().find(|r| r.id == id);
+    let ratio = |id: &str| get(id).and_then(Row::ratio);
+    let broker = |id: &str| get(id).map(|r| r.broker);
+    let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
+    let checks: [(&str, Option<f64>, &str, f64); 8] = [
+        (
+            "unary Send 64 in flight / ceiling",
+            ratio("W1b"),
+            ">=",
+            0.85,
+        ),
+        (
+            "SendStream / unary Send 1 in flight",
+            div(broker("W1c"), broker("W1a")),
+            ">=",
+            10.0,
+        ),
+        ("SendStream / ceiling stream", ratio("W1c"), ">=", 0.8),
+        ("fan-out 1->16 / ceiling", ratio("W2"), ">=", 0.8),
+        (
+            "peak RSS 64 subs / 4 subs (1 MiB)",
+            div(broker("W3.rss.64"), broker("W3.rss.4")),
+            "<=",
+            1.10,
+        ),
+        ("latency p99 / ceiling p99", ratio("W4.p99"), "<=", 1.5),
+        ("bytes per idle address", broker("W6.address"), "<", 2048.0),
+        (
+            "bytes per idle subscriber",
+            broker("W6.subscriber"),
+            "<",
+            16384.0,
+        ),
+    ];
+    println!("targets:");
+    for (name, value, op, bound) in checks {
+        let verdict = match value {
+            None => "not measured".to_string(),
+            Some(v) => {
+                let ok = match op {
+                    ">=" => v >= bound,
+                    "<=" => v <= bound,
+                    _ => v < bound,
+                };
+                format!(
+                    "{v:.2} {op} {bound}: {}",
+                    if ok { "holds" } else { "MISSED" }
+                )
+            }
+        };
+        println!("  {name:<40} {verdict}");
+    }
 }
