@@ -52,6 +52,10 @@ struct Args {
     /// Only these workloads (W1..W6; W1a, W1b, W1c for one W1 variant), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Runs of each W1/W2 figure (broker and ceiling alternating); the median is printed.
+    /// Default: 3, or 1 with --quick.
+    #[arg(long)]
+    repeat: Option<usize>,
     /// Internal: serve the ceiling and print its address.
     #[arg(long, hide = true)]
     serve_ceiling: bool,
@@ -553,17 +557,28 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-async fn pair<F, Fut>(bin: &PathBuf, f: F) -> Res<(f64, f64)>
+/// Runs `f` against a fresh broker and a fresh ceiling, alternating, `repeat` times; returns the
+/// median of each (alternation spreads the machine's noise over both sides).
+async fn pair<F, Fut>(bin: &PathBuf, repeat: usize, f: F) -> Res<(f64, f64)>
 where
     F: Fn(Arc<Server>) -> Fut,
     Fut: std::future::Future<Output = Res<f64>>,
 {
-    let broker = Arc::new(Server::broker(bin).await?);
-    let b = f(Arc::clone(&broker)).await?;
-    drop(broker);
-    let ceiling = Arc::new(Server::ceiling().await?);
-    let c = f(Arc::clone(&ceiling)).await?;
-    Ok((b, c))
+    let mut b = Vec::new();
+    let mut c = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let broker = Arc::new(Server::broker(bin).await?);
+        b.push(f(Arc::clone(&broker)).await?);
+        drop(broker);
+        let ceiling = Arc::new(Server::ceiling().await?);
+        c.push(f(Arc::clone(&ceiling)).await?);
+    }
+    Ok((median(&mut b), median(&mut c)))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn wants(args: &Args, w: &str) -> bool {
@@ -584,6 +599,7 @@ async fn main() -> Res<()> {
             .join("switchboard"),
     };
     let s = if args.quick { &QUICK } else { &FULL };
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
     println!(
         "switchboard-bench{}: broker {} vs ceiling (bare tonic + broadcast), loopback, {} cores",
         if args.quick { " --quick" } else { "" },
@@ -619,7 +635,7 @@ async fn main() -> Res<()> {
         if !(wants(&args, "W1") || wants(&args, id)) {
             continue;
         }
-        let (b, c) = pair(&bin, |srv| async move {
+        let (b, c) = pair(&bin, repeat, |srv| async move {
             Ok(throughput(&srv, 1, n, 128, how).await?.0)
         })
         .await?;
@@ -634,7 +650,7 @@ async fn main() -> Res<()> {
     }
     if wants(&args, "W2") {
         let n = s.w2;
-        let (b, c) = pair(&bin, |srv| async move {
+        let (b, c) = pair(&bin, repeat, |srv| async move {
             Ok(throughput(&srv, 16, n, 128, Publish::Stream).await?.0)
         })
         .await?;
