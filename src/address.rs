@@ -31,7 +31,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::{budget::Budget, validate::Headers};
+use crate::{budget::Budget, error::BrokerError, metrics::Metrics, validate::Headers};
 
 /// A message as the broker stores it. Shared (`Arc`) by every consumer that is handed it; the
 /// payload is a reference-counted [`Bytes`], never copied per subscriber.
@@ -84,6 +84,42 @@ impl Batch {
     }
 }
 
+/// What the Admin RPCs report about one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressInfo {
+    /// The address.
+    pub address: String,
+    /// Messages in its retention window.
+    pub retained_messages: usize,
+    /// Bytes charged for them (payload + headers + 128 per message).
+    pub retained_bytes: usize,
+    /// Sequence of the oldest retained message; 0 when none is retained.
+    pub first_sequence: u64,
+    /// Sequence of the last message sent; 0 before the first.
+    pub last_sequence: u64,
+    /// Open Subscribe streams (fan-out and group members).
+    pub subscribers: usize,
+    /// Consumer groups, the default group included.
+    pub groups: usize,
+}
+
+/// What the Admin RPCs report about one consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group; empty for the default group.
+    pub group: String,
+    /// Next sequence the group hands out.
+    pub next_sequence: u64,
+    /// Retained messages the group has not taken yet (messages behind the last sequence).
+    pub lag: u64,
+    /// Messages the group lost to retention that its next read will report.
+    pub dropped: u64,
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Shared handle of one address, held by the registry and by every subscriber and waiting Recv.
 pub(crate) struct AddressShared {
     pub(crate) name: Arc<str>,
@@ -91,13 +127,16 @@ pub(crate) struct AddressShared {
     /// Woken after every append: waiting Recv calls, group streams and caught-up subscribers.
     pub(crate) notify: Notify,
     pub(crate) budget: Arc<Budget>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Which of the budget's age queues this address's messages go to.
     pub(crate) age_queue: usize,
     /// Mirror of the first retained sequence (or the next sequence when empty), readable without
     /// the lock by the budget's stale-entry checks.
     first_seq: AtomicU64,
-    /// Set (under the lock) when the registry reclaims the address.
+    /// Set (under the lock) when the registry reclaims or deletes the address.
     closed: AtomicBool,
+    /// Set (under the lock) when an operator deletes the address: its subscribers end.
+    deleted: AtomicBool,
 }
 
 /// The address's mutable state; see the module docs.
@@ -125,7 +164,13 @@ impl std::fmt::Debug for AddressShared {
 }
 
 impl AddressShared {
-    pub(crate) fn new(name: Arc<str>, budget: Arc<Budget>, age_queue: usize) -> Self {
+    pub(crate) fn new(
+        name: Arc<str>,
+        budget: Arc<Budget>,
+        age_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.groups.inc();
         let mut groups = HashMap::new();
         // The default group exists from creation, so messages sent before anyone asks wait.
         groups.insert(
@@ -150,9 +195,11 @@ impl AddressShared {
             }),
             notify: Notify::new(),
             budget,
+            metrics,
             age_queue,
             first_seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
         }
     }
 
@@ -215,7 +262,9 @@ impl AddressShared {
             && (st.window.len() >= retention_messages || st.retained_bytes + size > retention_bytes)
         {
             self.pop_front(st);
+            self.metrics.evicted.inc();
         }
+        self.metrics.sent.inc();
         let message = Arc::new(Message {
             address: Arc::clone(&self.name),
             sequence: st.next_seq,
@@ -252,6 +301,7 @@ impl AddressShared {
         }
         if n > 0 {
             self.sync_first(&st);
+            self.metrics.evicted.inc_by(n as u64);
         }
         n
     }
@@ -265,6 +315,7 @@ impl AddressShared {
             .map_or(st.next_seq, |e| e.message.sequence);
         let next_seq = st.next_seq;
         if !st.groups.contains_key(group) {
+            self.metrics.groups.inc();
             st.groups.insert(
                 Box::from(group),
                 Cursor {
@@ -294,6 +345,10 @@ impl AddressShared {
             dropped: std::mem::take(&mut cursor.dropped),
         };
         cursor.next += taken;
+        self.metrics.delivered.inc_by(taken);
+        if batch.dropped > 0 {
+            self.metrics.dropped.inc_by(batch.dropped);
+        }
         st.last_active = Instant::now();
         if taken > 0 {
             self.trim(st);
@@ -305,6 +360,7 @@ impl AddressShared {
     pub(crate) fn subscribe_fanout(&self, st: &mut State) -> u64 {
         st.fanout += 1;
         st.subscribers += 1;
+        self.metrics.subscribers.inc();
         st.last_active = Instant::now();
         st.next_seq
     }
@@ -312,10 +368,13 @@ impl AddressShared {
     /// Registers a group stream (creating the group on first use).
     pub(crate) fn subscribe_group(&self, st: &mut State, group: &str) {
         let next = st.next_seq;
-        st.groups
-            .entry(Box::from(group))
-            .or_insert(Cursor { next, dropped: 0 });
+        if !st.groups.contains_key(group) {
+            self.metrics.groups.inc();
+            st.groups
+                .insert(Box::from(group), Cursor { next, dropped: 0 });
+        }
         st.subscribers += 1;
+        self.metrics.subscribers.inc();
         st.last_active = Instant::now();
     }
 
@@ -343,7 +402,12 @@ impl AddressShared {
             e.pending_subscribers = e.pending_subscribers.saturating_sub(1);
             out.push_back(Arc::clone(&e.message));
         }
-        *cursor += (out.len() - before) as u64;
+        let handed = (out.len() - before) as u64;
+        *cursor += handed;
+        self.metrics.delivered.inc_by(handed);
+        if dropped > 0 {
+            self.metrics.dropped.inc_by(dropped);
+        }
         if out.len() > before && start == 0 {
             self.trim(st);
         }
@@ -363,6 +427,7 @@ impl AddressShared {
         }
         st.fanout = st.fanout.saturating_sub(1);
         st.subscribers = st.subscribers.saturating_sub(1);
+        self.metrics.subscribers.dec();
         st.last_active = Instant::now();
         self.trim(&mut st);
     }
@@ -371,6 +436,7 @@ impl AddressShared {
     pub(crate) fn unsubscribe_group(&self) {
         let mut st = self.state.lock();
         st.subscribers = st.subscribers.saturating_sub(1);
+        self.metrics.subscribers.dec();
         st.last_active = Instant::now();
     }
 
@@ -398,8 +464,73 @@ impl AddressShared {
         if idle_now {
             st.closed = true;
             self.closed.store(true, Ordering::Release);
+            self.metrics.groups.dec_by(gauge(st.groups.len()));
         }
         idle_now
+    }
+
+    /// Deletes the address (the registry has already removed it from the map): purges its
+    /// messages and marks it so its subscribers end with `NOT_FOUND` and waiting Recv calls
+    /// return. Returns how many messages were purged.
+    pub(crate) fn delete(&self) -> usize {
+        let mut st = self.state.lock();
+        if st.closed {
+            return 0;
+        }
+        let mut purged = 0;
+        while self.pop_front(&mut st) {
+            purged += 1;
+        }
+        st.closed = true;
+        self.closed.store(true, Ordering::Release);
+        self.deleted.store(true, Ordering::Release);
+        self.metrics.groups.dec_by(gauge(st.groups.len()));
+        self.sync_first(&st);
+        drop(st);
+        self.notify.notify_waiters();
+        purged
+    }
+
+    /// [`BrokerError::AddressDeleted`] once an operator deleted the address.
+    pub(crate) fn check_deleted(&self) -> Result<(), BrokerError> {
+        if self.deleted.load(Ordering::Acquire) {
+            Err(BrokerError::AddressDeleted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A snapshot for the Admin RPCs; with `groups`, one entry per group, sorted by name.
+    pub(crate) fn info(&self, with_groups: bool) -> (AddressInfo, Vec<GroupInfo>) {
+        let st = self.state.lock();
+        let first = st
+            .window
+            .front()
+            .map_or(st.next_seq, |e| e.message.sequence);
+        let info = AddressInfo {
+            address: self.name.to_string(),
+            retained_messages: st.window.len(),
+            retained_bytes: st.retained_bytes,
+            first_sequence: st.window.front().map_or(0, |e| e.message.sequence),
+            last_sequence: st.next_seq - 1,
+            subscribers: st.subscribers,
+            groups: st.groups.len(),
+        };
+        let mut groups = Vec::new();
+        if with_groups {
+            groups = st
+                .groups
+                .iter()
+                .map(|(name, c)| GroupInfo {
+                    group: name.to_string(),
+                    next_sequence: c.next.max(first),
+                    lag: st.next_seq - c.next.max(first),
+                    dropped: c.dropped + first.saturating_sub(c.next),
+                })
+                .collect();
+            groups.sort_by(|a, b| a.group.cmp(&b.group));
+        }
+        (info, groups)
     }
 }
 

@@ -86,6 +86,16 @@ impl Budget {
         usize::try_from(self.used.load(Ordering::Acquire)).unwrap_or(0)
     }
 
+    /// Messages retained broker-wide now.
+    pub fn live_messages(&self) -> usize {
+        let n: i64 = self
+            .queues
+            .iter()
+            .map(|q| q.live.load(Ordering::Relaxed))
+            .sum();
+        usize::try_from(n).unwrap_or(0)
+    }
+
     /// Charges one appended message (called under its address lock; atomics only).
     pub(crate) fn charge(&self, queue: usize, size: usize) {
         self.used.fetch_add(to_i64(size), Ordering::AcqRel);

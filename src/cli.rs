@@ -29,6 +29,42 @@ pub enum Command {
     Recv(RecvArgs),
     /// Print messages sent to ADDRESS as they arrive, until Ctrl-C or --count messages.
     Subscribe(SubscribeArgs),
+    /// List addresses (optionally those starting with PREFIX) with what they retain.
+    Addresses(AddressesArgs),
+    /// Show one address and each consumer group's lag and dropped count.
+    Inspect(InspectArgs),
+}
+
+/// Flags of `switchboard addresses`.
+#[derive(Debug, Args)]
+pub struct AddressesArgs {
+    /// Only addresses starting with this.
+    #[arg(default_value = "")]
+    pub prefix: String,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Flags of `switchboard inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The address to show.
+    pub address: String,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Flags shared by the client commands.
@@ -156,6 +192,14 @@ pub struct ServeArgs {
     /// before it is reclaimed.
     #[arg(long, env = "SWITCHBOARD_IDLE_ADDRESS_MS", default_value_t = 10_000)]
     pub idle_address_ms: u64,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format on stderr (`RUST_LOG` sets the level; default `switchboard=info`).
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Milliseconds shutdown waits for open calls to finish before closing connections.
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]

@@ -15,8 +15,8 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    cli::{ClientArgs, RecvArgs, SendArgs, SubscribeArgs},
-    pb::{self, broker_client::BrokerClient, subscribe_response::Event},
+    cli::{AddressesArgs, ClientArgs, InspectArgs, RecvArgs, SendArgs, SubscribeArgs},
+    pb::{self, admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event},
 };
 
 /// Exit code of `switchboard recv` when the wait ended with no message.
@@ -75,17 +75,20 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn connect(args: &ClientArgs) -> Result<BrokerClient<Channel>, ClientError> {
+async fn channel(args: &ClientArgs) -> Result<Channel, ClientError> {
     let endpoint =
         Endpoint::from_shared(args.server.clone()).map_err(|e| ClientError::BadServer {
             server: args.server.clone(),
             reason: chain(&e),
         })?;
-    let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
+    endpoint.connect().await.map_err(|e| ClientError::Connect {
         server: args.server.clone(),
         reason: chain(&e),
-    })?;
-    Ok(BrokerClient::new(channel)
+    })
+}
+
+async fn connect(args: &ClientArgs) -> Result<BrokerClient<Channel>, ClientError> {
+    Ok(BrokerClient::new(channel(args).await?)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }
@@ -252,6 +255,118 @@ pub async fn subscribe(args: SubscribeArgs) -> Result<u8, ClientError> {
         }
         out.flush()?;
     }
+}
+
+fn info_json(a: &pb::AddressInfo) -> serde_json::Value {
+    serde_json::json!({
+        "address": a.address,
+        "retained_messages": a.retained_messages,
+        "retained_bytes": a.retained_bytes,
+        "first_sequence": a.first_sequence,
+        "last_sequence": a.last_sequence,
+        "subscribers": a.subscribers,
+        "groups": a.groups,
+    })
+}
+
+const ADDRESS_HEADER: &str = "ADDRESS\tRETAINED\tBYTES\tFIRST\tLAST\tSUBSCRIBERS\tGROUPS";
+
+fn info_row(a: &pb::AddressInfo) -> String {
+    format!(
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+        a.address,
+        a.retained_messages,
+        a.retained_bytes,
+        a.first_sequence,
+        a.last_sequence,
+        a.subscribers,
+        a.groups
+    )
+}
+
+/// `switchboard addresses [PREFIX]`: every matching address (all pages), a tab-separated table
+/// with a header, or one JSON object per line.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached or refuses.
+pub async fn addresses(args: AddressesArgs) -> Result<u8, ClientError> {
+    let mut admin = AdminClient::new(channel(&args.client).await?);
+    let mut out = io::stdout().lock();
+    if !args.client.json {
+        writeln!(out, "{ADDRESS_HEADER}")?;
+    }
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_addresses(pb::ListAddressesRequest {
+                prefix: args.prefix.clone(),
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .map_err(ClientError::Status)?
+            .into_inner();
+        for a in &page.addresses {
+            if args.client.json {
+                writeln!(out, "{}", info_json(a))?;
+            } else {
+                writeln!(out, "{}", info_row(a))?;
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(0);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// `switchboard inspect ADDRESS`: the address, then one line per consumer group
+/// (`GROUP LAG DROPPED NEXT`; the default group shows as `(default)`), or one JSON object.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached or refuses (`NOT_FOUND` for an unknown
+/// address).
+pub async fn inspect(args: InspectArgs) -> Result<u8, ClientError> {
+    let mut admin = AdminClient::new(channel(&args.client).await?);
+    let r = admin
+        .get_address(pb::GetAddressRequest {
+            address: args.address,
+        })
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    let info = r.address.unwrap_or_default();
+    let mut out = io::stdout().lock();
+    if args.client.json {
+        let mut v = info_json(&info);
+        v["consumer_groups"] = r
+            .groups
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "group": g.group,
+                    "lag": g.lag,
+                    "dropped": g.dropped,
+                    "next_sequence": g.next_sequence,
+                })
+            })
+            .collect();
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{ADDRESS_HEADER}")?;
+        writeln!(out, "{}", info_row(&info))?;
+        writeln!(out)?;
+        writeln!(out, "GROUP\tLAG\tDROPPED\tNEXT")?;
+        for g in &r.groups {
+            let name = if g.group.is_empty() {
+                "(default)"
+            } else {
+                &g.group
+            };
+            writeln!(out, "{name}\t{}\t{}\t{}", g.lag, g.dropped, g.next_sequence)?;
+        }
+    }
+    Ok(0)
 }
 
 fn print_dropped(out: &mut impl Write, count: u64, json: bool) -> io::Result<()> {

@@ -23,6 +23,13 @@ pub enum BrokerError {
         /// Which limit (the flag that sets it).
         limit_name: &'static str,
     },
+    /// An operator deleted the address (Admin `DeleteAddress`) while this call was open.
+    /// Maps to `NOT_FOUND`.
+    #[error("address deleted")]
+    AddressDeleted,
+    /// The address does not exist (Admin RPCs). Maps to `NOT_FOUND`.
+    #[error("address: no such address {0:?}")]
+    NoSuchAddress(String),
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
@@ -42,6 +49,7 @@ impl BrokerError {
         match self {
             Self::Invalid { .. } => tonic::Code::InvalidArgument,
             Self::TooLarge { .. } => tonic::Code::ResourceExhausted,
+            Self::AddressDeleted | Self::NoSuchAddress(_) => tonic::Code::NotFound,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
     }

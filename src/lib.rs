@@ -14,6 +14,8 @@
 //! - `address`: one address: sequence, retention window, group cursors, fan-out bookkeeping.
 //! - `budget`: the broker-wide retained-bytes bound and its oldest-first eviction.
 //! - [`subscription`]: a registered subscriber as a sequence of events; lag becomes `Dropped`.
+//! - [`admin`]: the `switchboard.v1.Admin` introspection service.
+//! - [`metrics`]: Prometheus metrics, served on `--metrics-listen`.
 //! - [`health`]: `grpc.health.v1.Health` whose watch streams end at shutdown.
 //! - [`wire`]: zero-copy fan-out: Subscribe served from frames encoded once per message.
 //! - [`service`]: the thin gRPC layer; [`server`]: `bind` + `run` with graceful shutdown;
@@ -37,12 +39,14 @@
 )]
 
 mod address;
+pub mod admin;
 mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod pb;
 pub mod registry;
 pub mod server;
@@ -52,7 +56,7 @@ pub mod subscription;
 pub mod validate;
 pub mod wire;
 
-pub use address::{Batch, Message};
+pub use address::{AddressInfo, Batch, GroupInfo, Message};
 pub use budget::Budget;
 pub use error::BrokerError;
 pub use registry::Broker;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::{
-    cli::{Cli, Command, ServeArgs},
+    cli::{Cli, Command, LogFormat, ServeArgs},
     client,
     registry::Broker,
     server, shutdown,
@@ -19,6 +19,8 @@ async fn main() -> ExitCode {
         Command::Send(args) => client::send(args).await,
         Command::Recv(args) => client::recv(args).await,
         Command::Subscribe(args) => client::subscribe(args).await,
+        Command::Addresses(args) => client::addresses(args).await,
+        Command::Inspect(args) => client::inspect(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -33,14 +35,17 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    tracing_subscriber::fmt()
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("switchboard=info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("switchboard=info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {
@@ -65,8 +70,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
         idle_address_ms = l.idle_address.as_millis(),
         "switchboard listening"
     );
+    let metrics = match args.metrics_listen {
+        Some(addr) => match server::bind(addr).await {
+            Ok((l, _)) => Some(l),
+            Err(e) => {
+                tracing::error!("--metrics-listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let broker = Broker::new(config.limits.clone());
-    match server::run(listener, broker, config, shutdown::signal()).await {
+    match server::run_with_metrics(listener, metrics, broker, config, shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -21,10 +21,11 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 use crate::{
-    address::{AddressShared, Batch, State},
+    address::{AddressInfo, AddressShared, Batch, GroupInfo, State},
     budget::{Budget, AGE_QUEUES},
     config::{Limits, MESSAGE_OVERHEAD_BYTES},
     error::BrokerError,
+    metrics::Metrics,
     shutdown::ShutdownToken,
     subscription::Subscription,
     validate::{self, Address, Group, Headers},
@@ -41,6 +42,7 @@ struct Inner {
     addresses: DashMap<Box<str>, Arc<AddressShared>>,
     limits: Limits,
     budget: Arc<Budget>,
+    metrics: Arc<Metrics>,
     hasher: RandomState,
 }
 
@@ -54,9 +56,15 @@ impl Broker {
                 addresses: DashMap::new(),
                 limits,
                 budget,
+                metrics: Arc::new(Metrics::new()),
                 hasher: RandomState::new(),
             }),
         }
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The limits in force.
@@ -79,6 +87,7 @@ impl Broker {
                     Arc::from(name.as_str()),
                     Arc::clone(&self.inner.budget),
                     queue,
+                    Arc::clone(&self.inner.metrics),
                 ))
             });
         Arc::clone(entry.value())
@@ -180,6 +189,7 @@ impl Broker {
             let notified = address.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            address.check_deleted()?;
             let batch = address.take(&mut address.state.lock(), group.as_str(), max);
             if !batch.is_empty() {
                 return Ok(batch);
@@ -254,6 +264,59 @@ impl Broker {
     /// Addresses in the registry now.
     pub fn address_count(&self) -> usize {
         self.inner.addresses.len()
+    }
+
+    /// Messages retained across all addresses now.
+    pub fn total_retained_messages(&self) -> usize {
+        self.inner.budget.live_messages()
+    }
+
+    /// One address's figures and, with `with_groups`, its groups'; `None` if it does not exist.
+    pub fn address_info(
+        &self,
+        address: &str,
+        with_groups: bool,
+    ) -> Option<(AddressInfo, Vec<GroupInfo>)> {
+        let a = self
+            .inner
+            .addresses
+            .get(address)
+            .map(|a| Arc::clone(a.value()))?;
+        Some(a.info(with_groups))
+    }
+
+    /// Addresses whose name starts with `prefix` and sorts after `after`, in name order, at most
+    /// `limit`; and the name to continue after when more remain.
+    pub fn list_addresses(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<AddressInfo>, Option<String>) {
+        let mut names: Vec<(Box<str>, Arc<AddressShared>)> = self
+            .inner
+            .addresses
+            .iter()
+            .filter(|e| e.key().starts_with(prefix) && e.key().as_ref() > after)
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let next = if more {
+            names.last().map(|(n, _)| n.to_string())
+        } else {
+            None
+        };
+        (names.iter().map(|(_, a)| a.info(false).0).collect(), next)
+    }
+
+    /// Deletes `address`: purges its messages; its subscribers' streams end with `NOT_FOUND`
+    /// ("address deleted") and waiting Recv calls return `NOT_FOUND`. Returns how many messages
+    /// were purged, or `None` if the address did not exist. A later Send creates it afresh.
+    pub fn delete_address(&self, address: &str) -> Option<usize> {
+        let (_, a) = self.inner.addresses.remove(address)?;
+        Some(a.delete())
     }
 
     /// Bytes retained across all addresses now.

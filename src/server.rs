@@ -8,12 +8,14 @@ use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 use tonic::transport::Server;
 
 use crate::{
+    admin::AdminService,
     config::ServerConfig,
     health,
-    pb::{broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
+    metrics::CONTENT_TYPE,
+    pb::{admin_server::AdminServer, broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
     registry::Broker,
     service::BrokerService,
-    shutdown::Shutdown,
+    shutdown::{Shutdown, ShutdownToken},
     wire::SubscribeRoute,
 };
 
@@ -65,7 +67,25 @@ pub async fn run(
     config: ServerConfig,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with_metrics(listener, None, broker, config, signal).await
+}
+
+/// [`run`], and with `metrics` also serves Prometheus metrics at `/metrics` on that listener
+/// until shutdown begins.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    broker: Broker,
+    config: ServerConfig,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let shutdown = Shutdown::new();
+    if let Some(metrics) = metrics {
+        tokio::spawn(serve_metrics(metrics, broker.clone(), shutdown.token()));
+    }
     let token = shutdown.token();
     tokio::spawn(broker.clone().run_reclaimer(shutdown.token()));
 
@@ -84,21 +104,16 @@ pub async fn run(
     let service = BrokerServer::new(BrokerService::new(broker.clone(), shutdown.token()))
         .max_decoding_message_size(config.decode_limit())
         .max_encoding_message_size(config.decode_limit());
+    let admin = AdminServer::new(AdminService::new(broker.clone()));
     let service = SubscribeRoute::new(service, broker, shutdown.token());
 
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            // Small messages must not wait for Nagle's algorithm.
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    });
+    let incoming = TcpListenerStream::new(listener).map(|conn| conn.map(LoggedConn::new));
 
     let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service)
+        .add_service(admin)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -122,4 +137,109 @@ pub async fn run(
     }
     tracing::info!("switchboard stopped");
     Ok(())
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) until shutdown begins.
+async fn serve_metrics(listener: TcpListener, broker: Broker, mut shutdown: ShutdownToken) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(
+            |axum::extract::State(broker): axum::extract::State<Broker>| async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                    broker.metrics().render(&broker),
+                )
+            },
+        )
+        .with_state(broker),
+    );
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "metrics listening");
+    }
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "metrics endpoint failed");
+    }
+}
+
+/// A client connection, logged when it opens and when it closes.
+struct LoggedConn {
+    inner: tokio::net::TcpStream,
+    peer: String,
+}
+
+impl LoggedConn {
+    fn new(inner: tokio::net::TcpStream) -> Self {
+        // Small messages must not wait for Nagle's algorithm.
+        if let Err(e) = inner.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let peer = inner
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_string(), |p| p.to_string());
+        tracing::info!(peer = %peer, "connection opened");
+        Self { inner, peer }
+    }
+}
+
+impl Drop for LoggedConn {
+    fn drop(&mut self) {
+        tracing::info!(peer = %self.peer, "connection closed");
+    }
+}
+
+impl tonic::transport::server::Connected for LoggedConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for LoggedConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LoggedConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -5,7 +5,7 @@ use std::{
     future::Future,
     pin::Pin,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures_util::Stream;
@@ -14,6 +14,7 @@ use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 use crate::{
     address::Message,
     error::BrokerError,
+    metrics::{code_name, Method},
     pb,
     registry::Broker,
     shutdown::ShutdownToken,
@@ -29,10 +30,51 @@ pub struct BrokerService {
 }
 
 impl BrokerService {
+    async fn recv_inner(
+        &self,
+        r: pb::RecvRequest,
+        deadline: Option<Duration>,
+    ) -> Result<Response<pb::RecvResponse>, Status> {
+        let reject = |e: BrokerError| rejected(Method::Recv, &r.address, e);
+        let address = Address::parse(r.address.as_str()).map_err(reject)?;
+        let group = Group::parse(r.group.as_str()).map_err(reject)?;
+        let max = validate::max_messages(r.max_messages).map_err(reject)?;
+        let mut wait = validate::wait(r.wait.as_ref()).map_err(reject)?;
+        if let Some(d) = deadline {
+            // Answer (empty) a little before the client gives up, rather than let it time out.
+            let margin = (d / 10).min(Duration::from_millis(100));
+            wait = wait.min(d.saturating_sub(margin));
+        }
+        let mut shutdown = self.shutdown.clone();
+        let batch = self
+            .broker
+            .recv(&address, &group, max, wait, &mut shutdown)
+            .await?;
+        Ok(Response::new(pb::RecvResponse {
+            messages: batch.messages.iter().map(|m| to_pb(m)).collect(),
+            dropped: batch.dropped,
+        }))
+    }
+
     /// Serves `broker`; open streams and long-polls end when `shutdown` fires.
     pub fn new(broker: Broker, shutdown: ShutdownToken) -> Self {
         Self { broker, shutdown }
     }
+}
+
+/// Logs one rejected request (method, address, code) and turns the error into its status.
+/// The address is cut to 64 characters: it may be anything the client sent.
+pub(crate) fn rejected(method: Method, address: &str, e: impl Into<Status>) -> Status {
+    let status = e.into();
+    let shown: String = address.chars().take(64).collect();
+    tracing::info!(
+        method = ?method,
+        address = %shown.escape_debug(),
+        code = code_name(status.code()),
+        reason = status.message(),
+        "request rejected"
+    );
+    status
 }
 
 /// Converts a stored message to its wire form. The payload is shared, not copied.
@@ -107,9 +149,21 @@ impl Stream for SubscribeStream {
 }
 
 impl BrokerService {
-    fn send_one(&self, r: pb::SendRequest) -> Result<u64, BrokerError> {
-        let address = Address::parse(r.address)?;
-        self.broker.send(&address, r.payload, r.headers)
+    fn send_one(&self, method: Method, r: pb::SendRequest) -> Result<u64, Status> {
+        if let Err(e) = Address::check(&r.address) {
+            return Err(rejected(method, &r.address, e));
+        }
+        let address = Address::checked(r.address);
+        self.broker
+            .send(&address, r.payload, r.headers)
+            .map_err(|e| rejected(method, address.as_str(), e))
+    }
+
+    fn observe<T>(&self, method: Method, start: Instant, r: &Result<T, Status>) {
+        let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.broker
+            .metrics()
+            .observe_rpc(method, code, start.elapsed());
     }
 }
 
@@ -130,7 +184,7 @@ impl std::fmt::Debug for SendResponses {
 
 impl SendResponses {
     fn respond(&self, r: pb::SendRequest) -> pb::SendResponse {
-        match self.service.send_one(r) {
+        match self.service.send_one(Method::SendStream, r) {
             Ok(sequence) => pb::SendResponse {
                 sequence,
                 error: None,
@@ -139,7 +193,7 @@ impl SendResponses {
                 sequence: 0,
                 error: Some(pb::SendError {
                     code: e.code() as i32,
-                    message: e.to_string(),
+                    message: e.message().to_string(),
                 }),
             },
         }
@@ -186,11 +240,17 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
-        let sequence = self.send_one(request.into_inner())?;
-        Ok(Response::new(pb::SendResponse {
-            sequence,
-            error: None,
-        }))
+        let start = Instant::now();
+        let r = self
+            .send_one(Method::Send, request.into_inner())
+            .map(|sequence| {
+                Response::new(pb::SendResponse {
+                    sequence,
+                    error: None,
+                })
+            });
+        self.observe(Method::Send, start, &r);
+        r
     }
 
     type SendStreamStream = SendResponses;
@@ -199,6 +259,7 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<Streaming<pb::SendRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
+        self.observe::<()>(Method::SendStream, Instant::now(), &Ok(()));
         Ok(Response::new(SendResponses {
             service: self.clone(),
             inbound: request.into_inner(),
@@ -215,26 +276,12 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::RecvRequest>,
     ) -> Result<Response<pb::RecvResponse>, Status> {
+        let start = Instant::now();
         let deadline = client_timeout(request.metadata());
         let r = request.into_inner();
-        let address = Address::parse(r.address)?;
-        let group = Group::parse(r.group)?;
-        let max = validate::max_messages(r.max_messages)?;
-        let mut wait = validate::wait(r.wait.as_ref())?;
-        if let Some(d) = deadline {
-            // Answer (empty) a little before the client gives up, rather than let it time out.
-            let margin = (d / 10).min(Duration::from_millis(100));
-            wait = wait.min(d.saturating_sub(margin));
-        }
-        let mut shutdown = self.shutdown.clone();
-        let batch = self
-            .broker
-            .recv(&address, &group, max, wait, &mut shutdown)
-            .await?;
-        Ok(Response::new(pb::RecvResponse {
-            messages: batch.messages.iter().map(|m| to_pb(m)).collect(),
-            dropped: batch.dropped,
-        }))
+        let result = self.recv_inner(r, deadline).await;
+        self.observe(Method::Recv, start, &result);
+        result
     }
 
     type SubscribeStream = SubscribeStream;
@@ -245,8 +292,9 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
-        let address = Address::parse(r.address)?;
-        let group = Group::parse(r.group)?;
+        let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
+        let address = Address::parse(r.address.as_str()).map_err(reject)?;
+        let group = Group::parse(r.group.as_str()).map_err(reject)?;
         let subscription = self
             .broker
             .subscribe(&address, &group, self.shutdown.clone());

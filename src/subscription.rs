@@ -77,8 +77,8 @@ impl Subscription {
 
     /// The next event. Waits while nothing is there.
     ///
-    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down, then
-    /// `None`.
+    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down, or
+    /// `Some(Err(BrokerError::AddressDeleted))` when an operator deletes the address, then `None`.
     pub async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
         loop {
             if self.done {
@@ -87,6 +87,10 @@ impl Subscription {
             if self.shutdown.is_cancelled() {
                 self.done = true;
                 return Some(Err(BrokerError::ShuttingDown));
+            }
+            if let Err(e) = self.address.check_deleted() {
+                self.done = true;
+                return Some(Err(e));
             }
             if let Some(m) = self.buffer.pop_front() {
                 return Some(Ok(Event::Message(m)));

@@ -41,20 +41,34 @@ impl Address {
     /// for wildcard subscriptions).
     pub fn parse(name: impl Into<String>) -> Result<Self, BrokerError> {
         let name = name.into();
+        Self::check(&name)?;
+        Ok(Self(name))
+    }
+
+    /// The checks of [`Address::parse`] without taking the name.
+    ///
+    /// # Errors
+    /// As [`Address::parse`].
+    pub fn check(name: &str) -> Result<(), BrokerError> {
         if name.is_empty() {
             return Err(BrokerError::invalid(
                 "address",
                 "must not be empty (1-255 bytes)",
             ));
         }
-        check_name("address", &name)?;
+        check_name("address", name)?;
         if let Some(c) = name.chars().find(|c| matches!(c, '*' | '>')) {
             return Err(BrokerError::invalid(
                 "address",
                 format!("{c:?} is reserved for wildcard subscriptions and may not be used"),
             ));
         }
-        Ok(Self(name))
+        Ok(())
+    }
+
+    /// Wraps a name that passed [`Address::check`].
+    pub(crate) fn checked(name: String) -> Self {
+        Self(name)
     }
 
     /// The name.

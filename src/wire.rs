@@ -36,8 +36,10 @@ use tonic::{body::Body, server::NamedService, Status};
 use crate::{
     address::Message,
     error::BrokerError,
+    metrics::Method,
     pb,
     registry::Broker,
+    service::rejected,
     shutdown::ShutdownToken,
     subscription::{Event, Subscription},
     validate::{Address, Group},
@@ -287,8 +289,9 @@ async fn subscribe(
     }
     let r = pb::SubscribeRequest::decode(msg)
         .map_err(|e| Status::invalid_argument(format!("request: not a SubscribeRequest: {e}")))?;
-    let address = Address::parse(r.address)?;
-    let group = Group::parse(r.group)?;
+    let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
+    let address = Address::parse(r.address.as_str()).map_err(reject)?;
+    let group = Group::parse(r.group.as_str()).map_err(reject)?;
     // Registered before the response (and so its headers) exists.
     let subscription = broker.subscribe(&address, &group, shutdown);
     let mut response = http::Response::new(Body::new(SubscribeBody::new(subscription)));
@@ -322,9 +325,12 @@ where
         if request.uri().path() == SUBSCRIBE_PATH {
             let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
             Box::pin(async move {
-                Ok(subscribe(broker, shutdown, request)
-                    .await
-                    .unwrap_or_else(|status| status.into_http()))
+                let start = std::time::Instant::now();
+                let metrics = std::sync::Arc::clone(broker.metrics());
+                let r = subscribe(broker, shutdown, request).await;
+                let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+                metrics.observe_rpc(Method::Subscribe, code, start.elapsed());
+                Ok(r.unwrap_or_else(Status::into_http))
             })
         } else {
             let fut = self.inner.call(request);

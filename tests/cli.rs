@@ -182,3 +182,118 @@ async fn errors_are_one_clear_line_and_non_zero() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_and_inspect() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    send(&mut c, "cli.a", b"one").await;
+    send(&mut c, "cli.b", b"two").await;
+    send(&mut c, "other", b"x").await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["addresses", "cli."]);
+    let (code, stdout, _) = run(cmd).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout,
+        "ADDRESS\tRETAINED\tBYTES\tFIRST\tLAST\tSUBSCRIBERS\tGROUPS\n\
+         cli.a\t1\t131\t1\t1\t0\t1\n\
+         cli.b\t1\t131\t1\t1\t0\t1\n"
+    );
+    let mut cmd = switchboard(&server);
+    cmd.args(["inspect", "cli.a", "--json"]);
+    let (code, stdout, _) = run(cmd).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["address"], "cli.a");
+    assert_eq!(v["consumer_groups"][0]["lag"], 1);
+    let mut cmd = switchboard(&server);
+    cmd.args(["inspect", "cli.a"]);
+    let (_, stdout, _) = run(cmd).await;
+    assert!(
+        stdout.contains("GROUP\tLAG\tDROPPED\tNEXT\n(default)\t1\t0\t1\n"),
+        "{stdout}"
+    );
+    let mut cmd = switchboard(&server);
+    cmd.args(["inspect", "missing"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("NOT_FOUND"), "{stderr}");
+    server.stop().await;
+}
+
+/// Reads JSON log lines from the broker's stderr until one has `message == want`.
+async fn log_event(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    want: &str,
+) -> serde_json::Value {
+    loop {
+        let line = step("log line", lines.next_line())
+            .await
+            .unwrap()
+            .expect("broker still logging");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == want {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_connections_and_rejections_and_no_deliveries() {
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "switchboard=info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
+    let start = log_event(&mut lines, "switchboard listening").await;
+    let addr = start["fields"]["listen"].as_str().unwrap().to_string();
+    let mut c = switchboard::pb::broker_client::BrokerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let opened = log_event(&mut lines, "connection opened").await;
+    assert!(opened["fields"]["peer"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    for _ in 0..3 {
+        c.send(switchboard::pb::SendRequest {
+            address: "logs".into(),
+            payload: b"delivered quietly".to_vec().into(),
+            headers: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+    let _ = c
+        .send(switchboard::pb::SendRequest {
+            address: "has space".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let rejected = log_event(&mut lines, "request rejected").await;
+    assert_eq!(rejected["fields"]["method"], "Send");
+    assert_eq!(rejected["fields"]["address"], "has space");
+    assert_eq!(rejected["fields"]["code"], "INVALID_ARGUMENT");
+    drop(c);
+    log_event(&mut lines, "connection closed").await;
+    // SIGTERM our own child by its PID, then check nothing was logged per message.
+    let pid = broker.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    while let Some(line) = step("drain", lines.next_line()).await.unwrap() {
+        rest.push(line);
+    }
+    assert!(step("exit", broker.wait()).await.unwrap().success());
+    assert!(rest.iter().all(|l| !l.contains("delivered quietly")));
+    assert!(rest.iter().any(|l| l.contains("switchboard stopped")));
+}

@@ -10,8 +10,8 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use switchboard::{
     config::{Limits, ServerConfig},
     pb::{
-        broker_client::BrokerClient, subscribe_response::Event, RecvRequest, RecvResponse,
-        SendRequest, SubscribeRequest, SubscribeResponse,
+        admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event,
+        RecvRequest, RecvResponse, SendRequest, SubscribeRequest, SubscribeResponse,
     },
     registry::Broker,
     server::{self, ServerError},
@@ -25,6 +25,8 @@ pub const STEP: Duration = Duration::from_secs(20);
 /// A broker serving on a free loopback port, in this process (so tests can read its counters).
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
     pub broker: Broker,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), ServerError>>,
@@ -50,17 +52,65 @@ impl TestServer {
         let (listener, addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("bind 127.0.0.1:0");
+        let (metrics, metrics_addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind metrics on 127.0.0.1:0");
         let broker = Broker::new(limits.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, broker.clone(), config, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(server::run_with_metrics(
+            listener,
+            Some(metrics),
+            broker.clone(),
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             addr,
+            metrics_addr,
             broker,
             stop,
             task,
         }
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect admin client")
+    }
+
+    /// Scrapes `/metrics` (plain HTTP/1.0 over a TCP stream) into `name{labels}` → value.
+    pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .expect("metrics");
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        step("scrape", conn.read_to_string(&mut text))
+            .await
+            .unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("application/openmetrics-text"),
+            "{head}"
+        );
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
     }
 
     pub async fn client(&self) -> BrokerClient<Channel> {

@@ -1,0 +1,155 @@
+//! `switchboard.v1.Admin`: introspection RPCs over the [`Broker`] (list, inspect, delete).
+//! Like NATS's `/varz` and `/connz` or Redis's `PUBSUB NUMSUB`, but typed and paged.
+
+use std::time::Instant;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    address::{AddressInfo, GroupInfo},
+    error::BrokerError,
+    metrics::Method,
+    pb,
+    registry::Broker,
+    validate::{self, Address},
+};
+
+/// Most addresses one ListAddresses page returns.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Page size when the request leaves it 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+/// The Admin service over a [`Broker`].
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Broker,
+}
+
+impl AdminService {
+    /// Serves introspection of `broker`.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+
+    fn observe<T>(&self, method: Method, start: Instant, r: &Result<T, Status>) {
+        let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.broker
+            .metrics()
+            .observe_rpc(method, code, start.elapsed());
+    }
+}
+
+fn to_pb_info(i: AddressInfo) -> pb::AddressInfo {
+    pb::AddressInfo {
+        address: i.address,
+        retained_messages: i.retained_messages as u64,
+        retained_bytes: i.retained_bytes as u64,
+        first_sequence: i.first_sequence,
+        last_sequence: i.last_sequence,
+        subscribers: u32::try_from(i.subscribers).unwrap_or(u32::MAX),
+        groups: u32::try_from(i.groups).unwrap_or(u32::MAX),
+    }
+}
+
+fn to_pb_group(g: GroupInfo) -> pb::GroupInfo {
+    pb::GroupInfo {
+        group: g.group,
+        lag: g.lag,
+        dropped: g.dropped,
+        next_sequence: g.next_sequence,
+    }
+}
+
+fn decode_token(token: &str) -> Result<String, BrokerError> {
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            BrokerError::invalid("page_token", "not a token from a previous ListAddresses")
+        })
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_addresses(
+        &self,
+        request: Request<pb::ListAddressesRequest>,
+    ) -> Result<Response<pb::ListAddressesResponse>, Status> {
+        let start = Instant::now();
+        let r = (|| {
+            let req = request.into_inner();
+            if req.page_size > MAX_PAGE_SIZE {
+                return Err(BrokerError::invalid(
+                    "page_size",
+                    format!(
+                        "{} is more than the limit of {MAX_PAGE_SIZE}",
+                        req.page_size
+                    ),
+                )
+                .into());
+            }
+            if req.prefix.len() > validate::MAX_NAME_BYTES {
+                return Err(BrokerError::invalid("prefix", "longer than 255 bytes").into());
+            }
+            let size = if req.page_size == 0 {
+                DEFAULT_PAGE_SIZE
+            } else {
+                req.page_size
+            };
+            let after = decode_token(&req.page_token)?;
+            let limit = usize::try_from(size).unwrap_or(1000);
+            let (infos, next) = self.broker.list_addresses(&req.prefix, &after, limit);
+            Ok(Response::new(pb::ListAddressesResponse {
+                addresses: infos.into_iter().map(to_pb_info).collect(),
+                next_page_token: next.map(|n| URL_SAFE_NO_PAD.encode(n)).unwrap_or_default(),
+            }))
+        })();
+        self.observe(Method::ListAddresses, start, &r);
+        r
+    }
+
+    async fn get_address(
+        &self,
+        request: Request<pb::GetAddressRequest>,
+    ) -> Result<Response<pb::GetAddressResponse>, Status> {
+        let start = Instant::now();
+        let r = (|| {
+            let address = Address::parse(request.into_inner().address)?;
+            let (info, groups) = self
+                .broker
+                .address_info(address.as_str(), true)
+                .ok_or_else(|| BrokerError::NoSuchAddress(address.to_string()))?;
+            Ok(Response::new(pb::GetAddressResponse {
+                address: Some(to_pb_info(info)),
+                groups: groups.into_iter().map(to_pb_group).collect(),
+            }))
+        })();
+        self.observe(Method::GetAddress, start, &r);
+        r
+    }
+
+    async fn delete_address(
+        &self,
+        request: Request<pb::DeleteAddressRequest>,
+    ) -> Result<Response<pb::DeleteAddressResponse>, Status> {
+        let start = Instant::now();
+        let r = (|| {
+            let address = Address::parse(request.into_inner().address)?;
+            let purged = self
+                .broker
+                .delete_address(address.as_str())
+                .ok_or_else(|| BrokerError::NoSuchAddress(address.to_string()))?;
+            tracing::info!(address = %address, purged, "address deleted");
+            Ok(Response::new(pb::DeleteAddressResponse {
+                purged_messages: purged as u64,
+            }))
+        })();
+        self.observe(Method::DeleteAddress, start, &r);
+        r
+    }
+}

@@ -1,0 +1,213 @@
+//! Prometheus metrics (prometheus-client), one registry per [`Broker`](crate::Broker), served in
+//! the OpenMetrics text format on `--metrics-listen` at `/metrics`.
+//!
+//! No metric has a per-address label: addresses are unbounded, so their figures live in the
+//! `switchboard.v1.Admin` RPCs instead.
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `switchboard_messages_sent_total` | counter | messages accepted by Send / SendStream |
+//! | `switchboard_messages_delivered_total` | counter | messages handed to a subscriber or a Recv caller |
+//! | `switchboard_messages_dropped_total` | counter | messages reported lost to consumers (`dropped`, `Dropped`) |
+//! | `switchboard_messages_evicted_total` | counter | messages removed by a retention bound |
+//! | `switchboard_addresses` | gauge | addresses in the registry |
+//! | `switchboard_subscribers` | gauge | open Subscribe streams |
+//! | `switchboard_groups` | gauge | consumer groups, default groups included |
+//! | `switchboard_retained_messages` / `_bytes` | gauge | what the retention windows hold |
+//! | `switchboard_rpcs_total{method,code}` | counter | RPCs answered, by gRPC status code (streams: at open) |
+//! | `switchboard_rpc_duration_seconds{method}` | histogram | time to answer (streams: to open) |
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+/// The RPC a figure is about.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(missing_docs, reason = "the variants are the RPC names")]
+pub enum Method {
+    Send,
+    SendStream,
+    Recv,
+    Subscribe,
+    ListAddresses,
+    GetAddress,
+    DeleteAddress,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: Method,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: Method,
+}
+
+/// The broker's metrics. Counters are cheap atomics, updated on the request paths.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) sent: Counter,
+    pub(crate) delivered: Counter,
+    pub(crate) dropped: Counter,
+    pub(crate) evicted: Counter,
+    pub(crate) subscribers: Gauge,
+    pub(crate) groups: Gauge,
+    addresses: Gauge,
+    retained_messages: Gauge,
+    retained_bytes: Gauge,
+    rpcs: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<MethodLabels, Histogram>,
+}
+
+/// The canonical upper-case name of a gRPC status code (`INVALID_ARGUMENT`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchboard");
+        let m = Self {
+            sent: Counter::default(),
+            delivered: Counter::default(),
+            dropped: Counter::default(),
+            evicted: Counter::default(),
+            subscribers: Gauge::default(),
+            groups: Gauge::default(),
+            addresses: Gauge::default(),
+            retained_messages: Gauge::default(),
+            retained_bytes: Gauge::default(),
+            rpcs: Family::default(),
+            rpc_seconds: Family::new_with_constructor(|| {
+                // 50 µs to ~100 s.
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+            }),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages_sent",
+            "Messages accepted by Send and SendStream",
+            m.sent.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Messages handed to a subscriber or a Recv caller",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "messages_dropped",
+            "Messages reported lost to consumers that fell behind retention",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "messages_evicted",
+            "Messages removed by a retention bound (count, bytes, or broker-wide bytes)",
+            m.evicted.clone(),
+        );
+        registry.register(
+            "addresses",
+            "Addresses in the registry",
+            m.addresses.clone(),
+        );
+        registry.register(
+            "subscribers",
+            "Open Subscribe streams",
+            m.subscribers.clone(),
+        );
+        registry.register(
+            "groups",
+            "Consumer groups, default groups included",
+            m.groups.clone(),
+        );
+        registry.register(
+            "retained_messages",
+            "Messages held by retention windows",
+            m.retained_messages.clone(),
+        );
+        registry.register(
+            "retained_bytes",
+            "Bytes held by retention windows (payload + headers + 128 per message)",
+            m.retained_bytes.clone(),
+        );
+        registry.register(
+            "rpcs",
+            "RPCs answered, by method and gRPC status code",
+            m.rpcs.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer an RPC (streams: until the stream opened)",
+            m.rpc_seconds.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Records one answered RPC.
+    pub fn observe_rpc(&self, method: Method, code: tonic::Code, elapsed: Duration) {
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        self.rpc_seconds
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The OpenMetrics text of every metric, with the gauges set from `broker` first.
+    pub fn render(&self, broker: &crate::Broker) -> String {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.addresses.set(gauge(broker.address_count()));
+        self.retained_bytes
+            .set(gauge(broker.total_retained_bytes()));
+        self.retained_messages
+            .set(gauge(broker.total_retained_messages()));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// The OpenMetrics content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
