@@ -193,6 +193,44 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_IDLE_ADDRESS_MS", default_value_t = 10_000)]
     pub idle_address_ms: u64,
 
+    /// Most addresses the broker holds; a request that would create one more gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SWITCHBOARD_MAX_ADDRESSES", default_value_t = 1_000_000)]
+    pub max_addresses: usize,
+
+    /// Most Subscribe streams one address may have open.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_SUBSCRIBERS_PER_ADDRESS",
+        default_value_t = 10_000
+    )]
+    pub max_subscribers_per_address: usize,
+
+    /// Most long-lived streams (Subscribe, SendStream) one client connection may hold open.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1_000
+    )]
+    pub max_streams_per_connection: usize,
+
+    /// Milliseconds between HTTP/2 keepalive pings on a connection.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_KEEPALIVE_INTERVAL_MS",
+        default_value_t = 20_000
+    )]
+    pub keepalive_interval_ms: u64,
+
+    /// Milliseconds a keepalive ping may go unanswered before the connection is closed and its
+    /// subscribers freed (detects vanished peers and half-open TCP).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_KEEPALIVE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub keepalive_timeout_ms: u64,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -218,11 +256,16 @@ impl ServeArgs {
             retention_bytes: self.retention_bytes,
             max_retained_bytes: self.max_retained_bytes,
             idle_address: Duration::from_millis(self.idle_address_ms),
+            max_addresses: self.max_addresses,
+            max_subscribers_per_address: self.max_subscribers_per_address,
         };
         limits.validate()?;
         Ok(ServerConfig {
             limits,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            max_streams_per_connection: self.max_streams_per_connection,
+            keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
         })
     }
 }

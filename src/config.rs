@@ -30,6 +30,10 @@ pub struct Limits {
     /// How long an address with nothing retained, no subscriber and no waiting Recv stays before
     /// it is reclaimed. Default 10 s.
     pub idle_address: Duration,
+    /// Most addresses the broker holds; creating one more is refused. Default 1,000,000.
+    pub max_addresses: usize,
+    /// Most Subscribe streams one address may have open. Default 10,000.
+    pub max_subscribers_per_address: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +44,8 @@ impl Default for Limits {
             retention_bytes: 64 * MIB,
             max_retained_bytes: 1024 * MIB,
             idle_address: Duration::from_secs(10),
+            max_addresses: 1_000_000,
+            max_subscribers_per_address: 10_000,
         }
     }
 }
@@ -82,6 +88,12 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long shutdown waits for open calls to finish before the server stops anyway.
     pub shutdown_grace: Duration,
+    /// Most long-lived streams (Subscribe, SendStream) one client connection may hold open.
+    pub max_streams_per_connection: usize,
+    /// How often an idle HTTP/2 connection is pinged.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection (and its subscribers) is dropped.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +101,9 @@ impl Default for ServerConfig {
         Self {
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(5),
+            max_streams_per_connection: 1_000,
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -30,6 +30,16 @@ pub enum BrokerError {
     /// The address does not exist (Admin RPCs). Maps to `NOT_FOUND`.
     #[error("address: no such address {0:?}")]
     NoSuchAddress(String),
+    /// A configured limit is reached. Maps to `RESOURCE_EXHAUSTED`.
+    #[error("{what}: the limit of {limit} is reached ({flag})")]
+    LimitReached {
+        /// What is counted.
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+        /// The flag that sets it.
+        flag: &'static str,
+    },
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
@@ -48,7 +58,7 @@ impl BrokerError {
     pub fn code(&self) -> tonic::Code {
         match self {
             Self::Invalid { .. } => tonic::Code::InvalidArgument,
-            Self::TooLarge { .. } => tonic::Code::ResourceExhausted,
+            Self::TooLarge { .. } | Self::LimitReached { .. } => tonic::Code::ResourceExhausted,
             Self::AddressDeleted | Self::NoSuchAddress(_) => tonic::Code::NotFound,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }

@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`pb`]: generated protobuf and tonic code for `proto/switchboard/v1/broker.proto`.
 //! - [`cli`]: clap flags; [`client`]: the `send` / `recv` / `subscribe` commands; [`config`]: validated [`config::Limits`] and [`config::ServerConfig`].
+//! - [`connection`]: per-connection limit on long-lived streams.
 //! - [`error`]: [`error::BrokerError`] and its one mapping to `tonic::Status`.
 //! - [`validate`]: pure request checks; builds [`validate::Address`] and [`validate::Group`].
 //! - [`registry`]: the [`registry::Broker`] handle: a sharded map of addresses, Send / Recv /
@@ -44,6 +45,7 @@ mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod health;
 pub mod metrics;

@@ -12,12 +12,15 @@
 
 use std::{
     hash::{BuildHasher, RandomState},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
-use dashmap::DashMap;
+use dashmap::{mapref::entry::Entry, DashMap};
 use tokio::time::Instant;
 
 use crate::{
@@ -43,6 +46,8 @@ struct Inner {
     limits: Limits,
     budget: Arc<Budget>,
     metrics: Arc<Metrics>,
+    /// Addresses in the map; changed under the map's shard locks, so `--max-addresses` is exact.
+    address_count: AtomicUsize,
     hasher: RandomState,
 }
 
@@ -57,6 +62,7 @@ impl Broker {
                 limits,
                 budget,
                 metrics: Arc::new(Metrics::new()),
+                address_count: AtomicUsize::new(0),
                 hasher: RandomState::new(),
             }),
         }
@@ -72,25 +78,39 @@ impl Broker {
         &self.inner.limits
     }
 
-    fn get_or_create(&self, name: &Address) -> Arc<AddressShared> {
+    /// The address, created if needed.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when creating it would exceed `--max-addresses`.
+    fn get_or_create(&self, name: &Address) -> Result<Arc<AddressShared>, BrokerError> {
         if let Some(a) = self.inner.addresses.get(name.as_str()) {
-            return Arc::clone(a.value());
+            return Ok(Arc::clone(a.value()));
         }
-        let entry = self
-            .inner
-            .addresses
-            .entry(Box::from(name.as_str()))
-            .or_insert_with(|| {
+        match self.inner.addresses.entry(Box::from(name.as_str())) {
+            Entry::Occupied(e) => Ok(Arc::clone(e.get())),
+            Entry::Vacant(e) => {
+                // Counted under the shard's write lock, so the bound is exact.
+                let max = self.inner.limits.max_addresses;
+                if self.inner.address_count.fetch_add(1, Ordering::AcqRel) >= max {
+                    self.inner.address_count.fetch_sub(1, Ordering::AcqRel);
+                    return Err(BrokerError::LimitReached {
+                        what: "addresses",
+                        limit: max,
+                        flag: "--max-addresses",
+                    });
+                }
                 let queue = usize::try_from(self.inner.hasher.hash_one(name.as_str())).unwrap_or(0)
                     % AGE_QUEUES;
-                Arc::new(AddressShared::new(
+                let address = Arc::new(AddressShared::new(
                     Arc::from(name.as_str()),
                     Arc::clone(&self.inner.budget),
                     queue,
                     Arc::clone(&self.inner.metrics),
-                ))
-            });
-        Arc::clone(entry.value())
+                ));
+                e.insert(Arc::clone(&address));
+                Ok(address)
+            }
+        }
     }
 
     /// Runs `f` under the lock of a live (not reclaimed) address, creating it if needed.
@@ -98,16 +118,16 @@ impl Broker {
         &self,
         name: &Address,
         f: impl FnOnce(&Arc<AddressShared>, &mut State) -> R,
-    ) -> (Arc<AddressShared>, R) {
+    ) -> Result<(Arc<AddressShared>, R), BrokerError> {
         loop {
-            let address = self.get_or_create(name);
+            let address = self.get_or_create(name)?;
             let mut st = address.state.lock();
             if st.is_closed() {
                 continue;
             }
             let r = f(&address, &mut st);
             drop(st);
-            return (address, r);
+            return Ok((address, r));
         }
     }
 
@@ -117,7 +137,8 @@ impl Broker {
     /// `RESOURCE_EXHAUSTED` ([`BrokerError::TooLarge`]) when the payload is above
     /// `--max-message-bytes`, the headers above 16 KiB, or the message alone (payload + headers +
     /// 128 bytes overhead) above `--retention-bytes` or `--max-retained-bytes`;
-    /// `INVALID_ARGUMENT` for more than 64 headers or an empty header key. Nothing is stored then.
+    /// `INVALID_ARGUMENT` for more than 64 headers or an empty header key; `RESOURCE_EXHAUSTED`
+    /// when the address does not exist and `--max-addresses` is reached. Nothing is stored then.
     pub fn send(
         &self,
         address: &Address,
@@ -150,7 +171,7 @@ impl Broker {
                 limits.retention_bytes,
             )
             .sequence
-        });
+        })?;
         address.notify.notify_waiters();
         self.inner.budget.record(&address, sequence);
         Ok(sequence)
@@ -164,7 +185,8 @@ impl Broker {
     /// creation; a named group starts at the messages sent after its first use.
     ///
     /// # Errors
-    /// None today; the `Result` leaves room for backends that can fail.
+    /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached;
+    /// `NOT_FOUND` when an operator deletes the address during the wait.
     pub async fn recv(
         &self,
         address: &Address,
@@ -180,7 +202,7 @@ impl Broker {
                 AddressShared::add_waiter(st);
             }
             batch
-        });
+        })?;
         if !batch.is_empty() || wait.is_zero() {
             return Ok(batch);
         }
@@ -207,19 +229,40 @@ impl Broker {
     ///
     /// With the default group (`""`) the subscriber is fan-out: it gets every message. With a
     /// named group it competes with the group's other members (Recv callers and streams).
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when the address already has `--max-subscribers-per-address`
+    /// subscribers, or does not exist and `--max-addresses` is reached.
     pub fn subscribe(
         &self,
         address: &Address,
         group: &Group,
         shutdown: ShutdownToken,
-    ) -> Subscription {
+    ) -> Result<Subscription, BrokerError> {
+        let max = self.inner.limits.max_subscribers_per_address;
+        let full = || BrokerError::LimitReached {
+            what: "subscribers on this address",
+            limit: max,
+            flag: "--max-subscribers-per-address",
+        };
         if group.is_default() {
-            let (address, cursor) = self.with_address(address, |a, st| a.subscribe_fanout(st));
-            Subscription::fanout(address, cursor, shutdown)
+            let (address, cursor) = self.with_address(address, |a, st| {
+                if st.subscribers() >= max {
+                    return Err(full());
+                }
+                Ok(a.subscribe_fanout(st))
+            })?;
+            Ok(Subscription::fanout(address, cursor?, shutdown))
         } else {
-            let (address, ()) =
-                self.with_address(address, |a, st| a.subscribe_group(st, group.as_str()));
-            Subscription::group(address, group.clone(), shutdown)
+            let (address, registered) = self.with_address(address, |a, st| {
+                if st.subscribers() >= max {
+                    return Err(full());
+                }
+                a.subscribe_group(st, group.as_str());
+                Ok(())
+            })?;
+            registered?;
+            Ok(Subscription::group(address, group.clone(), shutdown))
         }
     }
 
@@ -316,6 +359,7 @@ impl Broker {
     /// were purged, or `None` if the address did not exist. A later Send creates it afresh.
     pub fn delete_address(&self, address: &str) -> Option<usize> {
         let (_, a) = self.inner.addresses.remove(address)?;
+        self.inner.address_count.fetch_sub(1, Ordering::AcqRel);
         Some(a.delete())
     }
 
@@ -342,10 +386,15 @@ impl Broker {
         candidates
             .iter()
             .filter(|name| {
-                self.inner
+                let removed = self
+                    .inner
                     .addresses
                     .remove_if(name.as_ref(), |_, a| a.close_if_idle(idle))
-                    .is_some()
+                    .is_some();
+                if removed {
+                    self.inner.address_count.fetch_sub(1, Ordering::AcqRel);
+                }
+                removed
             })
             .count()
     }

@@ -1,7 +1,7 @@
 //! Binding and running the gRPC server. `bind` is split from `run` so tests and `main` share one
 //! path: tests bind `127.0.0.1:0`, read the port, then run.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
 use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
@@ -10,6 +10,7 @@ use tonic::transport::Server;
 use crate::{
     admin::AdminService,
     config::ServerConfig,
+    connection::StreamLimiter,
     health,
     metrics::CONTENT_TYPE,
     pb::{admin_server::AdminServer, broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
@@ -101,17 +102,28 @@ pub async fn run_with_metrics(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-    let service = BrokerServer::new(BrokerService::new(broker.clone(), shutdown.token()))
-        .max_decoding_message_size(config.decode_limit())
-        .max_encoding_message_size(config.decode_limit());
+    let streams = StreamLimiter::new(config.max_streams_per_connection);
+    let service = BrokerServer::new(BrokerService::new(
+        broker.clone(),
+        shutdown.token(),
+        streams.clone(),
+    ))
+    .max_decoding_message_size(config.decode_limit())
+    .max_encoding_message_size(config.decode_limit());
     let admin = AdminServer::new(AdminService::new(broker.clone()));
-    let service = SubscribeRoute::new(service, broker, shutdown.token());
+    let service = SubscribeRoute::new(service, broker, shutdown.token(), streams);
 
     let incoming = TcpListenerStream::new(listener).map(|conn| conn.map(LoggedConn::new));
 
     let serve = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        // Above our own per-connection stream limit, which answers with a clear status first;
+        // the headroom is for unary calls.
+        .max_concurrent_streams(
+            u32::try_from(config.max_streams_per_connection.saturating_add(256))
+                .unwrap_or(u32::MAX),
+        )
         .add_service(service)
         .add_service(admin)
         .add_service(health_service)

@@ -13,6 +13,7 @@ use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
 use crate::{
     address::Message,
+    connection::{StreamLimiter, StreamPermit},
     error::BrokerError,
     metrics::{code_name, Method},
     pb,
@@ -27,6 +28,7 @@ use crate::{
 pub struct BrokerService {
     broker: Broker,
     shutdown: ShutdownToken,
+    streams: StreamLimiter,
 }
 
 impl BrokerService {
@@ -57,8 +59,12 @@ impl BrokerService {
     }
 
     /// Serves `broker`; open streams and long-polls end when `shutdown` fires.
-    pub fn new(broker: Broker, shutdown: ShutdownToken) -> Self {
-        Self { broker, shutdown }
+    pub fn new(broker: Broker, shutdown: ShutdownToken, streams: StreamLimiter) -> Self {
+        Self {
+            broker,
+            shutdown,
+            streams,
+        }
     }
 }
 
@@ -174,6 +180,7 @@ pub struct SendResponses {
     inbound: Streaming<pb::SendRequest>,
     cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
     done: bool,
+    _permit: Option<StreamPermit>,
 }
 
 impl std::fmt::Debug for SendResponses {
@@ -259,8 +266,17 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<Streaming<pb::SendRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let permit = match self.streams.acquire(request.remote_addr()) {
+            Ok(p) => p,
+            Err(e) => {
+                let status = rejected(Method::SendStream, "", e);
+                self.observe::<()>(Method::SendStream, Instant::now(), &Err(status.clone()));
+                return Err(status);
+            }
+        };
         self.observe::<()>(Method::SendStream, Instant::now(), &Ok(()));
         Ok(Response::new(SendResponses {
+            _permit: permit,
             service: self.clone(),
             inbound: request.into_inner(),
             cancelled: Box::pin({
@@ -297,7 +313,8 @@ impl pb::broker_server::Broker for BrokerService {
         let group = Group::parse(r.group.as_str()).map_err(reject)?;
         let subscription = self
             .broker
-            .subscribe(&address, &group, self.shutdown.clone());
+            .subscribe(&address, &group, self.shutdown.clone())
+            .map_err(reject)?;
         Ok(Response::new(SubscribeStream::new(subscription)))
     }
 }

@@ -31,10 +31,11 @@ use prost::{
     },
     Message as _,
 };
-use tonic::{body::Body, server::NamedService, Status};
+use tonic::{body::Body, server::NamedService, transport::server::TcpConnectInfo, Status};
 
 use crate::{
     address::Message,
+    connection::{StreamLimiter, StreamPermit},
     error::BrokerError,
     metrics::Method,
     pb,
@@ -138,6 +139,7 @@ fn encode_response(r: &pb::SubscribeResponse) -> Bytes {
 /// trailers (`grpc-status` 0, or the status that ended it). Dropping it (the client went away)
 /// drops the subscription, which unregisters the subscriber.
 struct SubscribeBody {
+    _permit: Option<StreamPermit>,
     events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>>,
     queued: VecDeque<Bytes>,
     trailers: Option<Status>,
@@ -145,11 +147,12 @@ struct SubscribeBody {
 }
 
 impl SubscribeBody {
-    fn new(subscription: Subscription) -> Self {
+    fn new(subscription: Subscription, permit: Option<StreamPermit>) -> Self {
         let events = futures_util::stream::unfold(subscription, |mut s| async move {
             s.next().await.map(|e| (e, s))
         });
         Self {
+            _permit: permit,
             events: Box::pin(events),
             queued: VecDeque::new(),
             trailers: None,
@@ -239,15 +242,17 @@ pub struct SubscribeRoute<S> {
     inner: S,
     broker: Broker,
     shutdown: ShutdownToken,
+    streams: StreamLimiter,
 }
 
 impl<S> SubscribeRoute<S> {
     /// Serves Subscribe from `broker` (streams end at `shutdown`), the rest from `inner`.
-    pub fn new(inner: S, broker: Broker, shutdown: ShutdownToken) -> Self {
+    pub fn new(inner: S, broker: Broker, shutdown: ShutdownToken, streams: StreamLimiter) -> Self {
         Self {
             inner,
             broker,
             shutdown,
+            streams,
         }
     }
 }
@@ -259,8 +264,13 @@ impl<S: NamedService> NamedService for SubscribeRoute<S> {
 async fn subscribe(
     broker: Broker,
     shutdown: ShutdownToken,
+    streams: StreamLimiter,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, Status> {
+    let peer = request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr);
     let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
@@ -292,9 +302,12 @@ async fn subscribe(
     let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
     let address = Address::parse(r.address.as_str()).map_err(reject)?;
     let group = Group::parse(r.group.as_str()).map_err(reject)?;
+    let permit = streams.acquire(peer).map_err(reject)?;
     // Registered before the response (and so its headers) exists.
-    let subscription = broker.subscribe(&address, &group, shutdown);
-    let mut response = http::Response::new(Body::new(SubscribeBody::new(subscription)));
+    let subscription = broker
+        .subscribe(&address, &group, shutdown)
+        .map_err(reject)?;
+    let mut response = http::Response::new(Body::new(SubscribeBody::new(subscription, permit)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -324,10 +337,11 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if request.uri().path() == SUBSCRIBE_PATH {
             let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
+            let streams = self.streams.clone();
             Box::pin(async move {
                 let start = std::time::Instant::now();
                 let metrics = std::sync::Arc::clone(broker.metrics());
-                let r = subscribe(broker, shutdown, request).await;
+                let r = subscribe(broker, shutdown, streams, request).await;
                 let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
                 metrics.observe_rpc(Method::Subscribe, code, start.elapsed());
                 Ok(r.unwrap_or_else(Status::into_http))

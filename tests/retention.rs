@@ -104,6 +104,7 @@ proptest! {
             retention_bytes: 3_000,
             max_retained_bytes: 6_000,
             idle_address: Duration::from_secs(3600),
+            ..Limits::default()
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let broker = Broker::new(limits.clone());

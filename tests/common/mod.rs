@@ -41,7 +41,7 @@ impl TestServer {
     pub async fn with_limits(limits: Limits) -> Self {
         Self::with_config(ServerConfig {
             limits,
-            shutdown_grace: Duration::from_secs(5),
+            ..ServerConfig::default()
         })
         .await
     }
