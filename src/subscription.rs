@@ -1,6 +1,10 @@
 //! [`Subscription`]: one registered subscriber, fan-out or group member, read as a sequence of
 //! [`Event`]s. Dropping it unregisters the subscriber.
 //!
+//! At shutdown a fan-out subscriber is first handed every message already retained for it, then
+//! its stream ends with `UNAVAILABLE`; a group member ends at once (the group's messages stay in
+//! the window).
+//!
 //! Slow-consumer policy: a subscriber never slows Send or other subscribers. It reads from the
 //! address's retention window at its own pace; if the window moves past it, the messages it
 //! missed are reported as one [`Event::Dropped`] with the exact count, then delivery resumes at
@@ -85,6 +89,26 @@ impl Subscription {
                 return None;
             }
             if self.shutdown.is_cancelled() {
+                // A fan-out subscriber first gets what is already retained for it, so no
+                // acknowledged message is silently skipped; then the stream ends.
+                if let Kind::Fanout { cursor } = &mut self.kind {
+                    if self.buffer.is_empty() {
+                        let mut st = self.address.state.lock();
+                        let dropped = self.address.read_fanout(
+                            &mut st,
+                            cursor,
+                            FANOUT_BATCH,
+                            &mut self.buffer,
+                        );
+                        drop(st);
+                        if dropped > 0 {
+                            return Some(Ok(Event::Dropped(dropped)));
+                        }
+                    }
+                    if let Some(m) = self.buffer.pop_front() {
+                        return Some(Ok(Event::Message(m)));
+                    }
+                }
                 self.done = true;
                 return Some(Err(BrokerError::ShuttingDown));
             }
