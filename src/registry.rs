@@ -13,7 +13,7 @@
 use std::{
     hash::{BuildHasher, RandomState},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -48,6 +48,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Addresses in the map; changed under the map's shard locks, so `--max-addresses` is exact.
     address_count: AtomicUsize,
+    /// Set when shutdown begins: Sends are refused from then on.
+    closing: AtomicBool,
     hasher: RandomState,
 }
 
@@ -63,9 +65,16 @@ impl Broker {
                 budget,
                 metrics: Arc::new(Metrics::new()),
                 address_count: AtomicUsize::new(0),
+                closing: AtomicBool::new(false),
                 hasher: RandomState::new(),
             }),
         }
+    }
+
+    /// Begins shutdown: every Send from now on is refused with `UNAVAILABLE`. Call it before
+    /// triggering the shutdown token, so that draining subscribers miss nothing acknowledged.
+    pub fn begin_shutdown(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
     }
 
     /// The broker's metrics.
@@ -138,7 +147,8 @@ impl Broker {
     /// `--max-message-bytes`, the headers above 16 KiB, or the message alone (payload + headers +
     /// 128 bytes overhead) above `--retention-bytes` or `--max-retained-bytes`;
     /// `INVALID_ARGUMENT` for more than 64 headers or an empty header key; `RESOURCE_EXHAUSTED`
-    /// when the address does not exist and `--max-addresses` is reached. Nothing is stored then.
+    /// when the address does not exist and `--max-addresses` is reached; `UNAVAILABLE` once
+    /// shutdown has begun. Nothing is stored then.
     pub fn send(
         &self,
         address: &Address,
@@ -162,7 +172,12 @@ impl Broker {
             }
         }
         let (address, sequence) = self.with_address(address, |a, st| {
-            a.append(
+            // Checked under the address lock: a subscriber that drains after shutdown began
+            // (under the same lock) sees every message accepted before it.
+            if self.inner.closing.load(Ordering::SeqCst) {
+                return Err(BrokerError::ShuttingDown);
+            }
+            Ok(a.append(
                 st,
                 payload,
                 headers,
@@ -170,8 +185,9 @@ impl Broker {
                 limits.retention_messages,
                 limits.retention_bytes,
             )
-            .sequence
+            .sequence)
         })?;
+        let sequence = sequence?;
         address.notify.notify_waiters();
         self.inner.budget.record(&address, sequence);
         Ok(sequence)

@@ -111,6 +111,7 @@ pub async fn run_with_metrics(
     .max_decoding_message_size(config.decode_limit())
     .max_encoding_message_size(config.decode_limit());
     let admin = AdminServer::new(AdminService::new(broker.clone()));
+    let closing = broker.clone();
     let service = SubscribeRoute::new(service, broker, shutdown.token(), streams);
 
     let incoming = TcpListenerStream::new(listener).map(|conn| conn.map(LoggedConn::new));
@@ -133,6 +134,7 @@ pub async fn run_with_metrics(
             signal.await;
             // Health first, so watchers see NOT_SERVING before their streams end.
             health::set_not_serving(&health_reporter).await;
+            closing.begin_shutdown();
             shutdown.trigger();
             tracing::info!("shutting down: streams ended, waiting for calls in flight");
         });
