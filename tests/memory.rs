@@ -1,0 +1,180 @@
+//! The broker-wide retention bound keeps a flooded broker's memory bounded; the oldest messages
+//! go first and every group behind is told exactly how many it lost; other clients are served
+//! meanwhile. Runs the real binary so its RSS can be read.
+
+mod common;
+
+use std::{process::Stdio, time::Instant};
+
+use common::step;
+use switchboard::pb::{broker_client::BrokerClient, RecvRequest, SendRequest};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+const MIB: u64 = 1024 * 1024;
+const BOUND: u64 = 64 * MIB;
+/// The documented allowance above the bound (README, "Limits and guarantees").
+const OVERHEAD: u64 = 64 * MIB;
+
+fn vm(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_of_large_messages_stays_under_the_bound() {
+    const ADDRESSES: usize = 400; // 400 MiB sent through a 64 MiB bound
+    let mut broker = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-retained-bytes",
+            &BOUND.to_string(),
+            "--retention-bytes",
+            &(8 * MIB).to_string(),
+        ])
+        .env("RUST_LOG", "switchboard=warn,switchboard=info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = broker.id().unwrap();
+    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = step("start line", lines.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = format!("http://{addr}");
+    let mut c = BrokerClient::connect(url.clone()).await.unwrap();
+    let name = |i: usize| format!("mem.{i:05}");
+    // A named group on every address, created before the flood.
+    for i in 0..ADDRESSES {
+        c.recv(RecvRequest {
+            address: name(i),
+            group: "audit".into(),
+            max_messages: 1,
+            wait: None,
+        })
+        .await
+        .unwrap();
+    }
+    let payload = bytes::Bytes::from(vec![0x5a; MIB as usize]);
+    let flood = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let requests = tokio_stream::iter((0..ADDRESSES).map(move |i| SendRequest {
+                address: name(i),
+                payload: payload.clone(),
+                headers: Default::default(),
+            }));
+            let mut c = c;
+            let mut responses = c.send_stream(requests).await.unwrap().into_inner();
+            let mut acked = 0;
+            while let Some(r) = responses.message().await.unwrap() {
+                assert!(r.error.is_none(), "{:?}", r.error);
+                acked += 1;
+            }
+            acked
+        })
+    };
+    // Other clients are answered while the flood goes on.
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut other = BrokerClient::connect(url).await.unwrap();
+    let mut probes = 0;
+    while !flood.is_finished() && probes < 50 {
+        let t = Instant::now();
+        let h = step(
+            "health during flood",
+            health.check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.into_inner().status, 1, "SERVING");
+        step(
+            "send during flood",
+            other.send(SendRequest {
+                address: "mem.other".into(),
+                payload: b"small".to_vec().into(),
+                headers: Default::default(),
+            }),
+        )
+        .await
+        .unwrap();
+        probes += 1;
+        eprintln!(
+            "probe {probes}: health + send answered in {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(step("flood", flood).await.unwrap(), ADDRESSES);
+
+    let peak = vm(pid, "VmHWM:");
+    eprintln!(
+        "peak RSS {} MiB for a {} MiB bound",
+        peak / MIB,
+        BOUND / MIB
+    );
+    assert!(
+        peak < BOUND + OVERHEAD,
+        "peak RSS {peak} over bound + overhead"
+    );
+
+    // Every group is told exactly what it lost: one message per address, received or dropped.
+    let mut dropped_total = 0;
+    let mut received_total = 0;
+    for i in 0..ADDRESSES {
+        let r = c
+            .recv(RecvRequest {
+                address: name(i),
+                group: "audit".into(),
+                max_messages: 10,
+                wait: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.dropped + r.messages.len() as u64, 1, "address {i}");
+        dropped_total += r.dropped;
+        received_total += r.messages.len();
+        if i > 0 && r.dropped == 1 {
+            // Oldest first: once an address still has its message, no later one lost it.
+            assert!(
+                dropped_total == i as u64 + 1,
+                "eviction out of order at {i}"
+            );
+        }
+    }
+    assert!(dropped_total > 0, "the bound evicted");
+    assert!(
+        received_total as u64 * MIB <= BOUND,
+        "retained within the bound"
+    );
+    let pid_s = pid.to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid_s])
+        .status()
+        .unwrap()
+        .success());
+    assert!(step("exit", broker.wait()).await.unwrap().success());
+}
