@@ -71,7 +71,7 @@ async fn flood_of_large_messages_stays_under_the_bound() {
         .await
         .unwrap();
     }
-    let payload = bytes::Bytes::from(vec![0x5a; MIB as usize]);
+    let payload = bytes::Bytes::from(vec![0x5a; usize::try_from(MIB).unwrap()]);
     let flood = {
         let c = c.clone();
         tokio::spawn(async move {
