@@ -31,7 +31,13 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::{budget::Budget, error::BrokerError, metrics::Metrics, validate::Headers};
+use crate::{
+    budget::Budget,
+    error::BrokerError,
+    metrics::Metrics,
+    validate::Headers,
+    wire::{self, WireFrame},
+};
 
 /// A message as the broker stores it. Shared (`Arc`) by every consumer that is handed it; the
 /// payload is a reference-counted [`Bytes`], never copied per subscriber.
@@ -49,14 +55,15 @@ pub struct Message {
     pub sent_at: SystemTime,
     /// Bytes charged against the retention bounds (payload + headers + overhead).
     pub(crate) size: usize,
-    /// The message encoded once for every subscriber (see `wire`).
-    pub(crate) frame: std::sync::OnceLock<crate::wire::WireFrame>,
 }
 
 struct Entry {
     message: Arc<Message>,
     /// Fan-out subscribers that have not yet been handed this message.
     pending_subscribers: u32,
+    /// The message encoded for the wire, shared by the fan-out subscribers still owed it and
+    /// dropped when the last one has it, so retained messages do not carry a second copy.
+    frame: Option<WireFrame>,
 }
 
 /// A consumer group's position (Kafka's committed offset, NATS JetStream's consumer floor).
@@ -272,13 +279,13 @@ impl AddressShared {
             headers,
             sent_at: SystemTime::now(),
             size,
-            frame: std::sync::OnceLock::new(),
         });
         st.next_seq += 1;
         st.retained_bytes += size;
         st.window.push_back(Entry {
             message: Arc::clone(&message),
             pending_subscribers: st.fanout,
+            frame: None,
         });
         st.last_active = Instant::now();
         self.budget.charge(self.age_queue, size);
@@ -378,14 +385,14 @@ impl AddressShared {
         st.last_active = Instant::now();
     }
 
-    /// Hands a fan-out subscriber at `cursor` up to `max` messages into `out`; returns how many it
-    /// lost to retention since its last read.
+    /// Hands a fan-out subscriber at `cursor` up to `max` messages, each with its wire frame,
+    /// into `out`; returns how many it lost to retention since its last read.
     pub(crate) fn read_fanout(
         &self,
         st: &mut State,
         cursor: &mut u64,
         max: usize,
-        out: &mut VecDeque<Arc<Message>>,
+        out: &mut VecDeque<(Arc<Message>, Option<WireFrame>)>,
     ) -> u64 {
         let first = st
             .window
@@ -399,8 +406,23 @@ impl AddressShared {
         let start = usize::try_from(*cursor - first).unwrap_or(usize::MAX);
         let before = out.len();
         for e in st.window.iter_mut().skip(start).take(max) {
+            // Encoded once, by the first subscriber to read it; kept only while others still
+            // need it.
+            let frame = match &e.frame {
+                Some(f) => f.clone(),
+                None => {
+                    let f = wire::encode_message(&e.message);
+                    if e.pending_subscribers > 1 {
+                        e.frame = Some(f.clone());
+                    }
+                    f
+                }
+            };
             e.pending_subscribers = e.pending_subscribers.saturating_sub(1);
-            out.push_back(Arc::clone(&e.message));
+            if e.pending_subscribers == 0 {
+                e.frame = None;
+            }
+            out.push_back((Arc::clone(&e.message), Some(frame)));
         }
         let handed = (out.len() - before) as u64;
         *cursor += handed;
@@ -424,6 +446,9 @@ impl AddressShared {
         let start = usize::try_from(cursor.saturating_sub(first)).unwrap_or(usize::MAX);
         for e in st.window.iter_mut().skip(start) {
             e.pending_subscribers = e.pending_subscribers.saturating_sub(1);
+            if e.pending_subscribers == 0 {
+                e.frame = None;
+            }
         }
         st.fanout = st.fanout.saturating_sub(1);
         st.subscribers = st.subscribers.saturating_sub(1);

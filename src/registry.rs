@@ -34,6 +34,9 @@ use crate::{
     validate::{self, Address, Group, Headers},
 };
 
+/// Payloads smaller than this are copied out of the receive buffer on Send (see `send`).
+const UNPIN_BELOW_BYTES: usize = 64 * 1024;
+
 /// A cheap-clone handle to the broker's state.
 #[derive(Clone, Debug)]
 pub struct Broker {
@@ -158,6 +161,14 @@ impl Broker {
         let limits = &self.inner.limits;
         validate::payload(payload.len(), limits)?;
         let size = payload.len() + validate::headers(&headers)? + MESSAGE_OVERHEAD_BYTES;
+        // A small payload decoded by tonic is a slice of the connection's receive buffer; kept
+        // as is, it would pin that whole buffer for as long as it is retained. Copying it
+        // (small, once per message) keeps retained memory close to what the budget counts.
+        let payload = if payload.len() < UNPIN_BELOW_BYTES {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
         for (limit, limit_name) in [
             (limits.retention_bytes, "--retention-bytes"),
             (limits.max_retained_bytes, "--max-retained-bytes"),

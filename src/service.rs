@@ -128,7 +128,7 @@ impl SubscribeStream {
         let inner = futures_util::stream::unfold(subscription, |mut s| async move {
             let item = s.next().await?.map_err(Status::from).map(|event| {
                 let event = match event {
-                    Event::Message(m) => pb::subscribe_response::Event::Message(to_pb(&m)),
+                    Event::Message(m, _) => pb::subscribe_response::Event::Message(to_pb(&m)),
                     Event::Dropped(count) => {
                         pb::subscribe_response::Event::Dropped(pb::Dropped { count })
                     }

@@ -17,6 +17,7 @@ use crate::{
     error::BrokerError,
     shutdown::ShutdownToken,
     validate::Group,
+    wire::WireFrame,
 };
 
 /// How many messages a fan-out subscriber copies out of the window per lock.
@@ -25,8 +26,9 @@ const FANOUT_BATCH: usize = 64;
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The next message, in sequence order.
-    Message(Arc<Message>),
+    /// The next message, in sequence order, with its wire encoding when the subscriber is
+    /// fan-out (shared with the other fan-out subscribers; see `wire`).
+    Message(Arc<Message>, Option<WireFrame>),
     /// The subscriber fell behind the retention window and lost exactly this many messages.
     Dropped(u64),
 }
@@ -45,7 +47,7 @@ enum Kind {
 pub struct Subscription {
     address: Arc<AddressShared>,
     kind: Kind,
-    buffer: VecDeque<Arc<Message>>,
+    buffer: VecDeque<(Arc<Message>, Option<WireFrame>)>,
     shutdown: ShutdownToken,
     done: bool,
 }
@@ -105,8 +107,8 @@ impl Subscription {
                             return Some(Ok(Event::Dropped(dropped)));
                         }
                     }
-                    if let Some(m) = self.buffer.pop_front() {
-                        return Some(Ok(Event::Message(m)));
+                    if let Some((m, f)) = self.buffer.pop_front() {
+                        return Some(Ok(Event::Message(m, f)));
                     }
                 }
                 self.done = true;
@@ -116,8 +118,8 @@ impl Subscription {
                 self.done = true;
                 return Some(Err(e));
             }
-            if let Some(m) = self.buffer.pop_front() {
-                return Some(Ok(Event::Message(m)));
+            if let Some((m, f)) = self.buffer.pop_front() {
+                return Some(Ok(Event::Message(m, f)));
             }
             let Self {
                 address,
@@ -138,7 +140,7 @@ impl Subscription {
                     Kind::Group(group) => {
                         // One at a time, so the group's other members get their share.
                         let batch = address.take(&mut st, group.as_str(), 1);
-                        buffer.extend(batch.messages);
+                        buffer.extend(batch.messages.into_iter().map(|m| (m, None)));
                         batch.dropped
                     }
                 }

@@ -55,20 +55,17 @@ const COALESCE_BYTES: usize = 32 * 1024;
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const SUBSCRIBE_PATH: &str = "/switchboard.v1.Broker/Subscribe";
 
-/// A message encoded once as a gRPC length-prefixed `SubscribeResponse`: `head`, then `payload`
-/// when it was too large to inline.
-#[derive(Debug)]
-pub(crate) struct WireFrame {
+/// A message encoded as a gRPC length-prefixed `SubscribeResponse`: `head`, then `payload` when
+/// it was too large to inline. Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct WireFrame {
     head: Bytes,
     payload: Option<Bytes>,
 }
 
-/// The message's frame, encoded on first use and shared by every subscriber after that.
-pub(crate) fn frame(m: &Message) -> &WireFrame {
-    m.frame.get_or_init(|| encode_message(m))
-}
-
-fn encode_message(m: &Message) -> WireFrame {
+/// Encodes `m` as a `SubscribeResponse` frame (done once per message for all its fan-out
+/// subscribers; see `address::read_fanout`).
+pub(crate) fn encode_message(m: &Message) -> WireFrame {
     // Encoded by hand from the stored message (no intermediate `pb::Message`, no copies of the
     // address or headers); `payload` (field 3) goes last so a large one can stay a separate chunk.
     let address = m.address.as_bytes();
@@ -191,8 +188,8 @@ impl http_body::Body for SubscribeBody {
         let mut small = BytesMut::new();
         loop {
             let chunk = match this.events.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(Event::Message(m)))) => {
-                    let f = frame(&m);
+                Poll::Ready(Some(Ok(Event::Message(m, frame)))) => {
+                    let f = frame.unwrap_or_else(|| encode_message(&m));
                     if let Some(payload) = &f.payload {
                         this.queued.push_back(f.head.clone());
                         this.queued.push_back(payload.clone());
@@ -370,7 +367,6 @@ mod tests {
             headers,
             sent_at: SystemTime::now(),
             size: 0,
-            frame: std::sync::OnceLock::new(),
         }
     }
 
@@ -396,26 +392,26 @@ mod tests {
             1 << 20,
         ] {
             let m = message(len);
-            let f = frame(&m);
+            let f = encode_message(&m);
             assert_eq!(f.payload.is_some(), len > INLINE_PAYLOAD_BYTES, "len {len}");
             let expected = pb::SubscribeResponse {
                 event: Some(pb::subscribe_response::Event::Message(to_pb(&m))),
             };
-            assert_eq!(decode(f), expected, "len {len}");
+            assert_eq!(decode(&f), expected, "len {len}");
         }
     }
 
     #[test]
     fn large_payloads_are_shared_not_copied() {
         let m = message(1 << 20);
-        let f = frame(&m);
+        let f = encode_message(&m);
         let p = f.payload.as_ref().unwrap();
         assert_eq!(
             p.as_ptr(),
             m.payload.as_ptr(),
             "the frame holds the publisher's bytes"
         );
-        // Cached: every subscriber gets the same frame.
-        assert!(std::ptr::eq(frame(&m), f));
+        // Clones (one per subscriber) share the encoded head too.
+        assert_eq!(f.clone().head.as_ptr(), f.head.as_ptr());
     }
 }

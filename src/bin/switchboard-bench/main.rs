@@ -13,6 +13,7 @@
 //! (memory per idle address and per idle subscriber). See BENCHMARKS.md.
 
 mod ceiling;
+mod soak;
 
 use std::{
     error::Error,
@@ -56,6 +57,10 @@ struct Args {
     /// Default: 3, or 1 with --quick.
     #[arg(long)]
     repeat: Option<usize>,
+    /// Instead of the benchmark: a mixed soak workload for this many seconds (see
+    /// `scripts/soak`), exiting non-zero if anything retention promised was lost.
+    #[arg(long, value_name = "SECS")]
+    soak: Option<u64>,
     /// Internal: serve the ceiling and print its address.
     #[arg(long, hide = true)]
     serve_ceiling: bool,
@@ -598,6 +603,13 @@ async fn main() -> Res<()> {
             .ok_or("no parent dir")?
             .join("switchboard"),
     };
+    if let Some(secs) = args.soak {
+        return if soak::run(&bin, secs.clamp(1, 600)).await? {
+            Ok(())
+        } else {
+            Err("soak found a problem (see above)".into())
+        };
+    }
     let s = if args.quick { &QUICK } else { &FULL };
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
     println!(
