@@ -86,6 +86,14 @@ impl Budget {
         usize::try_from(self.used.load(Ordering::Acquire)).unwrap_or(0)
     }
 
+    /// Forgets every age entry. Entries hold their address, and addresses hold the budget: the
+    /// broker calls this when it is dropped, to break that cycle.
+    pub(crate) fn clear(&self) {
+        for q in self.queues.iter() {
+            q.entries.lock().clear();
+        }
+    }
+
     /// Messages retained broker-wide now.
     pub fn live_messages(&self) -> usize {
         let n: i64 = self

@@ -56,6 +56,13 @@ struct Inner {
     hasher: RandomState,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Age entries hold addresses, which hold the budget: break the cycle.
+        self.budget.clear();
+    }
+}
+
 impl Broker {
     /// A broker with no addresses, enforcing `limits` (assumed validated, see
     /// [`Limits::validate`]).
