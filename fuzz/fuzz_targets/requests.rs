@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
         let before = broker.total_retained_bytes();
         let result = Address::parse(r.address).and_then(|a| broker.send(&a, r.payload, r.headers));
         if result.is_err() {
-            assert_eq!(broker.total_retained_bytes(), before, "a rejected Send stored something");
+            assert_eq!(
+                broker.total_retained_bytes(),
+                before,
+                "a rejected Send stored something"
+            );
             assert_eq!(broker.address_count(), 0);
         }
     }
