@@ -22,10 +22,32 @@ async fn stalled_subscriber_gets_dropped_with_exact_count() {
     let server = TestServer::with_limits(small_window()).await;
     let mut sub_client = server.client().await;
     let mut stream = subscribe(&mut sub_client, "firehose", "").await;
+    // Two fast subscribers next to the stalled one: they keep up and lose nothing.
+    let mut fast = Vec::new();
+    for _ in 0..2 {
+        let mut c = server.client().await;
+        let mut s = subscribe(&mut c, "firehose", "").await;
+        fast.push(tokio::spawn(async move {
+            let _c = c;
+            let mut next = 1u64;
+            while next <= N {
+                match common::next_event(&mut s).await {
+                    Event::Message(m) => {
+                        assert_eq!(m.sequence, next, "fast subscriber in order");
+                        next += 1;
+                    }
+                    Event::Dropped(d) => panic!("fast subscriber dropped {}", d.count),
+                }
+            }
+        }));
+    }
     let mut c = server.client().await;
     let payload = vec![7u8; 32 * 1024];
     for _ in 0..N {
         send(&mut c, "firehose", &payload).await;
+    }
+    for f in fast {
+        step("fast subscriber", f).await.unwrap();
     }
     // Now read everything: messages plus dropped counts must account for every message sent,
     // with sequences contiguous across each Dropped gap.
