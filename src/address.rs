@@ -73,6 +73,9 @@ struct Cursor {
     next: u64,
     /// Messages evicted before the group took them, not yet reported.
     dropped: u64,
+    /// Whether anyone has read from the group. Named groups are created by a read; the default
+    /// group exists from the start and counts once a Recv or group stream used it.
+    used: bool,
 }
 
 /// The result of taking from a group or reading as a subscriber.
@@ -185,6 +188,7 @@ impl AddressShared {
             Cursor {
                 next: 1,
                 dropped: 0,
+                used: false,
             },
         );
         Self {
@@ -328,12 +332,14 @@ impl AddressShared {
                 Cursor {
                     next: next_seq,
                     dropped: 0,
+                    used: true,
                 },
             );
         }
         let Some(cursor) = st.groups.get_mut(group) else {
             return Batch::default();
         };
+        cursor.used = true;
         if cursor.next < first {
             cursor.dropped += first - cursor.next;
             cursor.next = first;
@@ -377,8 +383,14 @@ impl AddressShared {
         let next = st.next_seq;
         if !st.groups.contains_key(group) {
             self.metrics.groups.inc();
-            st.groups
-                .insert(Box::from(group), Cursor { next, dropped: 0 });
+            st.groups.insert(
+                Box::from(group),
+                Cursor {
+                    next,
+                    dropped: 0,
+                    used: true,
+                },
+            );
         }
         st.subscribers += 1;
         self.metrics.subscribers.inc();
@@ -482,9 +494,16 @@ impl AddressShared {
     /// taken; handles already out see `closed` and look the address up again.
     pub(crate) fn close_if_idle(&self, idle: std::time::Duration) -> bool {
         let mut st = self.state.lock();
+        // A group that is read from and lost messages keeps the address until its next read
+        // has reported them: reclaiming would make that loss silent.
+        let owes_report = st
+            .groups
+            .values()
+            .any(|c| c.used && (c.dropped > 0 || c.next < st.next_seq));
         let idle_now = st.window.is_empty()
             && st.subscribers == 0
             && st.waiters == 0
+            && !owes_report
             && st.last_active.elapsed() >= idle;
         if idle_now {
             st.closed = true;

@@ -85,3 +85,34 @@ async fn churned_addresses_do_not_accumulate() {
     assert_eq!(broker.total_retained_bytes(), 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_never_forgets_a_groups_unreported_loss() {
+    const MSG: usize = 1000 + 128;
+    let server = TestServer::with_limits(Limits {
+        max_message_bytes: 1024,
+        retention_bytes: 2 * MSG,
+        max_retained_bytes: 2 * MSG,
+        ..quick_reclaim()
+    })
+    .await;
+    let broker = server.broker.clone();
+    let mut c = server.client().await;
+    // "behind" has a reading group; "pubsub" has only its (never read) default group.
+    recv(&mut c, "behind", "g", 1, Duration::ZERO).await;
+    send(&mut c, "behind", &[1; 1000]).await;
+    send(&mut c, "pubsub", &[2; 1000]).await;
+    // Two more elsewhere: the broker-wide bound evicts both older messages.
+    send(&mut c, "elsewhere", &[3; 1000]).await;
+    send(&mut c, "elsewhere", &[3; 1000]).await;
+    assert_eq!(broker.retained_messages("behind"), 0);
+    assert_eq!(broker.retained_messages("pubsub"), 0);
+    // "pubsub" owes nobody a report and is reclaimed; "behind" is kept for its group.
+    eventually("pubsub reclaimed", || !broker.contains("pubsub")).await;
+    assert!(broker.contains("behind"));
+    let r = recv(&mut c, "behind", "g", 10, Duration::ZERO).await;
+    assert_eq!(r.dropped, 1, "the group is told, even after the idle time");
+    // Reported: now it may go.
+    eventually("behind reclaimed after the report", || !broker.contains("behind")).await;
+    server.stop().await;
+}
