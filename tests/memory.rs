@@ -44,6 +44,9 @@ async fn flood_of_large_messages_stays_under_the_bound() {
             &BOUND.to_string(),
             "--retention-bytes",
             &(8 * MIB).to_string(),
+            // The long version takes longer than the default idle time: keep the groups.
+            "--idle-address-ms",
+            "600000",
         ])
         .env("RUST_LOG", "switchboard=warn,switchboard=info")
         .stderr(Stdio::piped())
