@@ -420,21 +420,23 @@ impl AddressShared {
         for e in st.window.iter_mut().skip(start).take(max) {
             // Encoded once, by the first subscriber to read it; kept only while others still
             // need it.
+            // Shared messages are encoded once, by the first subscriber to read them, and kept
+            // while others still need them. A message only this subscriber is owed is encoded
+            // later, outside the lock, by the subscriber itself.
             let frame = match &e.frame {
-                Some(f) => f.clone(),
-                None => {
+                Some(f) => Some(f.clone()),
+                None if e.pending_subscribers > 1 => {
                     let f = wire::encode_message(&e.message);
-                    if e.pending_subscribers > 1 {
-                        e.frame = Some(f.clone());
-                    }
-                    f
+                    e.frame = Some(f.clone());
+                    Some(f)
                 }
+                None => None,
             };
             e.pending_subscribers = e.pending_subscribers.saturating_sub(1);
             if e.pending_subscribers == 0 {
                 e.frame = None;
             }
-            out.push_back((Arc::clone(&e.message), Some(frame)));
+            out.push_back((Arc::clone(&e.message), frame));
         }
         let handed = (out.len() - before) as u64;
         *cursor += handed;

@@ -113,6 +113,9 @@ async fn reclaim_never_forgets_a_groups_unreported_loss() {
     let r = recv(&mut c, "behind", "g", 10, Duration::ZERO).await;
     assert_eq!(r.dropped, 1, "the group is told, even after the idle time");
     // Reported: now it may go.
-    eventually("behind reclaimed after the report", || !broker.contains("behind")).await;
+    eventually("behind reclaimed after the report", || {
+        !broker.contains("behind")
+    })
+    .await;
     server.stop().await;
 }
