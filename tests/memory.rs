@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::{process::Stdio, time::Instant};
+use std::time::Instant;
 
-use common::step;
+use common::{sigterm, step, BrokerProcess};
 use switchboard::pb::{broker_client::BrokerClient, RecvRequest, SendRequest};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 const MIB: u64 = 1024 * 1024;
@@ -35,36 +34,24 @@ async fn flood_of_large_messages_stays_under_the_bound() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(400);
-    let mut broker = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-retained-bytes",
-            &BOUND.to_string(),
-            "--retention-bytes",
-            &(8 * MIB).to_string(),
-            // The long version takes longer than the default idle time: keep the groups.
-            "--idle-address-ms",
-            "600000",
-        ])
-        .env("RUST_LOG", "switchboard=warn,switchboard=info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let bound = BOUND.to_string();
+    let per_address = (8 * MIB).to_string();
+    let BrokerProcess {
+        child: mut broker,
+        addr,
+        mut logs,
+    } = BrokerProcess::start(&[
+        "--max-retained-bytes",
+        &bound,
+        "--retention-bytes",
+        &per_address,
+        // The long version takes longer than the default idle time: keep the groups.
+        "--idle-address-ms",
+        "600000",
+    ])
+    .await;
     let pid = broker.id().unwrap();
-    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = step("start line", lines.next_line())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
     let url = format!("http://{addr}");
     let mut c = BrokerClient::connect(url.clone()).await.unwrap();
     let name = |i: usize| format!("mem.{i:05}");
@@ -178,11 +165,6 @@ async fn flood_of_large_messages_stays_under_the_bound() {
         received_total as u64 * MIB <= BOUND,
         "retained within the bound"
     );
-    let pid_s = pid.to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid_s])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&broker);
     assert!(step("exit", broker.wait()).await.unwrap().success());
 }

@@ -108,32 +108,11 @@ async fn shutdown_during_a_flood_loses_no_acknowledged_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_flood_exits_zero_without_panic() {
-    use std::process::Stdio;
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
-    let mut broker = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shutdown-grace-ms",
-            "3000",
-        ])
-        .env("RUST_LOG", "switchboard=info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(broker.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = step("start line", lines.next_line())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let common::BrokerProcess {
+        child: mut broker,
+        addr,
+        logs: mut lines,
+    } = common::BrokerProcess::start(&["--shutdown-grace-ms", "3000"]).await;
     let mut c = switchboard::pb::broker_client::BrokerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -159,12 +138,7 @@ async fn sigterm_during_a_flood_exits_zero_without_panic() {
     for _ in 0..1000 {
         step("ack", responses.message()).await.unwrap().unwrap();
     }
-    let pid = broker.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    common::sigterm(&broker);
     let mut log = Vec::new();
     while let Some(line) = step("logs", lines.next_line()).await.unwrap() {
         log.push(line);

@@ -212,3 +212,55 @@ pub async fn next_event(stream: &mut Streaming<SubscribeResponse>) -> Event {
         .event
         .expect("event set")
 }
+
+/// A `switchboard serve` process of our own (the real binary), on 127.0.0.1 with a free port.
+pub struct BrokerProcess {
+    pub child: tokio::process::Child,
+    /// `host:port` it listens on.
+    pub addr: String,
+    /// The rest of its stderr (text logs).
+    pub logs: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+}
+
+impl BrokerProcess {
+    /// Starts the binary with `serve --listen 127.0.0.1:0` plus `args`, and waits for the
+    /// start-up line that says where it listens.
+    pub async fn start(args: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "switchboard=info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start switchboard serve");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let mut logs = tokio::io::BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = step("start line", logs.next_line())
+                .await
+                .expect("read stderr")
+                .expect("broker exited before listening");
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        };
+        Self { child, addr, logs }
+    }
+}
+
+/// Sends SIGTERM to a child process of ours, by its PID.
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("still running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -TERM {pid}");
+}
