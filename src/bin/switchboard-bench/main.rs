@@ -759,6 +759,9 @@ async fn main() -> Res<()> {
         });
     }
     println!();
+    if args.quick {
+        println!("(--quick: tiny workloads; the targets below are not meaningful in this mode)");
+    }
     targets(&rows);
     println!();
     for r in &rows {
