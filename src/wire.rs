@@ -232,7 +232,8 @@ impl http_body::Body for SubscribeBody {
     }
 }
 
-/// Wraps the generated `BrokerServer` (`inner`): serves Subscribe with [`SubscribeBody`] and
+/// Wraps the generated `BrokerServer` (`inner`): serves Subscribe with frames encoded once per
+/// message (see the module docs) and
 /// passes every other method through.
 #[derive(Debug, Clone)]
 pub struct SubscribeRoute<S> {
