@@ -17,7 +17,7 @@ async fn eight_recv_callers_take_ten_thousand_messages_exactly_once() {
         workers.push(tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
-                let r = recv(&mut c, "jobs", "workers", 37, Duration::from_millis(500)).await;
+                let r = recv(&mut c, "jobs", "workers", 37, Duration::from_secs(2)).await;
                 assert_eq!(r.dropped, 0);
                 if r.messages.is_empty() {
                     return got;
