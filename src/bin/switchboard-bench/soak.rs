@@ -89,6 +89,27 @@ async fn read_fanout(
     }
 }
 
+/// Subscribes to the fan-out address (registered when this returns) and spawns its reader.
+async fn fanout_reader(
+    addr: std::net::SocketAddr,
+    stall_until: Option<Instant>,
+    last: Arc<AtomicU64>,
+    hard_stop: Instant,
+) -> Res<tokio::task::JoinHandle<(u64, u64, bool)>> {
+    let mut c = client(addr).await?;
+    let s = c
+        .subscribe(SubscribeRequest {
+            address: "soak.fan".into(),
+            group: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(tokio::spawn(async move {
+        let _c = c;
+        read_fanout(s, stall_until, last, hard_stop).await
+    }))
+}
+
 pub(crate) async fn run(bin: &std::path::PathBuf, secs: u64) -> Res<bool> {
     let server = Server::broker(bin).await?;
     let addr = server.addr;
@@ -103,35 +124,9 @@ pub(crate) async fn run(bin: &std::path::PathBuf, secs: u64) -> Res<bool> {
     // Subscribers first (registered before the publishers start).
     let mut fast = Vec::new();
     for _ in 0..4 {
-        let mut c = client(addr).await?;
-        let s = c
-            .subscribe(SubscribeRequest {
-                address: "soak.fan".into(),
-                group: String::new(),
-            })
-            .await?
-            .into_inner();
-        let last = Arc::clone(&fan_last);
-        fast.push(tokio::spawn(async move {
-            let _c = c;
-            read_fanout(s, None, last, hard_stop).await
-        }));
+        fast.push(fanout_reader(addr, None, Arc::clone(&fan_last), hard_stop).await?);
     }
-    let stalled = {
-        let mut c = client(addr).await?;
-        let s = c
-            .subscribe(SubscribeRequest {
-                address: "soak.fan".into(),
-                group: String::new(),
-            })
-            .await?
-            .into_inner();
-        let last = Arc::clone(&fan_last);
-        tokio::spawn(async move {
-            let _c = c;
-            read_fanout(s, Some(half), last, hard_stop).await
-        })
-    };
+    let stalled = fanout_reader(addr, Some(half), Arc::clone(&fan_last), hard_stop).await?;
     let mut admin = AdminClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
