@@ -21,6 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .subscribe(SubscribeRequest {
             address: address.clone(),
             group: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();

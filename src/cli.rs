@@ -33,6 +33,85 @@ pub enum Command {
     Addresses(AddressesArgs),
     /// Show one address and each consumer group's lag and dropped count.
     Inspect(InspectArgs),
+    /// Create or delete a named consumer group.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+/// `switchboard group ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create GROUP on ADDRESS at a start position (default: only messages sent from now on);
+    /// prints `created NEXT` or `exists NEXT` (NEXT: the sequence it hands out next).
+    Create(GroupCreateArgs),
+    /// Delete GROUP of ADDRESS: its position is forgotten, its streams and waiting Recv calls
+    /// end with NOT_FOUND.
+    Delete(GroupDeleteArgs),
+}
+
+/// Flags of `switchboard group create`.
+#[derive(Debug, Args)]
+pub struct GroupCreateArgs {
+    /// The address.
+    pub address: String,
+    /// The group (1-255 bytes).
+    pub group: String,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub start: StartArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Flags of `switchboard group delete`.
+#[derive(Debug, Args)]
+pub struct GroupDeleteArgs {
+    /// The address.
+    pub address: String,
+    /// The group.
+    pub group: String,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Where a stream or a group starts (default: only messages sent from now on).
+#[derive(Debug, Args, Clone, Copy)]
+pub struct StartArgs {
+    /// Start at this sequence (replay from the retained history; older than what is retained:
+    /// a `dropped N` line first says how many are gone).
+    #[arg(long = "from", value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..))]
+    pub from: Option<u64>,
+
+    /// Start at the first retained message sent at or after this time: a duration ago (`10m`,
+    /// `1h`) or an RFC 3339 time (`2026-12-01T10:00:00Z`).
+    #[arg(long, value_name = "AGO|RFC3339", conflicts_with = "from", value_parser = parse_since)]
+    pub since: Option<std::time::SystemTime>,
+}
+
+impl StartArgs {
+    /// As the request fields `start_sequence` and `start_time`.
+    pub fn fields(self) -> (u64, Option<prost_types::Timestamp>) {
+        (
+            self.from.unwrap_or(0),
+            self.since.map(prost_types::Timestamp::from),
+        )
+    }
+}
+
+fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither a duration (10m, 1h) nor an RFC 3339 time"))?;
+    std::time::SystemTime::now()
+        .checked_sub(ago)
+        .ok_or_else(|| format!("{s:?} reaches before the clock's range"))
 }
 
 /// Flags of `switchboard addresses`.
@@ -146,6 +225,10 @@ pub struct SubscribeArgs {
 
     #[command(flatten)]
     #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub start: StartArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
     pub client: ClientArgs,
 }
 
@@ -154,6 +237,13 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (try 0, 30s, 10m, 1h, 7d)"))
 }
 
 fn parse_wait(s: &str) -> Result<Duration, String> {
@@ -175,7 +265,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
-    /// Most messages one address retains; the oldest leaves when a new one would exceed it.
+    /// Most messages one address retains. Retention is history: a message stays, consumed or
+    /// not, until a bound removes it (the oldest leaves when a new one would exceed this).
     #[arg(long, env = "SWITCHBOARD_RETENTION_MESSAGES", default_value_t = 65_536)]
     pub retention_messages: usize,
 
@@ -183,8 +274,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_RETENTION_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub retention_bytes: usize,
 
+    /// Oldest a retained message may get before it is evicted: `30s`, `10m`, `1h`, `7d`; `0`
+    /// (the default) sets no age bound.
+    #[arg(long, env = "SWITCHBOARD_RETENTION_AGE", default_value = "0", value_parser = parse_age)]
+    pub retention_age: Duration,
+
     /// Most bytes retained across all addresses; past it the oldest messages broker-wide are
-    /// evicted first.
+    /// evicted first. The default bounds fill with history, so a busy broker's memory grows
+    /// to about this plus ~64 MiB of runtime overhead: size it to the memory you give the
+    /// broker.
     #[arg(long, env = "SWITCHBOARD_MAX_RETAINED_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_retained_bytes: usize,
 
@@ -254,6 +352,7 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             retention_messages: self.retention_messages,
             retention_bytes: self.retention_bytes,
+            retention_age: self.retention_age,
             max_retained_bytes: self.max_retained_bytes,
             idle_address: Duration::from_millis(self.idle_address_ms),
             max_addresses: self.max_addresses,

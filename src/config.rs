@@ -19,11 +19,16 @@ pub const MESSAGE_OVERHEAD_BYTES: usize = 128;
 pub struct Limits {
     /// Largest payload accepted by Send, in bytes. Default 4 MiB, at most 64 MiB.
     pub max_message_bytes: usize,
-    /// Most messages one address retains. Default 65,536.
+    /// Most messages one address retains, consumed or not (retention is history). Default
+    /// 65,536.
     pub retention_messages: usize,
     /// Most bytes one address retains (payload + headers + [`MESSAGE_OVERHEAD_BYTES`] per
     /// message). Default 64 MiB.
     pub retention_bytes: usize,
+    /// Oldest a retained message may get before it is evicted; zero: no age bound (the
+    /// default). Checked at the front of each window on every append and read, and swept
+    /// every `idle_address / 2` (at most every second).
+    pub retention_age: Duration,
     /// Most bytes retained across all addresses. Default 1 GiB. When a Send would exceed it, the
     /// oldest retained messages broker-wide are evicted first.
     pub max_retained_bytes: usize,
@@ -42,6 +47,7 @@ impl Default for Limits {
             max_message_bytes: 4 * MIB,
             retention_messages: 65_536,
             retention_bytes: 64 * MIB,
+            retention_age: Duration::ZERO,
             max_retained_bytes: 1024 * MIB,
             idle_address: Duration::from_secs(10),
             max_addresses: 1_000_000,

@@ -40,6 +40,36 @@ pub enum BrokerError {
         /// The flag that sets it.
         flag: &'static str,
     },
+    /// A start position lies past the end of the address. Maps to `OUT_OF_RANGE`.
+    #[error("{field}: {requested} is past the end of the address (last sequence {last}; a stream or group can start at most at {next})", next = .last + 1)]
+    PastEnd {
+        /// The request field (`start_sequence`).
+        field: &'static str,
+        /// The sequence asked for.
+        requested: u64,
+        /// The address's last sequence (0 before the first message).
+        last: u64,
+    },
+    /// CreateGroup for a group that exists with other settings. Maps to `ALREADY_EXISTS`.
+    #[error("group: {group:?} already exists with other settings ({existing})")]
+    GroupExists {
+        /// The group.
+        group: String,
+        /// Its settings, as the error shows them.
+        existing: String,
+    },
+    /// The named group does not exist on the address. Maps to `NOT_FOUND`.
+    #[error("group: no such group {group:?} on address {address:?}")]
+    NoSuchGroup {
+        /// The address.
+        address: String,
+        /// The group.
+        group: String,
+    },
+    /// The group was deleted (DeleteGroup) while this call or stream was open. Maps to
+    /// `NOT_FOUND`.
+    #[error("group deleted")]
+    GroupDeleted,
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
@@ -59,7 +89,12 @@ impl BrokerError {
         match self {
             Self::Invalid { .. } => tonic::Code::InvalidArgument,
             Self::TooLarge { .. } | Self::LimitReached { .. } => tonic::Code::ResourceExhausted,
-            Self::AddressDeleted | Self::NoSuchAddress(_) => tonic::Code::NotFound,
+            Self::AddressDeleted
+            | Self::NoSuchAddress(_)
+            | Self::NoSuchGroup { .. }
+            | Self::GroupDeleted => tonic::Code::NotFound,
+            Self::PastEnd { .. } => tonic::Code::OutOfRange,
+            Self::GroupExists { .. } => tonic::Code::AlreadyExists,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
     }

@@ -1,34 +1,31 @@
 //! switchboard: a gRPC pub/sub message broker.
 //!
 //! Clients **Send** a message to an address, pull it with unary **Recv** (long-poll, batches,
-//! consumer groups), or watch an address with streaming **Subscribe** (fan-out, or a share of a
-//! consumer group). See `README.md` for the full semantics.
+//! consumer groups), or watch an address with streaming **Subscribe** (fan-out from a chosen
+//! start, or a share of a consumer group). See `README.md` for the full semantics.
 //!
 //! # Layout
-//! - [`pb`]: generated protobuf and tonic code for `proto/switchboard/v1/broker.proto`.
-//! - [`cli`]: clap flags; [`client`]: the `send` / `recv` / `subscribe` commands; [`config`]: validated [`config::Limits`] and [`config::ServerConfig`].
-//! - [`connection`]: per-connection limit on long-lived streams.
-//! - [`error`]: [`error::BrokerError`] and its one mapping to `tonic::Status`.
-//! - [`validate`]: pure request checks; builds [`validate::Address`] and [`validate::Group`].
-//! - [`registry`]: the [`registry::Broker`] handle: a sharded map of addresses, Send / Recv /
-//!   Subscribe without gRPC, idle reclaim.
-//! - `address`: one address: sequence, retention window, group cursors, fan-out bookkeeping.
-//! - `budget`: the broker-wide retained-bytes bound and its oldest-first eviction.
-//! - [`subscription`]: a registered subscriber as a sequence of events; lag becomes `Dropped`.
-//! - [`admin`]: the `switchboard.v1.Admin` introspection service.
-//! - [`metrics`]: Prometheus metrics, served on `--metrics-listen`.
-//! - [`health`]: `grpc.health.v1.Health` whose watch streams end at shutdown.
-//! - [`wire`]: zero-copy fan-out: Subscribe served from frames encoded once per message.
-//! - [`service`]: the thin gRPC layer; [`server`]: `bind` + `run` with graceful shutdown;
-//!   [`shutdown`]: the shutdown trigger, tokens and the SIGINT/SIGTERM future.
+//! Arrows point down only: `grpc` → `broker` → `engine`; the leaf modules are shared.
+//! - [`grpc`]: the gRPC face: [`grpc::service`] (`switchboard.v1.Broker`), [`grpc::wire`]
+//!   (zero-copy Subscribe), [`grpc::admin`], [`grpc::health`], [`grpc::connection`] (per-connection
+//!   stream limit), [`grpc::server`] (`bind` + `run` with graceful shutdown).
+//! - [`broker`]: the core without gRPC: the [`Broker`] handle (Send, Recv, Subscribe, consumer
+//!   groups) and [`broker::Subscription`]s (lag becomes `Dropped`).
+//! - [`engine`]: the storage boundary ([`engine::Engine`], [`engine::Log`]): append, read from a
+//!   sequence or a time, group cursors, retention. [`engine::memory`] is the in-memory engine.
+//! - [`client`]: the CLI's client commands; [`cli`]: clap flags.
+//! - Leaves: [`pb`] (generated code), [`message`] (the stored message and its wire frame),
+//!   [`config`], [`error`], [`validate`], [`metrics`], [`shutdown`].
 //!
 //! # Semantics in brief
 //! - Every message sent to an address gets the next per-address sequence (1, 2, …) and its
 //!   `sent_at`; order per address is send order.
-//! - An address retains a window of messages bounded by count and bytes, and the broker bounds
-//!   retained bytes overall (oldest evicted first). A message leaves once every consumer group
-//!   has taken it and every subscriber was handed it, or when a bound evicts it.
-//! - Whoever falls behind an eviction is told the exact number lost.
+//! - Retention is history: an address keeps every message, consumed or not, until a bound
+//!   removes it: count, bytes and age per address, and retained bytes broker-wide (oldest
+//!   first). The default bounds fill with history, so memory use approaches
+//!   `--max-retained-bytes` on a busy broker.
+//! - Consumer groups are cursors into that history; fan-out streams may start at a sequence or
+//!   a time (replay). Whoever falls behind an eviction is told the exact number lost.
 #![cfg_attr(
     not(test),
     warn(
@@ -39,26 +36,20 @@
     )
 )]
 
-mod address;
-pub mod admin;
-mod budget;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod connection;
+pub mod engine;
 pub mod error;
-pub mod health;
+pub mod grpc;
+pub mod message;
 pub mod metrics;
 pub mod pb;
-pub mod registry;
-pub mod server;
-pub mod service;
 pub mod shutdown;
-pub mod subscription;
 pub mod validate;
-pub mod wire;
 
-pub use address::{AddressInfo, Batch, GroupInfo, Message};
-pub use budget::Budget;
+pub use broker::Broker;
+pub use engine::{AddressInfo, Batch, GroupInfo, StartAt};
 pub use error::BrokerError;
-pub use registry::Broker;
+pub use message::Message;

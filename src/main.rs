@@ -6,8 +6,8 @@ use clap::Parser;
 use switchboard::{
     cli::{Cli, Command, LogFormat, ServeArgs},
     client,
-    registry::Broker,
-    server, shutdown,
+    grpc::server,
+    shutdown, Broker,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         Command::Subscribe(args) => client::subscribe(args).await,
         Command::Addresses(args) => client::addresses(args).await,
         Command::Inspect(args) => client::inspect(args).await,
+        Command::Group(command) => client::group(command).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -66,6 +67,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         max_message_bytes = l.max_message_bytes,
         retention_messages = l.retention_messages,
         retention_bytes = l.retention_bytes,
+        retention_age = %humantime::format_duration(l.retention_age),
         max_retained_bytes = l.max_retained_bytes,
         idle_address_ms = l.idle_address.as_millis(),
         "switchboard listening"

@@ -1,4 +1,4 @@
-//! Prometheus metrics (prometheus-client), one registry per [`Broker`](crate::Broker), served in
+//! Prometheus metrics (prometheus-client), one registry per broker, served in
 //! the OpenMetrics text format on `--metrics-listen` at `/metrics`.
 //!
 //! No metric has a per-address label: addresses are unbounded, so their figures live in the
@@ -38,6 +38,8 @@ pub enum Method {
     SendStream,
     Recv,
     Subscribe,
+    CreateGroup,
+    DeleteGroup,
     ListAddresses,
     GetAddress,
     DeleteAddress,
@@ -45,11 +47,13 @@ pub enum Method {
 
 impl Method {
     /// Every method, in declaration order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Send,
         Self::SendStream,
         Self::Recv,
         Self::Subscribe,
+        Self::CreateGroup,
+        Self::DeleteGroup,
         Self::ListAddresses,
         Self::GetAddress,
         Self::DeleteAddress,
@@ -242,14 +246,13 @@ impl Metrics {
         }
     }
 
-    /// The OpenMetrics text of every metric, with the gauges set from `broker` first.
-    pub fn render(&self, broker: &crate::Broker) -> String {
+    /// The OpenMetrics text of every metric, with the gauges set first from the figures given
+    /// (addresses held, retained bytes, retained messages).
+    pub fn render(&self, addresses: usize, retained_bytes: usize, retained_messages: usize) -> String {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.addresses.set(gauge(broker.address_count()));
-        self.retained_bytes
-            .set(gauge(broker.total_retained_bytes()));
-        self.retained_messages
-            .set(gauge(broker.total_retained_messages()));
+        self.addresses.set(gauge(addresses));
+        self.retained_bytes.set(gauge(retained_bytes));
+        self.retained_messages.set(gauge(retained_messages));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "cannot encode metrics");

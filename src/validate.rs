@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, fmt, time::Duration};
 
-use crate::{config::Limits, error::BrokerError};
+use crate::{config::Limits, engine::StartAt, error::BrokerError};
 
 /// Longest address or group name, in bytes of UTF-8.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -229,6 +229,47 @@ pub fn wait(wait: Option<&prost_types::Duration>) -> Result<Duration, BrokerErro
         ));
     }
     Ok(d)
+}
+
+/// Checks a start position (`start_sequence`, `start_time` of Subscribe and CreateGroup):
+/// neither set is [`StartAt::End`]; both set, or a malformed or pre-1970 `start_time`, is
+/// refused.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] naming `start_sequence` / `start_time`.
+pub fn start(
+    start_sequence: u64,
+    start_time: Option<&prost_types::Timestamp>,
+) -> Result<StartAt, BrokerError> {
+    match (start_sequence, start_time) {
+        (0, None) => Ok(StartAt::End),
+        (n, None) => Ok(StartAt::Sequence(n)),
+        (0, Some(t)) => {
+            if !(0..1_000_000_000).contains(&t.nanos) {
+                return Err(BrokerError::invalid(
+                    "start_time",
+                    format!("nanos {} is out of range 0..999999999", t.nanos),
+                ));
+            }
+            let secs = u64::try_from(t.seconds).map_err(|_| {
+                BrokerError::invalid(
+                    "start_time",
+                    format!("{}s is before 1970-01-01T00:00:00Z", t.seconds),
+                )
+            })?;
+            let nanos = u32::try_from(t.nanos).unwrap_or(0);
+            std::time::UNIX_EPOCH
+                .checked_add(Duration::new(secs, nanos))
+                .map(StartAt::Time)
+                .ok_or_else(|| {
+                    BrokerError::invalid("start_time", format!("{}s is out of range", t.seconds))
+                })
+        }
+        (_, Some(_)) => Err(BrokerError::invalid(
+            "start_sequence",
+            "set start_sequence or start_time, not both",
+        )),
+    }
 }
 
 #[cfg(test)]

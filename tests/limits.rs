@@ -47,6 +47,7 @@ async fn max_addresses() {
         c.subscribe(SubscribeRequest {
             address: "l.4".into(),
             group: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -84,6 +85,7 @@ async fn max_subscribers_per_address() {
         .subscribe(SubscribeRequest {
             address: "crowded".into(),
             group: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -120,6 +122,7 @@ async fn max_streams_per_connection() {
         .subscribe(SubscribeRequest {
             address: "s.c".into(),
             group: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

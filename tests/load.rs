@@ -21,6 +21,7 @@ async fn five_hundred_connections_send_and_subscribe_and_nothing_is_lost() {
             c.subscribe(SubscribeRequest {
                 address: "load.all".into(),
                 group: String::new(),
+                ..Default::default()
             }),
         )
         .await

@@ -7,9 +7,8 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 use switchboard::{
     config::Limits,
-    connection::StreamLimiter,
+    grpc::{connection::StreamLimiter, service::BrokerService},
     pb::{broker_server::Broker as _, RecvRequest, SendRequest},
-    service::BrokerService,
     shutdown::Shutdown,
     Broker,
 };

@@ -63,6 +63,7 @@ async fn bad_addresses_are_rejected_and_nothing_is_created() {
             c.subscribe(SubscribeRequest {
                 address: bad.into(),
                 group: String::new(),
+                ..Default::default()
             })
             .await,
             Code::InvalidArgument,
@@ -94,6 +95,7 @@ async fn bad_groups_are_rejected() {
             c.subscribe(SubscribeRequest {
                 address: "ok".into(),
                 group: bad,
+                ..Default::default()
             })
             .await,
             Code::InvalidArgument,

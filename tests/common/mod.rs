@@ -13,8 +13,8 @@ use switchboard::{
         admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event,
         RecvRequest, RecvResponse, SendRequest, SubscribeRequest, SubscribeResponse,
     },
-    registry::Broker,
-    server::{self, ServerError},
+    Broker,
+    grpc::server::{self, ServerError},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{transport::Channel, Streaming};
@@ -196,6 +196,7 @@ pub async fn subscribe(
         client.subscribe(SubscribeRequest {
             address: address.into(),
             group: group.into(),
+            ..Default::default()
         }),
     )
     .await

@@ -45,6 +45,20 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::broker_server::Broker for Ceiling {
+    async fn create_group(
+        &self,
+        _request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        Err(Status::unimplemented("the ceiling has no groups"))
+    }
+
+    async fn delete_group(
+        &self,
+        _request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        Err(Status::unimplemented("the ceiling has no groups"))
+    }
+
     async fn send(
         &self,
         request: Request<pb::SendRequest>,

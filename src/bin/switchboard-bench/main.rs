@@ -223,6 +223,7 @@ async fn subscribers(
             .subscribe(SubscribeRequest {
                 address: address.into(),
                 group: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -351,6 +352,7 @@ async fn latency(server: &Server, rate: f64, secs: f64) -> Res<Histogram<u64>> {
         .subscribe(SubscribeRequest {
             address: address.into(),
             group: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -489,6 +491,7 @@ async fn scale(server: &Server, addresses: u64, subs: u64) -> Res<(f64, f64)> {
                 .subscribe(SubscribeRequest {
                     address: format!("bench.idle.{conn}.{k}"),
                     group: String::new(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

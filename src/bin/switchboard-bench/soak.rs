@@ -101,6 +101,7 @@ async fn fanout_reader(
         .subscribe(SubscribeRequest {
             address: "soak.fan".into(),
             group: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -271,6 +272,7 @@ pub(crate) async fn run(bin: &std::path::PathBuf, secs: u64) -> Res<bool> {
                     .subscribe(SubscribeRequest {
                         address: "soak.fan".into(),
                         group: String::new(),
+                        ..Default::default()
                     })
                     .await
                 {

@@ -15,7 +15,9 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    cli::{AddressesArgs, ClientArgs, InspectArgs, RecvArgs, SendArgs, SubscribeArgs},
+    cli::{
+        AddressesArgs, ClientArgs, GroupCommand, InspectArgs, RecvArgs, SendArgs, SubscribeArgs,
+    },
     pb::{self, admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event},
 };
 
@@ -224,10 +226,13 @@ pub async fn recv(args: RecvArgs) -> Result<u8, ClientError> {
 /// [`ClientError`] when the broker cannot be reached, refuses, or ends the stream with an error.
 pub async fn subscribe(args: SubscribeArgs) -> Result<u8, ClientError> {
     let mut client = connect(&args.client).await?;
+    let (start_sequence, start_time) = args.start.fields();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {
             address: args.address,
             group: args.group,
+            start_sequence,
+            start_time,
         })
         .await
         .map_err(ClientError::Status)?
@@ -255,6 +260,54 @@ pub async fn subscribe(args: SubscribeArgs) -> Result<u8, ClientError> {
         }
         out.flush()?;
     }
+}
+
+/// `switchboard group create|delete`: prints `created NEXT` / `exists NEXT` for create,
+/// `deleted` for delete (`--json`: one object).
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached or refuses.
+pub async fn group(command: GroupCommand) -> Result<u8, ClientError> {
+    let mut out = io::stdout().lock();
+    match command {
+        GroupCommand::Create(args) => {
+            let mut client = connect(&args.client).await?;
+            let (start_sequence, start_time) = args.start.fields();
+            let r = client
+                .create_group(pb::CreateGroupRequest {
+                    address: args.address,
+                    group: args.group,
+                    start_sequence,
+                    start_time,
+                })
+                .await
+                .map_err(ClientError::Status)?
+                .into_inner();
+            if args.client.json {
+                let v = serde_json::json!({"created": r.created, "next_sequence": r.next_sequence});
+                writeln!(out, "{v}")?;
+            } else {
+                let word = if r.created { "created" } else { "exists" };
+                writeln!(out, "{word} {}", r.next_sequence)?;
+            }
+        }
+        GroupCommand::Delete(args) => {
+            let mut client = connect(&args.client).await?;
+            client
+                .delete_group(pb::DeleteGroupRequest {
+                    address: args.address,
+                    group: args.group,
+                })
+                .await
+                .map_err(ClientError::Status)?;
+            if args.client.json {
+                writeln!(out, "{}", serde_json::json!({"deleted": true}))?;
+            } else {
+                writeln!(out, "deleted")?;
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn info_json(a: &pb::AddressInfo) -> serde_json::Value {

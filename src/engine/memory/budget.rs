@@ -21,7 +21,7 @@ use std::{
 
 use parking_lot::Mutex;
 
-use crate::address::AddressShared;
+use super::log::AddressLog;
 
 /// Number of age queues (a power of two above the core count keeps Sends on different
 /// addresses off each other's lock).
@@ -32,7 +32,7 @@ const COMPACT_SLACK: usize = 1024;
 struct AgeEntry {
     stamp: u64,
     sequence: u64,
-    address: Arc<AddressShared>,
+    address: Arc<AddressLog>,
 }
 
 impl AgeEntry {
@@ -122,7 +122,7 @@ impl Budget {
 
     /// Records an appended message's age (after its address lock is released), then evicts the
     /// oldest messages broker-wide while the bound is exceeded. Returns how many were evicted.
-    pub(crate) fn record(&self, address: &Arc<AddressShared>, sequence: u64) -> usize {
+    pub(crate) fn record(&self, address: &Arc<AddressLog>, sequence: u64) -> usize {
         let stamp = self.stamp.fetch_add(1, Ordering::Relaxed);
         if let Some(q) = self.queues.get(address.age_queue) {
             let mut entries = q.entries.lock();

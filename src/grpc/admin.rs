@@ -7,11 +7,11 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    address::{AddressInfo, GroupInfo},
+    broker::Broker,
+    engine::{AddressInfo, GroupInfo},
     error::BrokerError,
     metrics::Method,
     pb,
-    registry::Broker,
     validate::{self, Address},
 };
 

@@ -25,103 +25,28 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{future::BoxFuture, Stream};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited};
-use prost::{
-    encoding::{
-        encode_key, encode_varint, encoded_len_varint, hash_map, key_len, message, string, WireType,
-    },
-    Message as _,
-};
+use prost::Message as _;
 use tonic::{body::Body, server::NamedService, transport::server::TcpConnectInfo, Status};
 
-use crate::{
-    address::Message,
+use super::{
     connection::{StreamLimiter, StreamPermit},
+    service::rejected,
+};
+use crate::{
+    broker::{Broker, Event, Subscription},
     error::BrokerError,
+    message::encode_message,
     metrics::Method,
     pb,
-    registry::Broker,
-    service::rejected,
     shutdown::ShutdownToken,
-    subscription::{Event, Subscription},
-    validate::{Address, Group},
+    validate::{self, Address, Group},
 };
 
-/// Payloads up to this size are copied into the (shared) frame; larger ones travel as their own
-/// chunk, never copied.
-pub const INLINE_PAYLOAD_BYTES: usize = 4096;
 /// Small frames ready at once are coalesced into one HTTP/2 DATA frame up to this size.
 const COALESCE_BYTES: usize = 32 * 1024;
 /// Largest Subscribe request body accepted (an address and a group fit many times over).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const SUBSCRIBE_PATH: &str = "/switchboard.v1.Broker/Subscribe";
-
-/// A message encoded as a gRPC length-prefixed `SubscribeResponse`: `head`, then `payload` when
-/// it was too large to inline. Cloning shares the bytes.
-#[derive(Debug, Clone)]
-pub struct WireFrame {
-    head: Bytes,
-    payload: Option<Bytes>,
-}
-
-/// Encodes `m` as a `SubscribeResponse` frame (done once per message for all its fan-out
-/// subscribers; see `address::read_fanout`).
-pub(crate) fn encode_message(m: &Message) -> WireFrame {
-    // Encoded by hand from the stored message (no intermediate `pb::Message`, no copies of the
-    // address or headers); `payload` (field 3) goes last so a large one can stay a separate chunk.
-    let address = m.address.as_bytes();
-    let sent_at = prost_types::Timestamp::from(m.sent_at);
-    let plen = m.payload.len();
-    let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
-    let mut msg_len =
-        hash_map::encoded_len(string::encoded_len, string::encoded_len, 4, &m.headers)
-            + message::encoded_len(5, &sent_at);
-    if !address.is_empty() {
-        msg_len += field(1, address.len());
-    }
-    if m.sequence != 0 {
-        msg_len += key_len(2) + encoded_len_varint(m.sequence);
-    }
-    if plen > 0 {
-        msg_len += field(3, plen);
-    }
-    let resp_len = field(1, msg_len);
-    let inline = plen <= INLINE_PAYLOAD_BYTES;
-    let mut buf = BytesMut::with_capacity(5 + resp_len - if inline { 0 } else { plen });
-    buf.put_u8(0); // not compressed
-    buf.put_u32(u32::try_from(resp_len).unwrap_or(u32::MAX));
-    encode_key(1, WireType::LengthDelimited, &mut buf);
-    encode_varint(msg_len as u64, &mut buf);
-    if !address.is_empty() {
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        encode_varint(address.len() as u64, &mut buf);
-        buf.put_slice(address);
-    }
-    if m.sequence != 0 {
-        encode_key(2, WireType::Varint, &mut buf);
-        encode_varint(m.sequence, &mut buf);
-    }
-    hash_map::encode(
-        string::encode,
-        string::encoded_len,
-        string::encode,
-        string::encoded_len,
-        4,
-        &m.headers,
-        &mut buf,
-    );
-    message::encode(5, &sent_at, &mut buf);
-    if plen > 0 {
-        encode_key(3, WireType::LengthDelimited, &mut buf);
-        encode_varint(plen as u64, &mut buf);
-        if inline {
-            buf.put_slice(&m.payload);
-        }
-    }
-    WireFrame {
-        head: buf.freeze(),
-        payload: (!inline).then(|| m.payload.clone()),
-    }
-}
 
 fn encode_response(r: &pb::SubscribeResponse) -> Bytes {
     let len = r.encoded_len();
@@ -300,10 +225,11 @@ async fn subscribe(
     let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
     let address = Address::parse(r.address.as_str()).map_err(reject)?;
     let group = Group::parse(r.group.as_str()).map_err(reject)?;
+    let start = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
     let permit = streams.acquire(peer).map_err(reject)?;
     // Registered before the response (and so its headers) exists.
     let subscription = broker
-        .subscribe(&address, &group, shutdown)
+        .subscribe(&address, &group, start, shutdown)
         .map_err(reject)?;
     let mut response = http::Response::new(Body::new(SubscribeBody::new(subscription, permit)));
     response.headers_mut().insert(
@@ -356,7 +282,10 @@ mod tests {
     use std::{sync::Arc, time::SystemTime};
 
     use super::*;
-    use crate::service::to_pb;
+    use crate::{
+        grpc::service::to_pb,
+        message::{Message, WireFrame, INLINE_PAYLOAD_BYTES},
+    };
 
     fn message(payload_len: usize) -> Message {
         let mut headers = crate::validate::Headers::new();

@@ -7,17 +7,16 @@ use tokio::net::TcpListener;
 use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 use tonic::transport::Server;
 
+use super::{
+    admin::AdminService, connection::StreamLimiter, health, service::BrokerService,
+    wire::SubscribeRoute,
+};
 use crate::{
-    admin::AdminService,
+    broker::Broker,
     config::ServerConfig,
-    connection::StreamLimiter,
-    health,
     metrics::CONTENT_TYPE,
     pb::{admin_server::AdminServer, broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
-    registry::Broker,
-    service::BrokerService,
     shutdown::{Shutdown, ShutdownToken},
-    wire::SubscribeRoute,
 };
 
 /// Errors that stop the server.
@@ -161,7 +160,11 @@ async fn serve_metrics(listener: TcpListener, broker: Broker, mut shutdown: Shut
             |axum::extract::State(broker): axum::extract::State<Broker>| async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-                    broker.metrics().render(&broker),
+                    broker.metrics().render(
+                        broker.address_count(),
+                        broker.total_retained_bytes(),
+                        broker.total_retained_messages(),
+                    ),
                 )
             },
         )

@@ -1,5 +1,7 @@
 //! The gRPC face of the broker: `impl pb::broker_server::Broker`. A thin translation layer:
-//! decode, validate, call the [`Broker`], encode. No policy lives here.
+//! decode, validate, call the [`Broker`], encode. No policy lives here. Subscribe is served by
+//! [`SubscribeRoute`](super::wire::SubscribeRoute) in front of this service (zero-copy frames);
+//! the generated trait's `subscribe` is never reached and answers `UNIMPLEMENTED`.
 
 use std::{
     future::Future,
@@ -11,15 +13,14 @@ use std::{
 use futures_util::Stream;
 use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
+use super::connection::{StreamLimiter, StreamPermit};
 use crate::{
-    address::Message,
-    connection::{StreamLimiter, StreamPermit},
+    broker::Broker,
     error::BrokerError,
+    message::Message,
     metrics::{code_name, Method},
     pb,
-    registry::Broker,
     shutdown::ShutdownToken,
-    subscription::{Event, Subscription},
     validate::{self, Address, Group},
 };
 
@@ -108,50 +109,6 @@ fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-/// The stream behind `Subscribe`: one [`Subscription`], its events as `SubscribeResponse`s.
-/// Ends with `UNAVAILABLE` ("server shutting down") on shutdown; dropping it (the client went
-/// away) unregisters the subscriber.
-pub struct SubscribeStream {
-    inner: Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>,
-}
-
-impl std::fmt::Debug for SubscribeStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SubscribeStream").finish_non_exhaustive()
-    }
-}
-
-impl SubscribeStream {
-    fn new(subscription: Subscription) -> Self {
-        let inner = futures_util::stream::unfold(subscription, |mut s| async move {
-            let item = s.next().await?.map_err(Status::from).map(|event| {
-                let event = match event {
-                    Event::Message(m, _) => pb::subscribe_response::Event::Message(to_pb(&m)),
-                    Event::Dropped(count) => {
-                        pb::subscribe_response::Event::Dropped(pb::Dropped { count })
-                    }
-                };
-                pb::SubscribeResponse { event: Some(event) }
-            });
-            Some((item, s))
-        });
-        Self {
-            inner: Box::pin(inner),
-        }
-    }
-}
-
-impl Stream for SubscribeStream {
-    type Item = Result<pb::SubscribeResponse, Status>;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx)
-    }
 }
 
 impl BrokerService {
@@ -300,22 +257,62 @@ impl pb::broker_server::Broker for BrokerService {
         result
     }
 
-    type SubscribeStream = SubscribeStream;
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
-    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
     async fn subscribe(
         &self,
-        request: Request<pb::SubscribeRequest>,
+        _request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        // Unreachable when served through `grpc::server`: `SubscribeRoute` answers Subscribe.
+        Err(Status::unimplemented(
+            "Subscribe is served by the zero-copy route (grpc::wire::SubscribeRoute)",
+        ))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
+    async fn create_group(
+        &self,
+        request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        let start = Instant::now();
         let r = request.into_inner();
-        let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
-        let address = Address::parse(r.address.as_str()).map_err(reject)?;
-        let group = Group::parse(r.group.as_str()).map_err(reject)?;
-        let subscription = self
-            .broker
-            .subscribe(&address, &group, self.shutdown.clone())
-            .map_err(reject)?;
-        Ok(Response::new(SubscribeStream::new(subscription)))
+        let reject = |e: BrokerError| rejected(Method::CreateGroup, &r.address, e);
+        let result = (|| {
+            let address = Address::parse(r.address.as_str()).map_err(reject)?;
+            let group = Group::parse(r.group.as_str()).map_err(reject)?;
+            let at = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
+            let (created, next_sequence) = self
+                .broker
+                .create_group(&address, &group, at)
+                .map_err(reject)?;
+            Ok(Response::new(pb::CreateGroupResponse {
+                created,
+                next_sequence,
+            }))
+        })();
+        self.observe(Method::CreateGroup, start, &result);
+        result
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let start = Instant::now();
+        let r = request.into_inner();
+        let reject = |e: BrokerError| rejected(Method::DeleteGroup, &r.address, e);
+        let result = (|| {
+            let address = Address::parse(r.address.as_str()).map_err(reject)?;
+            let group = Group::parse(r.group.as_str()).map_err(reject)?;
+            self.broker
+                .delete_group(&address, &group)
+                .map_err(reject)?;
+            Ok(Response::new(pb::DeleteGroupResponse {}))
+        })();
+        self.observe(Method::DeleteGroup, start, &result);
+        result
     }
 }
 

@@ -1,22 +1,26 @@
-//! One address: its sequence counter, its retention window, its consumer-group cursors and the
-//! bookkeeping of its fan-out subscribers.
+//! One address in memory: its sequence counter, its retention window (the history), its
+//! consumer-group cursors and the bookkeeping of its fan-out subscribers.
 //!
 //! The window is a sequence-indexed ring (`VecDeque`): entry `i` holds sequence `first + i`.
-//! Consumers are cursors into it (the next sequence they will get), so replay from a sequence or
-//! acknowledgements can be added without changing how messages are stored.
+//! Consumers are cursors into it (the next sequence they will get); reading never removes a
+//! message. A message leaves the window only when a retention bound evicts it (NATS JetStream's
+//! "limits" retention, Kafka's log retention):
+//! - the address's count or byte bound, when a new message arrives;
+//! - the age bound, checked at the front of the window on every append and read, and by the
+//!   engine's periodic sweep (no timer per message, no global lock);
+//! - the broker-wide byte bound (oldest first, across addresses; see `budget`).
 //!
-//! A message leaves the window when
-//! - every consumer group of the address has taken it and every fan-out subscriber has been
-//!   handed it (it is *consumed*; nothing is lost), or
-//! - a retention bound evicts it: the address's count or byte bound when a new message arrives,
-//!   or the broker-wide byte bound (oldest first, across addresses). Consumers whose cursor was
-//!   behind it learn the exact number lost on their next read (`dropped` / `Dropped{count}`).
+//! Consumers whose cursor was behind an evicted message learn the exact number lost on their
+//! next read (`dropped` / `Dropped{count}`).
 //!
 //! Invariants a change must keep:
 //! - all state is behind one short `parking_lot` mutex per address; it is never held across an
 //!   `.await`, and waiters are woken (`Notify`) after it is released;
 //! - `retained_bytes` and the broker [`Budget`] move together: every removal from the window
-//!   calls [`Budget::release`].
+//!   calls [`Budget::release`];
+//! - an entry's `pending_subscribers` counts the fan-out subscribers registered when it was
+//!   appended that have not been handed it yet; it only decides how long the shared wire frame
+//!   is cached, never whether the message is retained.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -24,42 +28,27 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
-    time::{Instant, SystemTime},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
+use super::budget::Budget;
 use crate::{
-    budget::Budget,
+    engine::{AddressInfo, Batch, Delivery, GroupInfo, Retention, StartAt},
     error::BrokerError,
+    message::{encode_message, Message, WireFrame},
     metrics::Metrics,
     validate::Headers,
-    wire::{self, WireFrame},
 };
-
-/// A message as the broker stores it. Shared (`Arc`) by every consumer that is handed it; the
-/// payload is a reference-counted [`Bytes`], never copied per subscriber.
-#[derive(Debug)]
-pub struct Message {
-    /// The address it was sent to.
-    pub address: Arc<str>,
-    /// Its per-address sequence, from 1.
-    pub sequence: u64,
-    /// The payload bytes.
-    pub payload: Bytes,
-    /// The headers it was sent with.
-    pub headers: Headers,
-    /// When the broker accepted it.
-    pub sent_at: SystemTime,
-    /// Bytes charged against the retention bounds (payload + headers + overhead).
-    pub(crate) size: usize,
-}
 
 struct Entry {
     message: Arc<Message>,
-    /// Fan-out subscribers that have not yet been handed this message.
+    /// When it was appended (monotonic), for the age bound.
+    appended: Instant,
+    /// Fan-out subscribers registered at append time that have not yet been handed it.
     pending_subscribers: u32,
     /// The message encoded for the wire, shared by the fan-out subscribers still owed it and
     /// dropped when the last one has it, so retained messages do not carry a second copy.
@@ -69,81 +58,40 @@ struct Entry {
 /// A consumer group's position (Kafka's committed offset, NATS JetStream's consumer floor).
 #[derive(Debug, Clone, Copy)]
 struct Cursor {
+    /// Which incarnation of the group this is: a group deleted and created again gets a new
+    /// id, so calls and streams opened on the old one end with `GroupDeleted`.
+    id: u64,
     /// Next sequence the group hands out.
     next: u64,
     /// Messages evicted before the group took them, not yet reported.
     dropped: u64,
-    /// Whether anyone has read from the group. Named groups are created by a read; the default
-    /// group exists from the start and counts once a Recv or group stream used it.
+    /// Whether anyone has read from the group. Named groups are created by a read or by
+    /// CreateGroup; the default group exists from the start and counts once somebody used it.
     used: bool,
-}
-
-/// The result of taking from a group or reading as a subscriber.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Messages, in sequence order.
-    pub messages: Vec<Arc<Message>>,
-    /// Messages lost to retention before this batch (reported once).
-    pub dropped: u64,
-}
-
-impl Batch {
-    /// Nothing to report: no message and no loss.
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.dropped == 0
-    }
-}
-
-/// What the Admin RPCs report about one address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AddressInfo {
-    /// The address.
-    pub address: String,
-    /// Messages in its retention window.
-    pub retained_messages: usize,
-    /// Bytes charged for them (payload + headers + 128 per message).
-    pub retained_bytes: usize,
-    /// Sequence of the oldest retained message; 0 when none is retained.
-    pub first_sequence: u64,
-    /// Sequence of the last message sent; 0 before the first.
-    pub last_sequence: u64,
-    /// Open Subscribe streams (fan-out and group members).
-    pub subscribers: usize,
-    /// Consumer groups, the default group included.
-    pub groups: usize,
-}
-
-/// What the Admin RPCs report about one consumer group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupInfo {
-    /// The group; empty for the default group.
-    pub group: String,
-    /// Next sequence the group hands out.
-    pub next_sequence: u64,
-    /// Retained messages the group has not taken yet (messages behind the last sequence).
-    pub lag: u64,
-    /// Messages the group lost to retention that its next read will report.
-    pub dropped: u64,
+    /// The start CreateGroup asked for; `None` for a group created by its first read.
+    created: Option<StartAt>,
 }
 
 fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Shared handle of one address, held by the registry and by every subscriber and waiting Recv.
-pub(crate) struct AddressShared {
+/// Shared handle of one address, held by the engine's map and by every subscriber and
+/// waiting Recv.
+pub struct AddressLog {
     pub(crate) name: Arc<str>,
     pub(crate) state: Mutex<State>,
     /// Woken after every append: waiting Recv calls, group streams and caught-up subscribers.
     pub(crate) notify: Notify,
     pub(crate) budget: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
+    retention: Retention,
     /// Which of the budget's age queues this address's messages go to.
     pub(crate) age_queue: usize,
     /// Mirror of the first retained sequence (or the next sequence when empty), readable without
     /// the lock by the budget's stale-entry checks.
     first_seq: AtomicU64,
-    /// Set (under the lock) when the registry reclaims or deletes the address.
+    /// Set (under the lock) when the engine reclaims or deletes the address.
     closed: AtomicBool,
     /// Set (under the lock) when an operator deletes the address: its subscribers end.
     deleted: AtomicBool,
@@ -155,6 +103,7 @@ pub(crate) struct State {
     window: VecDeque<Entry>,
     retained_bytes: usize,
     groups: HashMap<Box<str>, Cursor>,
+    next_group_id: u64,
     /// Fan-out subscribers registered now.
     fanout: u32,
     /// Fan-out subscribers plus group streams.
@@ -165,20 +114,21 @@ pub(crate) struct State {
     last_active: Instant,
 }
 
-impl std::fmt::Debug for AddressShared {
+impl std::fmt::Debug for AddressLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Address")
+        f.debug_struct("AddressLog")
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
-impl AddressShared {
+impl AddressLog {
     pub(crate) fn new(
         name: Arc<str>,
         budget: Arc<Budget>,
         age_queue: usize,
         metrics: Arc<Metrics>,
+        retention: Retention,
     ) -> Self {
         metrics.groups.inc();
         let mut groups = HashMap::new();
@@ -186,9 +136,11 @@ impl AddressShared {
         groups.insert(
             Box::from(""),
             Cursor {
+                id: 0,
                 next: 1,
                 dropped: 0,
                 used: false,
+                created: None,
             },
         );
         Self {
@@ -198,6 +150,7 @@ impl AddressShared {
                 window: VecDeque::new(),
                 retained_bytes: 0,
                 groups,
+                next_group_id: 1,
                 fanout: 0,
                 subscribers: 0,
                 waiters: 0,
@@ -207,6 +160,7 @@ impl AddressShared {
             notify: Notify::new(),
             budget,
             metrics,
+            retention,
             age_queue,
             first_seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -220,11 +174,7 @@ impl AddressShared {
     }
 
     fn sync_first(&self, st: &State) {
-        let first = st
-            .window
-            .front()
-            .map_or(st.next_seq, |e| e.message.sequence);
-        self.first_seq.store(first, Ordering::Release);
+        self.first_seq.store(st.first(), Ordering::Release);
     }
 
     /// Removes the oldest entry and returns the bytes it held to the budget.
@@ -237,25 +187,26 @@ impl AddressShared {
         true
     }
 
-    /// Drops the consumed prefix: entries every group has taken and every subscriber was handed.
-    fn trim(&self, st: &mut State) {
-        let floor = st
-            .groups
-            .values()
-            .map(|c| c.next)
-            .min()
-            .unwrap_or(st.next_seq);
-        let mut trimmed = false;
+    /// Evicts the messages older than the age bound (front of the window only: entries are in
+    /// append order). Returns how many left.
+    pub(crate) fn evict_aged(&self, st: &mut State, now: Instant) -> usize {
+        let Some(age) = self.retention.age else {
+            return 0;
+        };
+        let mut n = 0;
         while st
             .window
             .front()
-            .is_some_and(|e| e.pending_subscribers == 0 && e.message.sequence < floor)
+            .is_some_and(|e| now.saturating_duration_since(e.appended) >= age)
         {
-            trimmed |= self.pop_front(st);
+            self.pop_front(st);
+            n += 1;
         }
-        if trimmed {
+        if n > 0 {
             self.sync_first(st);
+            self.metrics.evicted.inc_by(n as u64);
         }
+        n
     }
 
     /// Appends a message, first evicting the oldest entries the address's bounds require.
@@ -266,14 +217,19 @@ impl AddressShared {
         payload: Bytes,
         headers: Headers,
         size: usize,
-        retention_messages: usize,
-        retention_bytes: usize,
     ) -> Arc<Message> {
+        let now = Instant::now();
+        self.evict_aged(st, now);
+        let mut evicted = 0;
         while !st.window.is_empty()
-            && (st.window.len() >= retention_messages || st.retained_bytes + size > retention_bytes)
+            && (st.window.len() >= self.retention.messages
+                || st.retained_bytes + size > self.retention.bytes)
         {
             self.pop_front(st);
-            self.metrics.evicted.inc();
+            evicted += 1;
+        }
+        if evicted > 0 {
+            self.metrics.evicted.inc_by(evicted);
         }
         self.metrics.sent.inc();
         let message = Arc::new(Message {
@@ -288,17 +244,18 @@ impl AddressShared {
         st.retained_bytes += size;
         st.window.push_back(Entry {
             message: Arc::clone(&message),
+            appended: now,
             pending_subscribers: st.fanout,
             frame: None,
         });
-        st.last_active = Instant::now();
+        st.last_active = now;
         self.budget.charge(self.age_queue, size);
         self.sync_first(st);
         message
     }
 
-    /// Evicts (not consumes) every entry up to and including `sequence`: the broker-wide byte
-    /// bound's "discard old". Returns how many left.
+    /// Evicts every entry up to and including `sequence`: the broker-wide byte bound's "discard
+    /// old". Returns how many left.
     pub(crate) fn evict_through(&self, sequence: u64) -> usize {
         let mut st = self.state.lock();
         let mut n = 0;
@@ -317,28 +274,72 @@ impl AddressShared {
         n
     }
 
-    /// Takes up to `max` messages for `group` (creating a named group at the current end of the
-    /// address on first use), with the count the group lost since its last take.
-    pub(crate) fn take(&self, st: &mut State, group: &str, max: usize) -> Batch {
-        let first = st
-            .window
-            .front()
-            .map_or(st.next_seq, |e| e.message.sequence);
-        let next_seq = st.next_seq;
+    /// The sequence a reader starting at `start` reads first.
+    ///
+    /// # Errors
+    /// [`BrokerError::PastEnd`] for a sequence beyond the last one + 1.
+    fn position(st: &State, start: StartAt) -> Result<u64, BrokerError> {
+        match start {
+            StartAt::End => Ok(st.next_seq),
+            StartAt::Sequence(n) if n > st.next_seq => Err(BrokerError::PastEnd {
+                field: "start_sequence",
+                requested: n,
+                last: st.next_seq - 1,
+            }),
+            StartAt::Sequence(n) => Ok(n),
+            StartAt::Time(t) => {
+                // Entries are in append order, and so (clock steps aside) in sent_at order.
+                let i = st.window.partition_point(|e| e.message.sent_at < t);
+                Ok(st
+                    .window
+                    .get(i)
+                    .map_or(st.next_seq, |e| e.message.sequence))
+            }
+        }
+    }
+
+    fn new_group(st: &mut State, next: u64, created: Option<StartAt>, used: bool) -> Cursor {
+        let id = st.next_group_id;
+        st.next_group_id += 1;
+        Cursor {
+            id,
+            next,
+            dropped: 0,
+            used,
+            created,
+        }
+    }
+
+    /// Takes up to `max` messages for `group`, with the count the group lost since its last
+    /// take. With `expect` (the group's id from an earlier take or registration), a group that
+    /// was deleted (or deleted and created again) is [`BrokerError::GroupDeleted`]; without it,
+    /// a named group is created at the current end of the address on first use. Returns the
+    /// group's id with the batch.
+    pub(crate) fn take(
+        &self,
+        st: &mut State,
+        group: &str,
+        expect: Option<u64>,
+        max: usize,
+    ) -> Result<(u64, Batch), BrokerError> {
+        let now = Instant::now();
+        self.evict_aged(st, now);
+        let first = st.first();
         if !st.groups.contains_key(group) {
+            if expect.is_some() {
+                return Err(BrokerError::GroupDeleted);
+            }
             self.metrics.groups.inc();
-            st.groups.insert(
-                Box::from(group),
-                Cursor {
-                    next: next_seq,
-                    dropped: 0,
-                    used: true,
-                },
-            );
+            let next = st.next_seq;
+            let cursor = Self::new_group(st, next, None, true);
+            st.groups.insert(Box::from(group), cursor);
         }
         let Some(cursor) = st.groups.get_mut(group) else {
-            return Batch::default();
+            return Err(BrokerError::GroupDeleted);
         };
+        if expect.is_some_and(|id| id != cursor.id) {
+            return Err(BrokerError::GroupDeleted);
+        }
         cursor.used = true;
         if cursor.next < first {
             cursor.dropped += first - cursor.next;
@@ -358,58 +359,118 @@ impl AddressShared {
             dropped: std::mem::take(&mut cursor.dropped),
         };
         cursor.next += taken;
+        let id = cursor.id;
         self.metrics.delivered.inc_by(taken);
         if batch.dropped > 0 {
             self.metrics.dropped.inc_by(batch.dropped);
         }
-        st.last_active = Instant::now();
-        if taken > 0 {
-            self.trim(st);
-        }
-        batch
+        st.last_active = now;
+        Ok((id, batch))
     }
 
-    /// Registers a fan-out subscriber; returns its cursor (the next sequence).
-    pub(crate) fn subscribe_fanout(&self, st: &mut State) -> u64 {
+    /// CreateGroup: a named group starting at `start`. Returns whether it was created (false:
+    /// it existed with the same settings) and the sequence it hands out next.
+    ///
+    /// # Errors
+    /// [`BrokerError::GroupExists`] when it exists with another start;
+    /// [`BrokerError::PastEnd`] for a start beyond the last sequence + 1.
+    pub(crate) fn create_group(
+        &self,
+        st: &mut State,
+        group: &str,
+        start: StartAt,
+    ) -> Result<(bool, u64), BrokerError> {
+        self.evict_aged(st, Instant::now());
+        let first = st.first();
+        if let Some(c) = st.groups.get_mut(group) {
+            // A group created by its first read started at the end, like StartAt::End.
+            let existing = c.created.unwrap_or(StartAt::End);
+            if existing != start {
+                return Err(BrokerError::GroupExists {
+                    group: group.to_string(),
+                    existing: existing.describe(),
+                });
+            }
+            // Asked for explicitly now: it is kept like a created group from here on.
+            c.created = Some(existing);
+            return Ok((false, c.next.max(first)));
+        }
+        let next = Self::position(st, start)?;
+        self.metrics.groups.inc();
+        let cursor = Self::new_group(st, next, Some(start), false);
+        st.groups.insert(Box::from(group), cursor);
+        st.last_active = Instant::now();
+        Ok((true, next.max(first)))
+    }
+
+    /// DeleteGroup: forgets a named group. The caller wakes waiters after unlocking, so that
+    /// waiting Recv calls and the group's streams see it gone.
+    ///
+    /// # Errors
+    /// [`BrokerError::NoSuchGroup`] when the address has no such group.
+    pub(crate) fn delete_group(&self, st: &mut State, group: &str) -> Result<(), BrokerError> {
+        if st.groups.remove(group).is_none() {
+            return Err(BrokerError::NoSuchGroup {
+                address: self.name.to_string(),
+                group: group.to_string(),
+            });
+        }
+        self.metrics.groups.dec();
+        st.last_active = Instant::now();
+        Ok(())
+    }
+
+    /// Registers a fan-out subscriber starting at `start`; returns its cursor (the first
+    /// sequence it is owed) and the sequence from which appends count it in their
+    /// `pending_subscribers`.
+    ///
+    /// # Errors
+    /// [`BrokerError::PastEnd`] for a start beyond the last sequence + 1 (nothing registered).
+    pub(crate) fn subscribe_fanout(
+        &self,
+        st: &mut State,
+        start: StartAt,
+    ) -> Result<(u64, u64), BrokerError> {
+        self.evict_aged(st, Instant::now());
+        let cursor = Self::position(st, start)?;
         st.fanout += 1;
         st.subscribers += 1;
         self.metrics.subscribers.inc();
         st.last_active = Instant::now();
-        st.next_seq
+        Ok((cursor, st.next_seq))
     }
 
-    /// Registers a group stream (creating the group on first use).
-    pub(crate) fn subscribe_group(&self, st: &mut State, group: &str) {
-        let next = st.next_seq;
-        if !st.groups.contains_key(group) {
-            self.metrics.groups.inc();
-            st.groups.insert(
-                Box::from(group),
-                Cursor {
-                    next,
-                    dropped: 0,
-                    used: true,
-                },
-            );
-        }
+    /// Registers a group stream (creating the group on first use); returns the group's id.
+    pub(crate) fn subscribe_group(&self, st: &mut State, group: &str) -> u64 {
+        let id = match st.groups.get(group) {
+            Some(c) => c.id,
+            None => {
+                self.metrics.groups.inc();
+                let next = st.next_seq;
+                let cursor = Self::new_group(st, next, None, true);
+                st.groups.insert(Box::from(group), cursor);
+                cursor.id
+            }
+        };
         st.subscribers += 1;
         self.metrics.subscribers.inc();
         st.last_active = Instant::now();
+        id
     }
 
-    /// Hands a fan-out subscriber at `cursor` up to `max` messages, each with its wire frame,
-    /// into `out`; returns how many it lost to retention since its last read.
+    /// Hands a fan-out subscriber at `cursor` up to `max` messages, each with its wire frame
+    /// when one is shared, into `out`; returns how many it lost to retention since its last
+    /// read. `registered` is the sequence from which appends counted this subscriber.
     pub(crate) fn read_fanout(
         &self,
         st: &mut State,
         cursor: &mut u64,
+        registered: u64,
         max: usize,
-        out: &mut VecDeque<(Arc<Message>, Option<WireFrame>)>,
+        out: &mut VecDeque<Delivery>,
     ) -> u64 {
-        let first = st
-            .window
-            .front()
-            .map_or(st.next_seq, |e| e.message.sequence);
+        self.evict_aged(st, Instant::now());
+        let first = st.first();
         let mut dropped = 0;
         if *cursor < first {
             dropped = first - *cursor;
@@ -418,15 +479,20 @@ impl AddressShared {
         let start = usize::try_from(*cursor - first).unwrap_or(usize::MAX);
         let before = out.len();
         for e in st.window.iter_mut().skip(start).take(max) {
-            // Encoded once, by the first subscriber to read it; kept only while others still
-            // need it.
+            if e.message.sequence < registered {
+                // History from before this subscriber registered (replay): it was not counted
+                // in the entry, so it takes a shared frame if one exists and otherwise encodes
+                // its own, outside the lock.
+                out.push_back((Arc::clone(&e.message), e.frame.clone()));
+                continue;
+            }
             // Shared messages are encoded once, by the first subscriber to read them, and kept
             // while others still need them. A message only this subscriber is owed is encoded
             // later, outside the lock, by the subscriber itself.
             let frame = match &e.frame {
                 Some(f) => Some(f.clone()),
                 None if e.pending_subscribers > 1 => {
-                    let f = wire::encode_message(&e.message);
+                    let f = encode_message(&e.message);
                     e.frame = Some(f.clone());
                     Some(f)
                 }
@@ -444,20 +510,16 @@ impl AddressShared {
         if dropped > 0 {
             self.metrics.dropped.inc_by(dropped);
         }
-        if out.len() > before && start == 0 {
-            self.trim(st);
-        }
         dropped
     }
 
-    /// Unregisters a fan-out subscriber at `cursor`: what it was still owed no longer waits for it.
-    pub(crate) fn unsubscribe_fanout(&self, cursor: u64) {
+    /// Unregisters a fan-out subscriber at `cursor`: what it was still owed no longer waits for
+    /// it.
+    pub(crate) fn unsubscribe_fanout(&self, cursor: u64, registered: u64) {
         let mut st = self.state.lock();
-        let first = st
-            .window
-            .front()
-            .map_or(st.next_seq, |e| e.message.sequence);
-        let start = usize::try_from(cursor.saturating_sub(first)).unwrap_or(usize::MAX);
+        let first = st.first();
+        let from = cursor.max(registered);
+        let start = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
         for e in st.window.iter_mut().skip(start) {
             e.pending_subscribers = e.pending_subscribers.saturating_sub(1);
             if e.pending_subscribers == 0 {
@@ -468,7 +530,6 @@ impl AddressShared {
         st.subscribers = st.subscribers.saturating_sub(1);
         self.metrics.subscribers.dec();
         st.last_active = Instant::now();
-        self.trim(&mut st);
     }
 
     /// Unregisters a group stream.
@@ -491,17 +552,28 @@ impl AddressShared {
         st.last_active = Instant::now();
     }
 
+    /// Evicts what the age bound says has expired (the engine's periodic sweep).
+    pub(crate) fn sweep(&self) -> usize {
+        if self.retention.age.is_none() {
+            return 0;
+        }
+        let mut st = self.state.lock();
+        self.evict_aged(&mut st, Instant::now())
+    }
+
     /// Closes the address if it has been idle for `idle`: nothing retained, no subscriber, no
-    /// waiting Recv. Called by the registry while it holds the map entry, so no new handle can be
-    /// taken; handles already out see `closed` and look the address up again.
+    /// waiting Recv, no group created by CreateGroup. Called by the engine while it holds the
+    /// map entry, so no new handle can be taken; handles already out see `closed` and look the
+    /// address up again.
     pub(crate) fn close_if_idle(&self, idle: std::time::Duration) -> bool {
         let mut st = self.state.lock();
         // A group that is read from and lost messages keeps the address until its next read
-        // has reported them: reclaiming would make that loss silent.
+        // has reported them: reclaiming would make that loss silent. A group an operator
+        // created keeps it too: reclaiming would forget its position.
         let owes_report = st
             .groups
             .values()
-            .any(|c| c.used && (c.dropped > 0 || c.next < st.next_seq));
+            .any(|c| c.created.is_some() || (c.used && (c.dropped > 0 || c.next < st.next_seq)));
         let idle_now = st.window.is_empty()
             && st.subscribers == 0
             && st.waiters == 0
@@ -515,7 +587,7 @@ impl AddressShared {
         idle_now
     }
 
-    /// Deletes the address (the registry has already removed it from the map): purges its
+    /// Deletes the address (the engine has already removed it from the map): purges its
     /// messages and marks it so its subscribers end with `NOT_FOUND` and waiting Recv calls
     /// return. Returns how many messages were purged.
     pub(crate) fn delete(&self) -> usize {
@@ -548,11 +620,9 @@ impl AddressShared {
 
     /// A snapshot for the Admin RPCs; with `groups`, one entry per group, sorted by name.
     pub(crate) fn info(&self, with_groups: bool) -> (AddressInfo, Vec<GroupInfo>) {
-        let st = self.state.lock();
-        let first = st
-            .window
-            .front()
-            .map_or(st.next_seq, |e| e.message.sequence);
+        let mut st = self.state.lock();
+        self.evict_aged(&mut st, Instant::now());
+        let first = st.first();
         let info = AddressInfo {
             address: self.name.to_string(),
             retained_messages: st.window.len(),
@@ -581,7 +651,14 @@ impl AddressShared {
 }
 
 impl State {
-    /// Whether the registry has reclaimed this address (look it up again).
+    /// The first retained sequence, or the next sequence when nothing is retained.
+    fn first(&self) -> u64 {
+        self.window
+            .front()
+            .map_or(self.next_seq, |e| e.message.sequence)
+    }
+
+    /// Whether the engine has reclaimed this address (look it up again).
     pub(crate) fn is_closed(&self) -> bool {
         self.closed
     }

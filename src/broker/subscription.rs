@@ -5,6 +5,12 @@
 //! its stream ends with `UNAVAILABLE`; a group member ends at once (the group's messages stay in
 //! the window).
 //!
+//! A fan-out subscriber that starts in the past (replay) reads the retention window in batches
+//! of [`FANOUT_BATCH`] under the address lock, and the next batch only when its stream has
+//! written the previous one: the address lock is never held for the whole backlog, and the
+//! backlog is never buffered (backpressure comes from the HTTP/2 flow control of its stream).
+//! After the backlog it is live with no gap and no duplicate: one cursor covers both.
+//!
 //! Slow-consumer policy: a subscriber never slows Send or other subscribers. It reads from the
 //! address's retention window at its own pace; if the window moves past it, the messages it
 //! missed are reported as one [`Event::Dropped`] with the exact count, then delivery resumes at
@@ -13,15 +19,15 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use crate::{
-    address::{AddressShared, Message},
+    engine::{Delivery, FanoutCursor, Log},
     error::BrokerError,
+    message::{Message, WireFrame},
     shutdown::ShutdownToken,
     validate::Group,
-    wire::WireFrame,
 };
 
 /// How many messages a fan-out subscriber copies out of the window per lock.
-const FANOUT_BATCH: usize = 64;
+pub const FANOUT_BATCH: usize = 64;
 
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
@@ -35,46 +41,37 @@ pub enum Event {
 
 #[derive(Debug)]
 enum Kind {
-    /// Next sequence this subscriber is owed.
-    Fanout {
-        cursor: u64,
-    },
-    Group(Group),
+    /// Where this subscriber is in the window.
+    Fanout(FanoutCursor),
+    /// The group and the id of the incarnation it joined.
+    Group(Group, u64),
 }
 
 /// A registered subscriber. See the module docs.
 #[derive(Debug)]
 pub struct Subscription {
-    address: Arc<AddressShared>,
+    log: Log,
     kind: Kind,
-    buffer: VecDeque<(Arc<Message>, Option<WireFrame>)>,
+    buffer: VecDeque<Delivery>,
     shutdown: ShutdownToken,
     done: bool,
 }
 
 impl Subscription {
-    pub(crate) fn fanout(
-        address: Arc<AddressShared>,
-        cursor: u64,
-        shutdown: ShutdownToken,
-    ) -> Self {
+    pub(crate) fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
         Self {
-            address,
-            kind: Kind::Fanout { cursor },
+            log,
+            kind: Kind::Fanout(cursor),
             buffer: VecDeque::new(),
             shutdown,
             done: false,
         }
     }
 
-    pub(crate) fn group(
-        address: Arc<AddressShared>,
-        group: Group,
-        shutdown: ShutdownToken,
-    ) -> Self {
+    pub(crate) fn group(log: Log, group: Group, id: u64, shutdown: ShutdownToken) -> Self {
         Self {
-            address,
-            kind: Kind::Group(group),
+            log,
+            kind: Kind::Group(group, id),
             buffer: VecDeque::new(),
             shutdown,
             done: false,
@@ -83,8 +80,9 @@ impl Subscription {
 
     /// The next event. Waits while nothing is there.
     ///
-    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down, or
-    /// `Some(Err(BrokerError::AddressDeleted))` when an operator deletes the address, then `None`.
+    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down,
+    /// `Some(Err(BrokerError::AddressDeleted))` when an operator deletes the address, or
+    /// `Some(Err(BrokerError::GroupDeleted))` when its group is deleted; then `None`.
     pub async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
         loop {
             if self.done {
@@ -93,16 +91,9 @@ impl Subscription {
             if self.shutdown.is_cancelled() {
                 // A fan-out subscriber first gets what is already retained for it, so no
                 // acknowledged message is silently skipped; then the stream ends.
-                if let Kind::Fanout { cursor } = &mut self.kind {
+                if let Kind::Fanout(cursor) = &mut self.kind {
                     if self.buffer.is_empty() {
-                        let mut st = self.address.state.lock();
-                        let dropped = self.address.read_fanout(
-                            &mut st,
-                            cursor,
-                            FANOUT_BATCH,
-                            &mut self.buffer,
-                        );
-                        drop(st);
+                        let dropped = self.log.read_fanout(cursor, FANOUT_BATCH, &mut self.buffer);
                         if dropped > 0 {
                             return Some(Ok(Event::Dropped(dropped)));
                         }
@@ -114,7 +105,7 @@ impl Subscription {
                 self.done = true;
                 return Some(Err(BrokerError::ShuttingDown));
             }
-            if let Err(e) = self.address.check_deleted() {
+            if let Err(e) = self.log.check_deleted() {
                 self.done = true;
                 return Some(Err(e));
             }
@@ -122,26 +113,28 @@ impl Subscription {
                 return Some(Ok(Event::Message(m, f)));
             }
             let Self {
-                address,
+                log,
                 kind,
                 buffer,
                 shutdown,
-                ..
+                done,
             } = self;
-            let notified = address.notify.notified();
+            let notified = log.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let dropped = {
-                let mut st = address.state.lock();
-                match kind {
-                    Kind::Fanout { cursor } => {
-                        address.read_fanout(&mut st, cursor, FANOUT_BATCH, buffer)
-                    }
-                    Kind::Group(group) => {
-                        // One at a time, so the group's other members get their share.
-                        let batch = address.take(&mut st, group.as_str(), 1);
-                        buffer.extend(batch.messages.into_iter().map(|m| (m, None)));
-                        batch.dropped
+            let dropped = match kind {
+                Kind::Fanout(cursor) => log.read_fanout(cursor, FANOUT_BATCH, buffer),
+                Kind::Group(group, id) => {
+                    // One at a time, so the group's other members get their share.
+                    match log.take(group.as_str(), *id, 1) {
+                        Ok(batch) => {
+                            buffer.extend(batch.messages.into_iter().map(|m| (m, None)));
+                            batch.dropped
+                        }
+                        Err(e) => {
+                            *done = true;
+                            return Some(Err(e));
+                        }
                     }
                 }
             };
@@ -161,9 +154,9 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        match self.kind {
-            Kind::Fanout { cursor } => self.address.unsubscribe_fanout(cursor),
-            Kind::Group(_) => self.address.unsubscribe_group(),
+        match &self.kind {
+            Kind::Fanout(cursor) => self.log.unsubscribe_fanout(*cursor),
+            Kind::Group(..) => self.log.unsubscribe_group(),
         }
     }
 }

@@ -1,0 +1,354 @@
+//! The broker core without gRPC: the [`Broker`] handle (Send, Recv, Subscribe, consumer
+//! groups, Admin figures) over an [`Engine`], and [`Subscription`]s. Usable in-process (tests,
+//! embedding); the gRPC face in `grpc/` only translates to it.
+//!
+//! Policy lives here (validation of sizes, the small-payload copy, long-poll waits, shutdown,
+//! subscriber limits); storage lives in the engine. Nothing here imports `grpc/`.
+
+pub mod subscription;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+pub use subscription::{Event, Subscription};
+
+use crate::{
+    config::{Limits, MESSAGE_OVERHEAD_BYTES},
+    engine::{AddressInfo, Batch, Engine, GroupInfo, Log, StartAt},
+    error::BrokerError,
+    metrics::Metrics,
+    shutdown::ShutdownToken,
+    validate::{self, Address, Group, Headers},
+};
+
+/// Payloads smaller than this are copied out of the receive buffer on Send (see `send`).
+const UNPIN_BELOW_BYTES: usize = 64 * 1024;
+
+/// A cheap-clone handle to the broker's state.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: Engine,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl Broker {
+    /// A broker with no addresses on the in-memory engine, enforcing `limits` (assumed
+    /// validated, see [`Limits::validate`]).
+    pub fn new(limits: Limits) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let engine = Engine::memory(&limits, Arc::clone(&metrics));
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                limits,
+                metrics,
+            }),
+        }
+    }
+
+    /// Begins shutdown: every Send from now on is refused with `UNAVAILABLE`. Call it before
+    /// triggering the shutdown token, so that draining subscribers miss nothing acknowledged.
+    pub fn begin_shutdown(&self) {
+        self.inner.engine.begin_shutdown();
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The engine underneath.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Sends one message; returns its sequence.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` ([`BrokerError::TooLarge`]) when the payload is above
+    /// `--max-message-bytes`, the headers above 16 KiB, or the message alone (payload + headers +
+    /// 128 bytes overhead) above `--retention-bytes` or `--max-retained-bytes`;
+    /// `INVALID_ARGUMENT` for more than 64 headers or an empty header key; `RESOURCE_EXHAUSTED`
+    /// when the address does not exist and `--max-addresses` is reached; `UNAVAILABLE` once
+    /// shutdown has begun. Nothing is stored then.
+    pub fn send(
+        &self,
+        address: &Address,
+        payload: Bytes,
+        headers: Headers,
+    ) -> Result<u64, BrokerError> {
+        let limits = &self.inner.limits;
+        validate::payload(payload.len(), limits)?;
+        let size = payload.len() + validate::headers(&headers)? + MESSAGE_OVERHEAD_BYTES;
+        // A small payload decoded by tonic is a slice of the connection's receive buffer; kept
+        // as is, it would pin that whole buffer for as long as it is retained. Copying it
+        // (small, once per message) keeps retained memory close to what the budget counts.
+        let payload = if payload.len() < UNPIN_BELOW_BYTES {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
+        for (limit, limit_name) in [
+            (limits.retention_bytes, "--retention-bytes"),
+            (limits.max_retained_bytes, "--max-retained-bytes"),
+        ] {
+            if size > limit {
+                return Err(BrokerError::TooLarge {
+                    field: "payload",
+                    actual: size,
+                    limit,
+                    limit_name,
+                });
+            }
+        }
+        self.inner.engine.append(address, payload, headers, size)
+    }
+
+    /// Takes up to `max` messages (1–1000) for `group`, waiting up to `wait` for the first one.
+    /// Returns early with an empty batch when `shutdown` fires.
+    ///
+    /// Each message goes to exactly one caller of a group (competing consumers, like NATS queue
+    /// groups or a Kafka consumer group). The default group (`""`) exists from the address's
+    /// creation; a named group starts where CreateGroup put it, or at the messages sent after
+    /// its first use.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached;
+    /// `NOT_FOUND` when an operator deletes the address or the group during the wait.
+    pub async fn recv(
+        &self,
+        address: &Address,
+        group: &Group,
+        max: usize,
+        wait: Duration,
+        shutdown: &mut ShutdownToken,
+    ) -> Result<Batch, BrokerError> {
+        let deadline = Instant::now() + wait;
+        let (log, id, batch) =
+            self.inner
+                .engine
+                .take(address, group.as_str(), max, !wait.is_zero())?;
+        if !batch.is_empty() || wait.is_zero() {
+            return Ok(batch);
+        }
+        let _waiting = WaiterGuard(&log);
+        loop {
+            let notified = log.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            log.check_deleted()?;
+            let batch = log.take(group.as_str(), id, max)?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(Batch::default()),
+                () = shutdown.cancelled() => return Ok(Batch::default()),
+            }
+        }
+    }
+
+    /// Registers a subscriber and returns its stream of events. Registration is complete when
+    /// this returns: every message sent afterwards is delivered (or counted as dropped).
+    ///
+    /// With the default group (`""`) the subscriber is fan-out: it gets every message from
+    /// `start` on ([`StartAt::End`]: those sent after now). With a named group it competes with
+    /// the group's other members (Recv callers and streams); `start` must then be
+    /// [`StartAt::End`] (a group has its own position).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a start with a group; `OUT_OF_RANGE` for a start past the last
+    /// sequence + 1; `RESOURCE_EXHAUSTED` when the address already has
+    /// `--max-subscribers-per-address` subscribers, or does not exist and `--max-addresses` is
+    /// reached.
+    pub fn subscribe(
+        &self,
+        address: &Address,
+        group: &Group,
+        start: StartAt,
+        shutdown: ShutdownToken,
+    ) -> Result<Subscription, BrokerError> {
+        let max = self.inner.limits.max_subscribers_per_address;
+        let full = || BrokerError::LimitReached {
+            what: "subscribers on this address",
+            limit: max,
+            flag: "--max-subscribers-per-address",
+        };
+        if group.is_default() {
+            let (log, cursor) = self
+                .inner
+                .engine
+                .subscribe_fanout(address, start, max, full)?;
+            Ok(Subscription::fanout(log, cursor, shutdown))
+        } else {
+            if start != StartAt::End {
+                return Err(BrokerError::invalid(
+                    "start_sequence",
+                    "start_sequence and start_time are for fan-out streams only; a group has its own position (set it with CreateGroup)",
+                ));
+            }
+            let (log, id) = self
+                .inner
+                .engine
+                .subscribe_group(address, group.as_str(), max, full)?;
+            Ok(Subscription::group(log, group.clone(), id, shutdown))
+        }
+    }
+
+    /// Creates the named consumer group `group` on `address` (created if needed), starting at
+    /// `start`. Idempotent: the same start again returns `created = false`. Returns whether it
+    /// was created and the sequence it hands out next. Kafka's consumer-group offset reset,
+    /// NATS JetStream's consumer `DeliverPolicy`.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for the default group; `ALREADY_EXISTS` when the group exists with
+    /// another start; `OUT_OF_RANGE` for a start past the last sequence + 1;
+    /// `RESOURCE_EXHAUSTED` for `--max-addresses`.
+    pub fn create_group(
+        &self,
+        address: &Address,
+        group: &Group,
+        start: StartAt,
+    ) -> Result<(bool, u64), BrokerError> {
+        if group.is_default() {
+            return Err(BrokerError::invalid(
+                "group",
+                "must not be empty: the default group always exists (1-255 bytes)",
+            ));
+        }
+        self.inner
+            .engine
+            .create_group(address, group.as_str(), start)
+    }
+
+    /// Deletes the named group `group` of `address`: its position is forgotten, its streams end
+    /// and its waiting Recv calls return with `NOT_FOUND` ("group deleted").
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for the default group; `NOT_FOUND` for an unknown address or group.
+    pub fn delete_group(&self, address: &Address, group: &Group) -> Result<(), BrokerError> {
+        if group.is_default() {
+            return Err(BrokerError::invalid(
+                "group",
+                "must not be empty: the default group cannot be deleted (1-255 bytes)",
+            ));
+        }
+        self.inner
+            .engine
+            .delete_group(address.as_str(), group.as_str())
+    }
+
+    /// Subscribers (fan-out and group streams) on `address` now; 0 for an unknown address.
+    pub fn subscriber_count(&self, address: &str) -> usize {
+        self.inner.engine.counts(address)[0]
+    }
+
+    /// Recv calls waiting on `address` now; 0 for an unknown address.
+    pub fn waiting_recvs(&self, address: &str) -> usize {
+        self.inner.engine.counts(address)[1]
+    }
+
+    /// Messages retained by `address` now; 0 for an unknown address.
+    pub fn retained_messages(&self, address: &str) -> usize {
+        self.inner.engine.counts(address)[2]
+    }
+
+    /// Bytes retained by `address` now (payload + headers + 128 per message).
+    pub fn retained_bytes(&self, address: &str) -> usize {
+        self.inner.engine.counts(address)[3]
+    }
+
+    /// Whether the broker holds `address` now.
+    pub fn contains(&self, address: &str) -> bool {
+        self.inner.engine.contains(address)
+    }
+
+    /// Addresses held now.
+    pub fn address_count(&self) -> usize {
+        self.inner.engine.address_count()
+    }
+
+    /// Messages retained across all addresses now.
+    pub fn total_retained_messages(&self) -> usize {
+        self.inner.engine.total_retained_messages()
+    }
+
+    /// Bytes retained across all addresses now.
+    pub fn total_retained_bytes(&self) -> usize {
+        self.inner.engine.total_retained_bytes()
+    }
+
+    /// One address's figures and, with `with_groups`, its groups'; `None` if it does not exist.
+    pub fn address_info(
+        &self,
+        address: &str,
+        with_groups: bool,
+    ) -> Option<(AddressInfo, Vec<GroupInfo>)> {
+        self.inner.engine.address_info(address, with_groups)
+    }
+
+    /// Addresses whose name starts with `prefix` and sorts after `after`, in name order, at most
+    /// `limit`; and the name to continue after when more remain.
+    pub fn list_addresses(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<AddressInfo>, Option<String>) {
+        self.inner.engine.list_addresses(prefix, after, limit)
+    }
+
+    /// Deletes `address`: purges its messages; its subscribers' streams end with `NOT_FOUND`
+    /// ("address deleted") and waiting Recv calls return `NOT_FOUND`. Returns how many messages
+    /// were purged, or `None` if the address did not exist. A later Send creates it afresh.
+    pub fn delete_address(&self, address: &str) -> Option<usize> {
+        self.inner.engine.delete_address(address)
+    }
+
+    /// Evicts messages past `--retention-age` and removes every address that has been idle for
+    /// `--idle-address-ms` (nothing retained, no subscriber, no waiting Recv, no created group).
+    /// Returns how many addresses were removed.
+    pub fn reclaim_idle(&self) -> usize {
+        self.inner.engine.maintain().1
+    }
+
+    /// Runs the engine's maintenance (age eviction, idle reclaim) every half idle period (at
+    /// most every second) until `shutdown` fires.
+    pub async fn run_reclaimer(self, mut shutdown: ShutdownToken) {
+        let mut tick = tokio::time::interval(self.inner.engine.maintenance_period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let (aged, reclaimed) = self.inner.engine.maintain();
+                    if aged > 0 || reclaimed > 0 {
+                        tracing::debug!(aged, reclaimed, "retention sweep");
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+struct WaiterGuard<'a>(&'a Log);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.remove_waiter();
+    }
+}

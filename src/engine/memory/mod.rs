@@ -1,0 +1,283 @@
+//! The in-memory engine: a sharded map of addresses, each an [`AddressLog`] behind its own short
+//! lock, and the broker-wide byte [`Budget`].
+//!
+//! Addresses live in a [`DashMap`] (sharded `RwLock`s): an append holds a shard lock only for
+//! the lookup or insert, then works under the address's own lock. There is no global lock on
+//! the Send, Recv or Subscribe paths.
+//!
+//! Idle addresses are reclaimed by [`MemoryEngine::maintain`]. Reclaim closes the address under
+//! the map's shard lock; a handle taken just before sees `closed` under the address lock and
+//! looks the address up again, so no message is ever appended to a reclaimed address.
+
+mod budget;
+mod log;
+
+use std::{
+    hash::{BuildHasher, RandomState},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use dashmap::{mapref::entry::Entry, DashMap};
+
+pub use budget::Budget;
+pub use log::AddressLog;
+use log::State;
+
+use super::{AddressInfo, GroupInfo, Retention, StartAt};
+use crate::{
+    config::Limits,
+    error::BrokerError,
+    metrics::Metrics,
+    validate::{Address, Headers},
+};
+
+/// The in-memory engine. See the module docs.
+#[derive(Debug)]
+pub struct MemoryEngine {
+    addresses: DashMap<Box<str>, Arc<AddressLog>>,
+    retention: Retention,
+    max_addresses: usize,
+    idle_address: Duration,
+    budget: Arc<Budget>,
+    metrics: Arc<Metrics>,
+    /// Addresses in the map; changed under the map's shard locks, so `--max-addresses` is exact.
+    address_count: AtomicUsize,
+    /// Set when shutdown begins: appends are refused from then on.
+    closing: AtomicBool,
+    hasher: RandomState,
+}
+
+impl Drop for MemoryEngine {
+    fn drop(&mut self) {
+        // Age entries hold addresses, which hold the budget: break the cycle.
+        self.budget.clear();
+    }
+}
+
+impl MemoryEngine {
+    /// An empty engine enforcing `limits` (assumed validated).
+    pub fn new(limits: &Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            addresses: DashMap::new(),
+            retention: Retention::from(limits),
+            max_addresses: limits.max_addresses,
+            idle_address: limits.idle_address,
+            budget: Arc::new(Budget::new(limits.max_retained_bytes)),
+            metrics,
+            address_count: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            hasher: RandomState::new(),
+        }
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// The address, created if needed.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when creating it would exceed `--max-addresses`.
+    fn get_or_create(&self, name: &Address) -> Result<Arc<AddressLog>, BrokerError> {
+        if let Some(a) = self.addresses.get(name.as_str()) {
+            return Ok(Arc::clone(a.value()));
+        }
+        match self.addresses.entry(Box::from(name.as_str())) {
+            Entry::Occupied(e) => Ok(Arc::clone(e.get())),
+            Entry::Vacant(e) => {
+                // Counted under the shard's write lock, so the bound is exact.
+                let max = self.max_addresses;
+                if self.address_count.fetch_add(1, Ordering::AcqRel) >= max {
+                    self.address_count.fetch_sub(1, Ordering::AcqRel);
+                    return Err(BrokerError::LimitReached {
+                        what: "addresses",
+                        limit: max,
+                        flag: "--max-addresses",
+                    });
+                }
+                let queue = usize::try_from(self.hasher.hash_one(name.as_str())).unwrap_or(0)
+                    % budget::AGE_QUEUES;
+                let address = Arc::new(AddressLog::new(
+                    Arc::from(name.as_str()),
+                    Arc::clone(&self.budget),
+                    queue,
+                    Arc::clone(&self.metrics),
+                    self.retention,
+                ));
+                e.insert(Arc::clone(&address));
+                Ok(address)
+            }
+        }
+    }
+
+    /// Runs `f` under the lock of a live (not reclaimed) address, creating it if needed.
+    pub(crate) fn with_address<R>(
+        &self,
+        name: &Address,
+        f: impl FnOnce(&Arc<AddressLog>, &mut State) -> R,
+    ) -> Result<(Arc<AddressLog>, R), BrokerError> {
+        loop {
+            let address = self.get_or_create(name)?;
+            let mut st = address.state.lock();
+            if st.is_closed() {
+                continue;
+            }
+            let r = f(&address, &mut st);
+            drop(st);
+            return Ok((address, r));
+        }
+    }
+
+    fn find(&self, address: &str) -> Option<Arc<AddressLog>> {
+        self.addresses.get(address).map(|a| Arc::clone(a.value()))
+    }
+
+    pub(crate) fn append(
+        &self,
+        address: &Address,
+        payload: Bytes,
+        headers: Headers,
+        size: usize,
+    ) -> Result<u64, BrokerError> {
+        let (address, sequence) = self.with_address(address, |a, st| {
+            // Checked under the address lock: a subscriber that drains after shutdown began
+            // (under the same lock) sees every message accepted before it.
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(BrokerError::ShuttingDown);
+            }
+            Ok(a.append(st, payload, headers, size).sequence)
+        })?;
+        let sequence = sequence?;
+        address.notify.notify_waiters();
+        self.budget.record(&address, sequence);
+        Ok(sequence)
+    }
+
+    pub(crate) fn create_group(
+        &self,
+        address: &Address,
+        group: &str,
+        start: StartAt,
+    ) -> Result<(bool, u64), BrokerError> {
+        self.with_address(address, |a, st| a.create_group(st, group, start))?
+            .1
+    }
+
+    pub(crate) fn delete_group(&self, address: &str, group: &str) -> Result<(), BrokerError> {
+        let a = self
+            .find(address)
+            .ok_or_else(|| BrokerError::NoSuchAddress(address.to_string()))?;
+        let r = {
+            let mut st = a.state.lock();
+            if st.is_closed() {
+                return Err(BrokerError::NoSuchAddress(address.to_string()));
+            }
+            a.delete_group(&mut st, group)
+        };
+        a.notify.notify_waiters();
+        r
+    }
+
+    pub(crate) fn snapshot(&self, address: &str, f: impl FnOnce(&State) -> usize) -> usize {
+        let Some(a) = self.find(address) else {
+            return 0;
+        };
+        let st = a.state.lock();
+        f(&st)
+    }
+
+    pub(crate) fn contains(&self, address: &str) -> bool {
+        self.addresses.contains_key(address)
+    }
+
+    pub(crate) fn address_count(&self) -> usize {
+        self.addresses.len()
+    }
+
+    pub(crate) fn total_retained_messages(&self) -> usize {
+        self.budget.live_messages()
+    }
+
+    pub(crate) fn total_retained_bytes(&self) -> usize {
+        self.budget.used()
+    }
+
+    pub(crate) fn address_info(
+        &self,
+        address: &str,
+        with_groups: bool,
+    ) -> Option<(AddressInfo, Vec<GroupInfo>)> {
+        Some(self.find(address)?.info(with_groups))
+    }
+
+    pub(crate) fn list_addresses(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<AddressInfo>, Option<String>) {
+        let mut names: Vec<(Box<str>, Arc<AddressLog>)> = self
+            .addresses
+            .iter()
+            .filter(|e| e.key().starts_with(prefix) && e.key().as_ref() > after)
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let next = if more {
+            names.last().map(|(n, _)| n.to_string())
+        } else {
+            None
+        };
+        (names.iter().map(|(_, a)| a.info(false).0).collect(), next)
+    }
+
+    pub(crate) fn delete_address(&self, address: &str) -> Option<usize> {
+        let (_, a) = self.addresses.remove(address)?;
+        self.address_count.fetch_sub(1, Ordering::AcqRel);
+        Some(a.delete())
+    }
+
+    /// One maintenance pass: evicts messages past `--retention-age` on every address, then
+    /// removes every address idle for `--idle-address-ms`. Returns (messages aged out,
+    /// addresses reclaimed).
+    pub(crate) fn maintain(&self) -> (usize, usize) {
+        // Candidates under read locks (one address lock at a time), then each removal under
+        // its shard's write lock.
+        let mut aged = 0;
+        let candidates: Vec<Box<str>> = self
+            .addresses
+            .iter()
+            .filter(|e| {
+                aged += e.value().sweep();
+                let st = e.value().state.lock();
+                st.retained_messages() == 0 && st.subscribers() == 0
+            })
+            .map(|e| e.key().clone())
+            .collect();
+        let reclaimed = candidates
+            .iter()
+            .filter(|name| {
+                let removed = self
+                    .addresses
+                    .remove_if(name.as_ref(), |_, a| a.close_if_idle(self.idle_address))
+                    .is_some();
+                if removed {
+                    self.address_count.fetch_sub(1, Ordering::AcqRel);
+                }
+                removed
+            })
+            .count();
+        (aged, reclaimed)
+    }
+
+    pub(crate) fn idle_address(&self) -> Duration {
+        self.idle_address
+    }
+}

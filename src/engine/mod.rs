@@ -1,0 +1,453 @@
+//! The engine boundary: where an address's log (its messages, in sequence order, within
+//! retention) and its consumer groups' state live. Everything above it (the [`Broker`] handle,
+//! subscriptions, the gRPC services, Admin) talks only to [`Engine`] and [`Log`].
+//!
+//! The split follows NATS JetStream's `StreamStore` / `ConsumerStore` and Centrifuge's `Broker`
+//! interface, kept to what our RPCs need:
+//! - **log**: append (assigns the sequence and `sent_at`), read from a sequence or a time, evict
+//!   by count, bytes, age and the broker-wide byte bound;
+//! - **groups**: create at a start position, delete, take the next messages (cursor + the exact
+//!   count lost to retention);
+//! - **wake-ups**: a [`tokio::sync::Notify`] per address, woken after every append and on
+//!   deletions, for waiting Recv calls, group streams and caught-up subscribers.
+//!
+//! Dispatch is an enum with inherent methods, not a trait object: the Send path pays one
+//! `match` on a single variant, no boxed future. The in-memory engine is the first
+//! implementation; a disk engine and a Redis Streams engine add variants and pass the same
+//! conformance tests (`conformance.rs`).
+//!
+//! Invariants every engine keeps: sequences per address are dense and increasing from 1;
+//! reading never removes a message (retention does); a reader behind the window is told the
+//! exact number it lost; nothing in `engine/` imports the gRPC layer.
+//!
+//! [`Broker`]: crate::broker::Broker
+
+#[cfg(test)]
+mod conformance;
+pub mod memory;
+
+use std::{collections::VecDeque, sync::Arc, time::Duration, time::SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::{
+    config::Limits,
+    error::BrokerError,
+    message::{Message, WireFrame},
+    metrics::Metrics,
+    validate::{Address, Headers},
+};
+use memory::{AddressLog, MemoryEngine};
+
+/// A message handed to a fan-out subscriber, with its shared wire frame when one exists.
+pub type Delivery = (Arc<Message>, Option<WireFrame>);
+
+/// Where a reader (a fan-out stream or a consumer group) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// After the last message: only messages sent from now on.
+    End,
+    /// At this sequence (≥ 1). Older than the window: the reader is first told the exact
+    /// number it cannot have (`Dropped{count}` / `dropped`). At most the last sequence + 1.
+    Sequence(u64),
+    /// At the first retained message whose `sent_at` is at or after this time.
+    Time(SystemTime),
+}
+
+impl StartAt {
+    /// How CreateGroup's ALREADY_EXISTS error shows a group's start.
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Self::End => "start at the end".into(),
+            Self::Sequence(n) => format!("start_sequence {n}"),
+            Self::Time(t) => format!("start_time {}", humantime::format_rfc3339_nanos(t)),
+        }
+    }
+}
+
+/// The retention bounds of every address (NATS JetStream's "limits" retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most messages one address keeps.
+    pub messages: usize,
+    /// Most bytes one address keeps (payload + headers + 128 per message).
+    pub bytes: usize,
+    /// Oldest a message may get; `None`: no age bound.
+    pub age: Option<Duration>,
+}
+
+impl From<&Limits> for Retention {
+    fn from(l: &Limits) -> Self {
+        Self {
+            messages: l.retention_messages,
+            bytes: l.retention_bytes,
+            age: (!l.retention_age.is_zero()).then_some(l.retention_age),
+        }
+    }
+}
+
+/// The result of taking from a group.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Messages, in sequence order.
+    pub messages: Vec<Arc<Message>>,
+    /// Messages lost to retention before this batch (reported once).
+    pub dropped: u64,
+}
+
+impl Batch {
+    /// Nothing to report: no message and no loss.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.dropped == 0
+    }
+}
+
+/// What the Admin RPCs report about one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressInfo {
+    /// The address.
+    pub address: String,
+    /// Messages in its retention window.
+    pub retained_messages: usize,
+    /// Bytes charged for them (payload + headers + 128 per message).
+    pub retained_bytes: usize,
+    /// Sequence of the oldest retained message; 0 when none is retained.
+    pub first_sequence: u64,
+    /// Sequence of the last message sent; 0 before the first.
+    pub last_sequence: u64,
+    /// Open Subscribe streams (fan-out and group members).
+    pub subscribers: usize,
+    /// Consumer groups, the default group included.
+    pub groups: usize,
+}
+
+/// What the Admin RPCs report about one consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group; empty for the default group.
+    pub group: String,
+    /// Next sequence the group hands out.
+    pub next_sequence: u64,
+    /// Retained messages the group has not taken yet.
+    pub lag: u64,
+    /// Messages the group lost to retention that its next read will report.
+    pub dropped: u64,
+}
+
+/// A registered fan-out reader: where it is and from which sequence appends counted it.
+#[derive(Debug, Clone, Copy)]
+pub struct FanoutCursor {
+    /// The next sequence it is owed.
+    pub next: u64,
+    /// Appends from this sequence on were made while it was registered.
+    pub registered: u64,
+}
+
+/// The storage engine. See the module docs.
+#[derive(Debug)]
+pub enum Engine {
+    /// Everything in memory; lost on restart.
+    Memory(MemoryEngine),
+}
+
+/// A handle to one address of an engine, held by subscriptions and waiting Recv calls while
+/// they are open (an address with open handles is never reclaimed).
+#[derive(Debug, Clone)]
+pub enum Log {
+    /// An address of the in-memory engine.
+    Memory(Arc<AddressLog>),
+}
+
+impl Engine {
+    /// The in-memory engine with `limits` (assumed validated, see [`Limits::validate`]).
+    pub fn memory(limits: &Limits, metrics: Arc<Metrics>) -> Self {
+        Self::Memory(MemoryEngine::new(limits, metrics))
+    }
+
+    /// From now on every append is refused with [`BrokerError::ShuttingDown`].
+    pub fn begin_shutdown(&self) {
+        match self {
+            Self::Memory(m) => m.begin_shutdown(),
+        }
+    }
+
+    /// Appends one message (`size`: bytes charged to retention) and wakes the address's
+    /// waiters. Returns its sequence.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached;
+    /// `UNAVAILABLE` once shutdown has begun.
+    pub fn append(
+        &self,
+        address: &Address,
+        payload: Bytes,
+        headers: Headers,
+        size: usize,
+    ) -> Result<u64, BrokerError> {
+        match self {
+            Self::Memory(m) => m.append(address, payload, headers, size),
+        }
+    }
+
+    /// Takes up to `max` messages for `group` (created at the end on first use). With
+    /// `register_waiter`, an empty result also registers a waiting Recv (undone by
+    /// [`Log::remove_waiter`]). Returns the address, the group's id and the batch.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached.
+    pub fn take(
+        &self,
+        address: &Address,
+        group: &str,
+        max: usize,
+        register_waiter: bool,
+    ) -> Result<(Log, u64, Batch), BrokerError> {
+        match self {
+            Self::Memory(m) => {
+                let (log, r) = m.with_address(address, |a, st| {
+                    let r = a.take(st, group, None, max);
+                    if register_waiter && r.as_ref().is_ok_and(|(_, b)| b.is_empty()) {
+                        AddressLog::add_waiter(st);
+                    }
+                    r
+                })?;
+                let (id, batch) = r?;
+                Ok((Log::Memory(log), id, batch))
+            }
+        }
+    }
+
+    /// Registers a fan-out reader at `start`, if the address has fewer than `max_subscribers`.
+    ///
+    /// # Errors
+    /// `OUT_OF_RANGE` for a start past the last sequence + 1; `RESOURCE_EXHAUSTED` for the
+    /// subscriber or address limit. Nothing is registered then.
+    pub fn subscribe_fanout(
+        &self,
+        address: &Address,
+        start: StartAt,
+        max_subscribers: usize,
+        full: impl FnOnce() -> BrokerError,
+    ) -> Result<(Log, FanoutCursor), BrokerError> {
+        match self {
+            Self::Memory(m) => {
+                let (log, r) = m.with_address(address, |a, st| {
+                    if st.subscribers() >= max_subscribers {
+                        return Err(full());
+                    }
+                    a.subscribe_fanout(st, start)
+                })?;
+                let (next, registered) = r?;
+                Ok((Log::Memory(log), FanoutCursor { next, registered }))
+            }
+        }
+    }
+
+    /// Registers a member stream of `group` (created at the end on first use), if the address
+    /// has fewer than `max_subscribers`. Returns the group's id.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` for the subscriber or address limit.
+    pub fn subscribe_group(
+        &self,
+        address: &Address,
+        group: &str,
+        max_subscribers: usize,
+        full: impl FnOnce() -> BrokerError,
+    ) -> Result<(Log, u64), BrokerError> {
+        match self {
+            Self::Memory(m) => {
+                let (log, r) = m.with_address(address, |a, st| {
+                    if st.subscribers() >= max_subscribers {
+                        return Err(full());
+                    }
+                    Ok(a.subscribe_group(st, group))
+                })?;
+                Ok((Log::Memory(log), r?))
+            }
+        }
+    }
+
+    /// Creates a named group at `start` (creating the address if needed). Returns whether it
+    /// was created and the sequence it hands out next.
+    ///
+    /// # Errors
+    /// `ALREADY_EXISTS` when it exists with another start; `OUT_OF_RANGE` for a start past the
+    /// last sequence + 1; `RESOURCE_EXHAUSTED` for the address limit.
+    pub fn create_group(
+        &self,
+        address: &Address,
+        group: &str,
+        start: StartAt,
+    ) -> Result<(bool, u64), BrokerError> {
+        match self {
+            Self::Memory(m) => m.create_group(address, group, start),
+        }
+    }
+
+    /// Deletes a named group; its waiting Recv calls and streams end with `NOT_FOUND`.
+    ///
+    /// # Errors
+    /// `NOT_FOUND` when the address or the group does not exist.
+    pub fn delete_group(&self, address: &str, group: &str) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(m) => m.delete_group(address, group),
+        }
+    }
+
+    /// Deletes an address; returns how many messages were purged, `None` if unknown.
+    pub fn delete_address(&self, address: &str) -> Option<usize> {
+        match self {
+            Self::Memory(m) => m.delete_address(address),
+        }
+    }
+
+    /// One address's figures and, with `with_groups`, its groups'; `None` if unknown.
+    pub fn address_info(
+        &self,
+        address: &str,
+        with_groups: bool,
+    ) -> Option<(AddressInfo, Vec<GroupInfo>)> {
+        match self {
+            Self::Memory(m) => m.address_info(address, with_groups),
+        }
+    }
+
+    /// Addresses starting with `prefix` and sorting after `after`, in name order, at most
+    /// `limit`; and the name to continue after when more remain.
+    pub fn list_addresses(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> (Vec<AddressInfo>, Option<String>) {
+        match self {
+            Self::Memory(m) => m.list_addresses(prefix, after, limit),
+        }
+    }
+
+    /// (subscribers, waiting Recv calls, retained messages, retained bytes) of `address`; zeros
+    /// for an unknown address.
+    pub fn counts(&self, address: &str) -> [usize; 4] {
+        match self {
+            Self::Memory(m) => [
+                m.snapshot(address, |s| s.subscribers()),
+                m.snapshot(address, |s| s.waiters()),
+                m.snapshot(address, |s| s.retained_messages()),
+                m.snapshot(address, |s| s.retained_bytes()),
+            ],
+        }
+    }
+
+    /// Whether the engine holds `address` now.
+    pub fn contains(&self, address: &str) -> bool {
+        match self {
+            Self::Memory(m) => m.contains(address),
+        }
+    }
+
+    /// Addresses held now.
+    pub fn address_count(&self) -> usize {
+        match self {
+            Self::Memory(m) => m.address_count(),
+        }
+    }
+
+    /// Messages retained across all addresses now.
+    pub fn total_retained_messages(&self) -> usize {
+        match self {
+            Self::Memory(m) => m.total_retained_messages(),
+        }
+    }
+
+    /// Bytes retained across all addresses now.
+    pub fn total_retained_bytes(&self) -> usize {
+        match self {
+            Self::Memory(m) => m.total_retained_bytes(),
+        }
+    }
+
+    /// One maintenance pass (age eviction, idle reclaim); returns (aged out, reclaimed).
+    pub fn maintain(&self) -> (usize, usize) {
+        match self {
+            Self::Memory(m) => m.maintain(),
+        }
+    }
+
+    /// How often [`Engine::maintain`] should run: half the idle period, between 10 ms and 1 s.
+    pub fn maintenance_period(&self) -> Duration {
+        match self {
+            Self::Memory(m) => {
+                (m.idle_address() / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+            }
+        }
+    }
+}
+
+impl Log {
+    /// Woken after every append to the address, and when a group or the address is deleted.
+    pub fn notify(&self) -> &Notify {
+        match self {
+            Self::Memory(a) => &a.notify,
+        }
+    }
+
+    /// `NOT_FOUND` ("address deleted") once an operator deleted the address.
+    ///
+    /// # Errors
+    /// [`BrokerError::AddressDeleted`].
+    pub fn check_deleted(&self) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(a) => a.check_deleted(),
+        }
+    }
+
+    /// Takes up to `max` messages for the group whose id is `id`.
+    ///
+    /// # Errors
+    /// [`BrokerError::GroupDeleted`] when the group was deleted since.
+    pub fn take(&self, group: &str, id: u64, max: usize) -> Result<Batch, BrokerError> {
+        match self {
+            Self::Memory(a) => a
+                .take(&mut a.state.lock(), group, Some(id), max)
+                .map(|(_, b)| b),
+        }
+    }
+
+    /// Hands the fan-out reader at `cursor` up to `max` messages into `out`; returns how many
+    /// it lost to retention since its last read.
+    pub fn read_fanout(
+        &self,
+        cursor: &mut FanoutCursor,
+        max: usize,
+        out: &mut VecDeque<Delivery>,
+    ) -> u64 {
+        match self {
+            Self::Memory(a) => {
+                a.read_fanout(&mut a.state.lock(), &mut cursor.next, cursor.registered, max, out)
+            }
+        }
+    }
+
+    /// Unregisters a fan-out reader.
+    pub fn unsubscribe_fanout(&self, cursor: FanoutCursor) {
+        match self {
+            Self::Memory(a) => a.unsubscribe_fanout(cursor.next, cursor.registered),
+        }
+    }
+
+    /// Unregisters a group member stream.
+    pub fn unsubscribe_group(&self) {
+        match self {
+            Self::Memory(a) => a.unsubscribe_group(),
+        }
+    }
+
+    /// Ends a waiting Recv registered by [`Engine::take`].
+    pub fn remove_waiter(&self) {
+        match self {
+            Self::Memory(a) => a.remove_waiter(),
+        }
+    }
+}

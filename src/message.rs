@@ -1,0 +1,105 @@
+//! The stored message and its wire frame, shared by the engines (which cache a message's frame
+//! while fan-out subscribers still need it) and the gRPC face (which writes frames to streams).
+//! A leaf module: it imports neither `engine` nor `grpc`, so neither depends on the other here.
+
+use std::{sync::Arc, time::SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{
+    encode_key, encode_varint, encoded_len_varint, hash_map, key_len, message, string, WireType,
+};
+
+use crate::validate::Headers;
+
+/// Payloads up to this size (bytes) are copied into the (shared) frame; larger ones travel as
+/// their own chunk, never copied.
+pub const INLINE_PAYLOAD_BYTES: usize = 4096;
+
+/// A message as the broker stores it. Shared (`Arc`) by every consumer that is handed it; the
+/// payload is a reference-counted [`Bytes`], never copied per subscriber.
+#[derive(Debug)]
+pub struct Message {
+    /// The address it was sent to.
+    pub address: Arc<str>,
+    /// Its per-address sequence, from 1.
+    pub sequence: u64,
+    /// The payload bytes.
+    pub payload: Bytes,
+    /// The headers it was sent with.
+    pub headers: Headers,
+    /// When the broker accepted it.
+    pub sent_at: SystemTime,
+    /// Bytes charged against the retention bounds (payload + headers + 128 overhead).
+    pub size: usize,
+}
+
+/// A message encoded as a gRPC length-prefixed `SubscribeResponse`: `head`, then `payload` when
+/// it was too large to inline. Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct WireFrame {
+    /// The length prefix and the message up to (and including) the payload's tag and length;
+    /// with an inline payload, the payload too.
+    pub head: Bytes,
+    /// The payload, when it was too large to inline: the publisher's own bytes.
+    pub payload: Option<Bytes>,
+}
+
+/// Encodes `m` as a `SubscribeResponse` frame (done once per message for all its fan-out
+/// subscribers; see the memory engine's `read_fanout`).
+pub fn encode_message(m: &Message) -> WireFrame {
+    // Encoded by hand from the stored message (no intermediate `pb::Message`, no copies of the
+    // address or headers); `payload` (field 3) goes last so a large one can stay a separate chunk.
+    let address = m.address.as_bytes();
+    let sent_at = prost_types::Timestamp::from(m.sent_at);
+    let plen = m.payload.len();
+    let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let mut msg_len =
+        hash_map::encoded_len(string::encoded_len, string::encoded_len, 4, &m.headers)
+            + message::encoded_len(5, &sent_at);
+    if !address.is_empty() {
+        msg_len += field(1, address.len());
+    }
+    if m.sequence != 0 {
+        msg_len += key_len(2) + encoded_len_varint(m.sequence);
+    }
+    if plen > 0 {
+        msg_len += field(3, plen);
+    }
+    let resp_len = field(1, msg_len);
+    let inline = plen <= INLINE_PAYLOAD_BYTES;
+    let mut buf = BytesMut::with_capacity(5 + resp_len - if inline { 0 } else { plen });
+    buf.put_u8(0); // not compressed
+    buf.put_u32(u32::try_from(resp_len).unwrap_or(u32::MAX));
+    encode_key(1, WireType::LengthDelimited, &mut buf);
+    encode_varint(msg_len as u64, &mut buf);
+    if !address.is_empty() {
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(address.len() as u64, &mut buf);
+        buf.put_slice(address);
+    }
+    if m.sequence != 0 {
+        encode_key(2, WireType::Varint, &mut buf);
+        encode_varint(m.sequence, &mut buf);
+    }
+    hash_map::encode(
+        string::encode,
+        string::encoded_len,
+        string::encode,
+        string::encoded_len,
+        4,
+        &m.headers,
+        &mut buf,
+    );
+    message::encode(5, &sent_at, &mut buf);
+    if plen > 0 {
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(plen as u64, &mut buf);
+        if inline {
+            buf.put_slice(&m.payload);
+        }
+    }
+    WireFrame {
+        head: buf.freeze(),
+        payload: (!inline).then(|| m.payload.clone()),
+    }
+}
