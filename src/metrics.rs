@@ -248,7 +248,12 @@ impl Metrics {
 
     /// The OpenMetrics text of every metric, with the gauges set first from the figures given
     /// (addresses held, retained bytes, retained messages).
-    pub fn render(&self, addresses: usize, retained_bytes: usize, retained_messages: usize) -> String {
+    pub fn render(
+        &self,
+        addresses: usize,
+        retained_bytes: usize,
+        retained_messages: usize,
+    ) -> String {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.addresses.set(gauge(addresses));
         self.retained_bytes.set(gauge(retained_bytes));

@@ -278,6 +278,40 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn start_rules() {
+        use prost_types::Timestamp;
+        assert_eq!(start(0, None), Ok(StartAt::End));
+        assert_eq!(start(7, None), Ok(StartAt::Sequence(7)));
+        let t = Timestamp {
+            seconds: 10,
+            nanos: 5,
+        };
+        assert_eq!(
+            start(0, Some(&t)),
+            Ok(StartAt::Time(std::time::UNIX_EPOCH + Duration::new(10, 5)))
+        );
+        let both = start(1, Some(&t)).unwrap_err();
+        assert!(both.to_string().starts_with("start_sequence:"), "{both}");
+        for bad in [
+            Timestamp {
+                seconds: -1,
+                nanos: 0,
+            },
+            Timestamp {
+                seconds: 1,
+                nanos: -1,
+            },
+            Timestamp {
+                seconds: 1,
+                nanos: 1_000_000_000,
+            },
+        ] {
+            let e = start(0, Some(&bad)).unwrap_err();
+            assert!(e.to_string().starts_with("start_time:"), "{e}");
+        }
+    }
+
+    #[test]
     fn address_rules() {
         assert!(Address::parse("orders.eu-1").is_ok());
         assert!(Address::parse("ü").is_ok());

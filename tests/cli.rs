@@ -297,3 +297,87 @@ async fn json_logs_have_connections_and_rejections_and_no_deliveries() {
     assert!(rest.iter().all(|l| !l.contains("delivered quietly")));
     assert!(rest.iter().any(|l| l.contains("switchboard stopped")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_from_and_since_replay_history() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    for p in ["one", "two", "three"] {
+        send(&mut c, "cli.replay", p.as_bytes()).await;
+    }
+    let mut cmd = switchboard(&server);
+    cmd.args(["subscribe", "cli.replay", "--from", "2", "--count", "2"]);
+    assert_eq!(
+        run(cmd).await,
+        (0, "2 two\n3 three\n".into(), String::new())
+    );
+    let mut cmd = switchboard(&server);
+    cmd.args(["subscribe", "cli.replay", "--since", "1h", "--count", "3"]);
+    assert_eq!(
+        run(cmd).await,
+        (0, "1 one\n2 two\n3 three\n".into(), String::new())
+    );
+    let mut cmd = switchboard(&server);
+    cmd.args(["subscribe", "cli.replay", "--from", "9"]);
+    let (code, stdout, stderr) = run(cmd).await;
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert!(
+        stderr.starts_with("switchboard: OUT_OF_RANGE: start_sequence: 9"),
+        "{stderr}"
+    );
+    let mut cmd = switchboard(&server);
+    cmd.args(["subscribe", "cli.replay", "--from", "1", "--since", "1h"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 2, "clap refuses both: {stderr}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_create_and_delete() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    for p in ["a", "b"] {
+        send(&mut c, "cli.groups", p.as_bytes()).await;
+    }
+    let mut cmd = switchboard(&server);
+    cmd.args(["group", "create", "cli.groups", "audit", "--from", "1"]);
+    assert_eq!(run(cmd).await, (0, "created 1\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args([
+        "group",
+        "create",
+        "cli.groups",
+        "audit",
+        "--from",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(
+        run(cmd).await,
+        (
+            0,
+            "{\"created\":false,\"next_sequence\":1}\n".into(),
+            String::new()
+        )
+    );
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.groups", "--group", "audit", "--max", "10"]);
+    assert_eq!(run(cmd).await, (0, "1 a\n2 b\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["group", "create", "cli.groups", "audit"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("ALREADY_EXISTS"), "{stderr}");
+    let mut cmd = switchboard(&server);
+    cmd.args(["group", "delete", "cli.groups", "audit"]);
+    assert_eq!(run(cmd).await, (0, "deleted\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["group", "delete", "cli.groups", "audit"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("audit"),
+        "{stderr}"
+    );
+    server.stop().await;
+}

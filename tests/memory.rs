@@ -168,3 +168,96 @@ async fn flood_of_large_messages_stays_under_the_bound() {
     sigterm(&broker);
     assert!(step("exit", broker.wait()).await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_1_gib_backlog_stays_within_the_retention_bound() {
+    use futures_util::StreamExt as _;
+    use switchboard::pb::{subscribe_response::Event, SubscribeRequest};
+    // 1,024 messages of 1 MiB retained (1 GiB of history), then one subscriber replays them all
+    // from sequence 1. The replay reads the window in bounded batches paced by its stream, so
+    // the broker neither copies nor buffers the backlog: RSS stays within the bound + 64 MiB.
+    const MESSAGES: u64 = 1024;
+    let bound = MESSAGES * (MIB + 128) + MIB;
+    let bound_arg = bound.to_string();
+    let max_message = MIB.to_string();
+    let BrokerProcess {
+        child: mut broker,
+        addr,
+        mut logs,
+    } = BrokerProcess::start(&[
+        "--max-message-bytes",
+        &max_message,
+        "--retention-bytes",
+        &bound_arg,
+        "--max-retained-bytes",
+        &bound_arg,
+    ])
+    .await;
+    let pid = broker.id().unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let url = format!("http://{addr}");
+    let mut c = BrokerClient::connect(url.clone())
+        .await
+        .unwrap()
+        .max_decoding_message_size(2 * usize::try_from(MIB).unwrap());
+    let payload = |i: u64| {
+        let mut p = vec![0u8; usize::try_from(MIB).unwrap()];
+        p[..8].copy_from_slice(&i.to_be_bytes());
+        bytes::Bytes::from(p)
+    };
+    let requests = tokio_stream::iter((1..=MESSAGES).map(move |i| SendRequest {
+        address: "mem.backlog".into(),
+        payload: payload(i),
+        headers: Default::default(),
+    }));
+    let mut acks = c.send_stream(requests).await.unwrap().into_inner();
+    let mut acked = 0;
+    while let Some(r) = step("ack", acks.message()).await.unwrap() {
+        assert!(r.error.is_none(), "{:?}", r.error);
+        acked += 1;
+    }
+    assert_eq!(acked, MESSAGES);
+    let after_send = vm(pid, "VmRSS:");
+    let mut stream = c
+        .subscribe(SubscribeRequest {
+            address: "mem.backlog".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = 1;
+    let mut peak_during = 0;
+    while next <= MESSAGES {
+        let event = step("replay", stream.next())
+            .await
+            .expect("stream open")
+            .expect("stream ok")
+            .event;
+        let Some(Event::Message(m)) = event else {
+            panic!("expected message {next}, got {event:?}");
+        };
+        assert_eq!(m.sequence, next);
+        assert_eq!(m.payload[..8], next.to_be_bytes());
+        if next % 64 == 0 {
+            peak_during = peak_during.max(vm(pid, "VmRSS:"));
+        }
+        next += 1;
+    }
+    let peak = vm(pid, "VmHWM:");
+    eprintln!(
+        "1 GiB replay: RSS after send {} MiB, max during replay {} MiB, peak {} MiB, bound {} MiB",
+        after_send / MIB,
+        peak_during / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak < bound + OVERHEAD,
+        "peak RSS {} MiB over the bound + 64 MiB",
+        peak / MIB
+    );
+    sigterm(&broker);
+    assert!(step("exit", broker.wait()).await.unwrap().success());
+}

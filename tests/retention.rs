@@ -151,11 +151,49 @@ proptest! {
         }
         // Reading removes nothing (only the bounds do), and sequences are never reused.
         prop_assert!(broker.total_retained_bytes() <= limits.max_retained_bytes);
-        for i in 0..4 {
-            if sent[i] > 0 {
+        for (i, &n) in sent.iter().enumerate() {
+            if n > 0 {
                 let info = broker.address_info(&format!("p{i}"), false).unwrap().0;
-                prop_assert_eq!(info.last_sequence, sent[i]);
+                prop_assert_eq!(info.last_sequence, n);
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_bound_evicts_with_exact_dropped() {
+    let server = TestServer::with_limits(Limits {
+        retention_age: Duration::from_secs(1),
+        idle_address: Duration::from_secs(3600),
+        ..Limits::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    for i in 1..=3u8 {
+        send(&mut c, "aged", &[i]).await;
+    }
+    let broker = server.broker.clone();
+    // The periodic sweep removes them without any read or send on the address.
+    common::eventually("aged out", || broker.retained_messages("aged") == 0).await;
+    assert_eq!(send(&mut c, "aged", b"fresh").await, 4, "sequences go on");
+    let r = recv(&mut c, "aged", "", 10, Duration::ZERO).await;
+    assert_eq!(r.dropped, 3, "the default group is told exactly");
+    assert_eq!(
+        r.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        vec![4]
+    );
+    // A replay from 1 gets the same account.
+    let mut s = c
+        .subscribe(switchboard::pb::SubscribeRequest {
+            address: "aged".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    use switchboard::pb::subscribe_response::Event;
+    assert!(matches!(common::next_event(&mut s).await, Event::Dropped(d) if d.count == 3));
+    assert!(matches!(common::next_event(&mut s).await, Event::Message(m) if m.sequence == 4));
+    server.stop().await;
 }

@@ -201,10 +201,10 @@ impl Broker {
                     "start_sequence and start_time are for fan-out streams only; a group has its own position (set it with CreateGroup)",
                 ));
             }
-            let (log, id) = self
-                .inner
-                .engine
-                .subscribe_group(address, group.as_str(), max, full)?;
+            let (log, id) =
+                self.inner
+                    .engine
+                    .subscribe_group(address, group.as_str(), max, full)?;
             Ok(Subscription::group(log, group.clone(), id, shutdown))
         }
     }

@@ -84,7 +84,11 @@ pub(super) fn replay_inside_window(make: Make) {
         .unwrap();
     assert_eq!(drain(&log, &mut cursor), (0, seqs(15, 20)));
     append_n(&e, &a, 2);
-    assert_eq!(drain(&log, &mut cursor), (0, seqs(21, 22)), "live after replay");
+    assert_eq!(
+        drain(&log, &mut cursor),
+        (0, seqs(21, 22)),
+        "live after replay"
+    );
     log.unsubscribe_fanout(cursor);
 }
 
@@ -190,7 +194,9 @@ pub(super) fn create_group_is_idempotent(make: Make) {
         e.create_group(&a, "implicit", StartAt::End).unwrap(),
         (false, 11)
     );
-    assert!(e.create_group(&a, "implicit", StartAt::Sequence(1)).is_err());
+    assert!(e
+        .create_group(&a, "implicit", StartAt::Sequence(1))
+        .is_err());
 }
 
 pub(super) fn delete_group_ends_its_readers(make: Make) {

@@ -424,9 +424,13 @@ impl Log {
         out: &mut VecDeque<Delivery>,
     ) -> u64 {
         match self {
-            Self::Memory(a) => {
-                a.read_fanout(&mut a.state.lock(), &mut cursor.next, cursor.registered, max, out)
-            }
+            Self::Memory(a) => a.read_fanout(
+                &mut a.state.lock(),
+                &mut cursor.next,
+                cursor.registered,
+                max,
+                out,
+            ),
         }
     }
 

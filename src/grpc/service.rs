@@ -306,9 +306,7 @@ impl pb::broker_server::Broker for BrokerService {
         let result = (|| {
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
             let group = Group::parse(r.group.as_str()).map_err(reject)?;
-            self.broker
-                .delete_group(&address, &group)
-                .map_err(reject)?;
+            self.broker.delete_group(&address, &group).map_err(reject)?;
             Ok(Response::new(pb::DeleteGroupResponse {}))
         })();
         self.observe(Method::DeleteGroup, start, &result);

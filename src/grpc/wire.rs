@@ -3,9 +3,9 @@
 //!
 //! tonic encodes every streamed message into each stream's own buffer, so a message fanned out to
 //! N subscribers is encoded N times and its payload copied N times. Here each stored message is
-//! encoded once, lazily, into a gRPC frame ([`WireFrame`]) cached on the message; every
+//! encoded once, lazily, into a gRPC frame ([`WireFrame`](crate::message::WireFrame)) cached on the message; every
 //! subscriber's HTTP/2 stream is handed clones of the same `Bytes`. Payloads above
-//! [`INLINE_PAYLOAD_BYTES`] are not even copied into the frame: they travel as their own chunk,
+//! [`INLINE_PAYLOAD_BYTES`](crate::message::INLINE_PAYLOAD_BYTES) are not even copied into the frame: they travel as their own chunk,
 //! the very `Bytes` the publisher sent, and h2 writes them without copying.
 //!
 //! The encoding is ordinary protobuf with the `payload` field last (decoders accept fields in

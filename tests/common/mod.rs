@@ -9,12 +9,12 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use switchboard::{
     config::{Limits, ServerConfig},
+    grpc::server::{self, ServerError},
     pb::{
         admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event,
         RecvRequest, RecvResponse, SendRequest, SubscribeRequest, SubscribeResponse,
     },
     Broker,
-    grpc::server::{self, ServerError},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{transport::Channel, Streaming};

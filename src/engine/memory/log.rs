@@ -290,10 +290,7 @@ impl AddressLog {
             StartAt::Time(t) => {
                 // Entries are in append order, and so (clock steps aside) in sent_at order.
                 let i = st.window.partition_point(|e| e.message.sent_at < t);
-                Ok(st
-                    .window
-                    .get(i)
-                    .map_or(st.next_seq, |e| e.message.sequence))
+                Ok(st.window.get(i).map_or(st.next_seq, |e| e.message.sequence))
             }
         }
     }

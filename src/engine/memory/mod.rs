@@ -5,7 +5,7 @@
 //! the lookup or insert, then works under the address's own lock. There is no global lock on
 //! the Send, Recv or Subscribe paths.
 //!
-//! Idle addresses are reclaimed by [`MemoryEngine::maintain`]. Reclaim closes the address under
+//! Idle addresses are reclaimed by `MemoryEngine::maintain`. Reclaim closes the address under
 //! the map's shard lock; a handle taken just before sees `closed` under the address lock and
 //! looks the address up again, so no message is ever appended to a reclaimed address.
 
