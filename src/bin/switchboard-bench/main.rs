@@ -61,6 +61,11 @@ struct Args {
     /// `scripts/soak`), exiting non-zero if anything retention promised was lost.
     #[arg(long, value_name = "SECS")]
     soak: Option<u64>,
+    /// Compare with another broker binary (e.g. the previous release) instead of the ceiling:
+    /// W1 and W2 alternate this broker and that one in the same run; the ratio column is this
+    /// broker / that one. Other workloads are skipped.
+    #[arg(long, value_name = "PATH")]
+    compare_bin: Option<PathBuf>,
     /// Internal: serve the ceiling and print its address.
     #[arg(long, hide = true)]
     serve_ceiling: bool,
@@ -567,7 +572,12 @@ fn fmt_num(v: f64) -> String {
 
 /// Runs `f` against a fresh broker and a fresh ceiling, alternating, `repeat` times; returns the
 /// median of each (alternation spreads the machine's noise over both sides).
-async fn pair<F, Fut>(bin: &PathBuf, repeat: usize, f: F) -> Res<(f64, f64)>
+async fn pair<F, Fut>(
+    bin: &PathBuf,
+    compare: Option<&PathBuf>,
+    repeat: usize,
+    f: F,
+) -> Res<(f64, f64)>
 where
     F: Fn(Arc<Server>) -> Fut,
     Fut: std::future::Future<Output = Res<f64>>,
@@ -578,8 +588,12 @@ where
         let broker = Arc::new(Server::broker(bin).await?);
         b.push(f(Arc::clone(&broker)).await?);
         drop(broker);
-        let ceiling = Arc::new(Server::ceiling().await?);
-        c.push(f(Arc::clone(&ceiling)).await?);
+        let other = match compare {
+            Some(other) => Server::broker(other).await?,
+            None => Server::ceiling().await?,
+        };
+        let other = Arc::new(other);
+        c.push(f(Arc::clone(&other)).await?);
     }
     Ok((median(&mut b), median(&mut c)))
 }
@@ -615,15 +629,24 @@ async fn main() -> Res<()> {
     }
     let s = if args.quick { &QUICK } else { &FULL };
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
+    let against = args.compare_bin.as_ref().map_or_else(
+        || "ceiling (bare tonic + broadcast)".to_string(),
+        |b| format!("broker {}", b.display()),
+    );
     println!(
-        "switchboard-bench{}: broker {} vs ceiling (bare tonic + broadcast), loopback, {} cores",
+        "switchboard-bench{}: broker {} vs {against}, loopback, {} cores",
         if args.quick { " --quick" } else { "" },
         bin.display(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let other = if args.compare_bin.is_some() {
+        "compared"
+    } else {
+        "ceiling"
+    };
     println!(
         "{:<4} {:<34} {:>14} {:>14} {:>7}  unit",
-        "", "variant", "broker", "ceiling", "ratio"
+        "", "variant", "broker", other, "ratio"
     );
     let mut rows = Vec::new();
     let mut emit = |row: Row| {
@@ -650,7 +673,7 @@ async fn main() -> Res<()> {
         if !(wants(&args, "W1") || wants(&args, id)) {
             continue;
         }
-        let (b, c) = pair(&bin, repeat, |srv| async move {
+        let (b, c) = pair(&bin, args.compare_bin.as_ref(), repeat, |srv| async move {
             Ok(throughput(&srv, 1, n, 128, how).await?.0)
         })
         .await?;
@@ -665,7 +688,7 @@ async fn main() -> Res<()> {
     }
     if wants(&args, "W2") {
         let n = s.w2;
-        let (b, c) = pair(&bin, repeat, |srv| async move {
+        let (b, c) = pair(&bin, args.compare_bin.as_ref(), repeat, |srv| async move {
             Ok(throughput(&srv, 16, n, 128, Publish::Stream).await?.0)
         })
         .await?;
@@ -677,6 +700,10 @@ async fn main() -> Res<()> {
             broker: b,
             ceiling: Some(c),
         });
+    }
+    if args.compare_bin.is_some() {
+        println!("(--compare-bin: W1 and W2 only; ratio = this broker / the compared one)");
+        return Ok(());
     }
     if wants(&args, "W3") {
         for subs in [4usize, 64] {
