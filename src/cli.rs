@@ -61,6 +61,24 @@ pub struct GroupCreateArgs {
     #[allow(missing_docs, reason = "flattened; its fields are documented")]
     pub start: StartArgs,
 
+    /// Acknowledged delivery: lease every message handed out for this long (`30s`, `5m`;
+    /// 1s-12h) and hand it out again unless acknowledged. Without it: at most once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+    pub ack_wait: Option<Duration>,
+
+    /// With --ack-wait: deliveries of one message before it is dead-lettered (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub max_deliveries: u32,
+
+    /// With --max-deliveries: the address that receives dead-lettered messages (without it they
+    /// are dropped and counted).
+    #[arg(long = "dead-letter", value_name = "ADDRESS")]
+    pub dead_letter: Option<String>,
+
+    /// With --ack-wait: most messages handed out and not acknowledged (0: 1,000).
+    #[arg(long, default_value_t = 0)]
+    pub max_ack_pending: u32,
+
     #[command(flatten)]
     #[allow(missing_docs, reason = "flattened; its fields are documented")]
     pub client: ClientArgs,

@@ -70,6 +70,15 @@ pub enum BrokerError {
     /// `NOT_FOUND`.
     #[error("group deleted")]
     GroupDeleted,
+    /// Ack, Nack or ExtendLease on a group that has no acknowledgements (the default group, an
+    /// unknown group, or one created without `ack_wait`). Maps to `FAILED_PRECONDITION`.
+    #[error("group {group:?}: {reason}")]
+    NotAcknowledged {
+        /// The group.
+        group: String,
+        /// Why.
+        reason: String,
+    },
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
@@ -95,6 +104,7 @@ impl BrokerError {
             | Self::GroupDeleted => tonic::Code::NotFound,
             Self::PastEnd { .. } => tonic::Code::OutOfRange,
             Self::GroupExists { .. } => tonic::Code::AlreadyExists,
+            Self::NotAcknowledged { .. } => tonic::Code::FailedPrecondition,
             Self::ShuttingDown => tonic::Code::Unavailable,
         }
     }

@@ -46,7 +46,10 @@ pub struct WireFrame {
 
 /// Encodes `m` as a `SubscribeResponse` frame (done once per message for all its fan-out
 /// subscribers; see the memory engine's `read_fanout`).
-pub fn encode_message(m: &Message) -> WireFrame {
+///
+/// `delivery_attempt` is field 6 of the wire `Message` (0, the default, is not written): the
+/// per-delivery attempt of a group with acknowledgements; fan-out frames pass 0.
+pub fn encode_message(m: &Message, delivery_attempt: u32) -> WireFrame {
     // Encoded by hand from the stored message (no intermediate `pb::Message`, no copies of the
     // address or headers); `payload` (field 3) goes last so a large one can stay a separate chunk.
     let address = m.address.as_bytes();
@@ -64,6 +67,9 @@ pub fn encode_message(m: &Message) -> WireFrame {
     }
     if plen > 0 {
         msg_len += field(3, plen);
+    }
+    if delivery_attempt != 0 {
+        msg_len += key_len(6) + encoded_len_varint(u64::from(delivery_attempt));
     }
     let resp_len = field(1, msg_len);
     let inline = plen <= INLINE_PAYLOAD_BYTES;
@@ -91,6 +97,10 @@ pub fn encode_message(m: &Message) -> WireFrame {
         &mut buf,
     );
     message::encode(5, &sent_at, &mut buf);
+    if delivery_attempt != 0 {
+        encode_key(6, WireType::Varint, &mut buf);
+        encode_varint(u64::from(delivery_attempt), &mut buf);
+    }
     if plen > 0 {
         encode_key(3, WireType::LengthDelimited, &mut buf);
         encode_varint(plen as u64, &mut buf);

@@ -10,6 +10,9 @@
 //! | `switchboard_messages_delivered_total` | counter | messages handed to a subscriber or a Recv caller |
 //! | `switchboard_messages_dropped_total` | counter | messages reported lost to consumers (`dropped`, `Dropped`) |
 //! | `switchboard_messages_evicted_total` | counter | messages removed by a retention bound |
+//! | `switchboard_messages_acked_total` | counter | messages acknowledged (groups with `ack_wait`) |
+//! | `switchboard_messages_redelivered_total` | counter | deliveries after the first (lease expired, Nack, stream ended) |
+//! | `switchboard_messages_dead_lettered_total` | counter | messages that reached `max_deliveries` |
 //! | `switchboard_addresses` | gauge | addresses in the registry |
 //! | `switchboard_subscribers` | gauge | open Subscribe streams |
 //! | `switchboard_groups` | gauge | consumer groups, default groups included |
@@ -40,6 +43,9 @@ pub enum Method {
     Subscribe,
     CreateGroup,
     DeleteGroup,
+    Ack,
+    Nack,
+    ExtendLease,
     ListAddresses,
     GetAddress,
     DeleteAddress,
@@ -47,13 +53,16 @@ pub enum Method {
 
 impl Method {
     /// Every method, in declaration order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Send,
         Self::SendStream,
         Self::Recv,
         Self::Subscribe,
         Self::CreateGroup,
         Self::DeleteGroup,
+        Self::Ack,
+        Self::Nack,
+        Self::ExtendLease,
         Self::ListAddresses,
         Self::GetAddress,
         Self::DeleteAddress,
@@ -79,6 +88,9 @@ pub struct Metrics {
     pub(crate) delivered: Counter,
     pub(crate) dropped: Counter,
     pub(crate) evicted: Counter,
+    pub(crate) acked: Counter,
+    pub(crate) redelivered: Counter,
+    pub(crate) dead_lettered: Counter,
     pub(crate) subscribers: Gauge,
     pub(crate) groups: Gauge,
     addresses: Gauge,
@@ -130,6 +142,9 @@ impl Metrics {
             delivered: Counter::default(),
             dropped: Counter::default(),
             evicted: Counter::default(),
+            acked: Counter::default(),
+            redelivered: Counter::default(),
+            dead_lettered: Counter::default(),
             subscribers: Gauge::default(),
             groups: Gauge::default(),
             addresses: Gauge::default(),
@@ -162,6 +177,21 @@ impl Metrics {
             "messages_evicted",
             "Messages removed by a retention bound (count, bytes, or broker-wide bytes)",
             m.evicted.clone(),
+        );
+        registry.register(
+            "messages_acked",
+            "Messages acknowledged by consumers of groups with ack_wait",
+            m.acked.clone(),
+        );
+        registry.register(
+            "messages_redelivered",
+            "Deliveries after the first: lease expired, Nack, or the holding stream ended",
+            m.redelivered.clone(),
+        );
+        registry.register(
+            "messages_dead_lettered",
+            "Messages that reached max_deliveries (sent to the dead-letter address, or dropped)",
+            m.dead_lettered.clone(),
         );
         registry.register(
             "addresses",

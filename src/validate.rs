@@ -6,7 +6,11 @@
 
 use std::{collections::HashMap, fmt, time::Duration};
 
-use crate::{config::Limits, engine::StartAt, error::BrokerError};
+use crate::{
+    config::Limits,
+    engine::{AckPolicy, StartAt},
+    error::BrokerError,
+};
 
 /// Longest address or group name, in bytes of UTF-8.
 pub const MAX_NAME_BYTES: usize = 255;
@@ -270,6 +274,120 @@ pub fn start(
             "set start_sequence or start_time, not both",
         )),
     }
+}
+
+/// Shortest `ack_wait`.
+pub const MIN_ACK_WAIT: Duration = Duration::from_secs(1);
+/// Longest `ack_wait`, and longest Nack `delay`.
+pub const MAX_ACK_WAIT: Duration = Duration::from_secs(12 * 3600);
+/// `max_ack_pending` when the request leaves it 0.
+pub const DEFAULT_MAX_ACK_PENDING: u32 = 1000;
+/// Largest `max_ack_pending`.
+pub const MAX_ACK_PENDING: u32 = 100_000;
+
+fn duration(field: &'static str, d: &prost_types::Duration) -> Result<Duration, BrokerError> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(BrokerError::invalid(
+            field,
+            format!(
+                "{}s{}ns is not a valid non-negative duration",
+                d.seconds, d.nanos
+            ),
+        ));
+    }
+    let secs = u64::try_from(d.seconds).unwrap_or(u64::MAX);
+    Ok(Duration::new(secs, u32::try_from(d.nanos).unwrap_or(0)))
+}
+
+/// Checks CreateGroup's delivery settings: `ack_wait` (unset or 0: no acknowledgements; else
+/// 1 s to 12 h), `max_deliveries` (needs `ack_wait`), `dead_letter_address` (an address; needs
+/// `max_deliveries`), `max_ack_pending` (0 means 1,000; at most 100,000; needs `ack_wait`).
+///
+/// # Errors
+/// [`BrokerError::Invalid`] naming the field and its range.
+pub fn ack_policy(
+    ack_wait: Option<&prost_types::Duration>,
+    max_deliveries: u32,
+    dead_letter_address: &str,
+    max_ack_pending: u32,
+) -> Result<Option<AckPolicy>, BrokerError> {
+    let wait = ack_wait
+        .map(|d| duration("ack_wait", d))
+        .transpose()?
+        .unwrap_or(Duration::ZERO);
+    if wait.is_zero() {
+        for (set, field) in [
+            (max_deliveries != 0, "max_deliveries"),
+            (!dead_letter_address.is_empty(), "dead_letter_address"),
+            (max_ack_pending != 0, "max_ack_pending"),
+        ] {
+            if set {
+                return Err(BrokerError::invalid(
+                    field,
+                    "needs ack_wait (acknowledged delivery); set ack_wait to 1s-12h",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    if !(MIN_ACK_WAIT..=MAX_ACK_WAIT).contains(&wait) {
+        return Err(BrokerError::invalid(
+            "ack_wait",
+            format!("{wait:?} is out of range: 1s to 12h (0 for no acknowledgements)"),
+        ));
+    }
+    let dead_letter = if dead_letter_address.is_empty() {
+        None
+    } else {
+        if max_deliveries == 0 {
+            return Err(BrokerError::invalid(
+                "dead_letter_address",
+                "needs max_deliveries > 0 (when to dead-letter)",
+            ));
+        }
+        let a = Address::check(dead_letter_address).map_err(|e| match e {
+            BrokerError::Invalid { reason, .. } => {
+                BrokerError::invalid("dead_letter_address", reason)
+            }
+            other => other,
+        });
+        a?;
+        Some(Address::checked(dead_letter_address.to_string()))
+    };
+    if max_ack_pending > MAX_ACK_PENDING {
+        return Err(BrokerError::invalid(
+            "max_ack_pending",
+            format!("{max_ack_pending} is above the limit of {MAX_ACK_PENDING} (0 means {DEFAULT_MAX_ACK_PENDING})"),
+        ));
+    }
+    Ok(Some(AckPolicy {
+        ack_wait: wait,
+        max_deliveries,
+        dead_letter,
+        max_ack_pending: if max_ack_pending == 0 {
+            DEFAULT_MAX_ACK_PENDING
+        } else {
+            max_ack_pending
+        },
+    }))
+}
+
+/// Checks Nack's `delay`: unset is zero; at most 12 h.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] naming `delay`.
+pub fn nack_delay(delay: Option<&prost_types::Duration>) -> Result<Duration, BrokerError> {
+    let d = delay
+        .map(|d| duration("delay", d))
+        .transpose()?
+        .unwrap_or(Duration::ZERO);
+    if d > MAX_ACK_WAIT {
+        return Err(BrokerError::invalid(
+            "delay",
+            format!("{d:?} is longer than the limit of 12h"),
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]

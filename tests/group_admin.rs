@@ -17,7 +17,7 @@ fn create(address: &str, group: &str, start_sequence: u64) -> CreateGroupRequest
         address: address.into(),
         group: group.into(),
         start_sequence,
-        start_time: None,
+        ..Default::default()
     }
 }
 

@@ -129,7 +129,7 @@ proptest! {
                     let i = address as usize;
                     next[i] += b.dropped;
                     for m in &b.messages {
-                        prop_assert_eq!(m.sequence, next[i], "contiguous after dropped gaps");
+                        prop_assert_eq!(m.message.sequence, next[i], "contiguous after dropped gaps");
                         next[i] += 1;
                     }
                     accounted[i] += b.dropped + b.messages.len() as u64;

@@ -7,7 +7,13 @@
 
 pub mod subscription;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -16,7 +22,9 @@ pub use subscription::{Event, Subscription};
 
 use crate::{
     config::{Limits, MESSAGE_OVERHEAD_BYTES},
-    engine::{AddressInfo, Batch, Engine, GroupInfo, Log, StartAt},
+    engine::{
+        AddressInfo, Batch, DeadLetter, Engine, GroupInfo, GroupSettings, Log, Settle, StartAt,
+    },
     error::BrokerError,
     metrics::Metrics,
     shutdown::ShutdownToken,
@@ -37,6 +45,23 @@ struct Inner {
     engine: Engine,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Ids of group streams, which hold leases (0 is every Recv caller).
+    next_holder: AtomicU64,
+}
+
+/// Most sequences one Ack, Nack or ExtendLease names.
+pub const MAX_SETTLE_SEQUENCES: usize = 1000;
+
+/// Headers a dead-lettered message gains (besides its own).
+pub mod dead_letter_headers {
+    /// The address it was sent to.
+    pub const ADDRESS: &str = "switchboard-dead-letter-address";
+    /// The group that gave up on it.
+    pub const GROUP: &str = "switchboard-dead-letter-group";
+    /// Its sequence on the original address, decimal.
+    pub const SEQUENCE: &str = "switchboard-dead-letter-sequence";
+    /// How many times it was delivered, decimal.
+    pub const DELIVERIES: &str = "switchboard-dead-letter-deliveries";
 }
 
 impl Broker {
@@ -50,6 +75,7 @@ impl Broker {
                 engine,
                 limits,
                 metrics,
+                next_holder: AtomicU64::new(1),
             }),
         }
     }
@@ -137,26 +163,37 @@ impl Broker {
         shutdown: &mut ShutdownToken,
     ) -> Result<Batch, BrokerError> {
         let deadline = Instant::now() + wait;
-        let (log, id, batch) =
+        let (log, id, mut batch) =
             self.inner
                 .engine
                 .take(address, group.as_str(), max, !wait.is_zero())?;
+        self.dead_letter(std::mem::take(&mut batch.dead_letters));
         if !batch.is_empty() || wait.is_zero() {
             return Ok(batch);
         }
         let _waiting = WaiterGuard(&log);
+        let mut next_due = batch.next_due;
         loop {
             let notified = log.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             log.check_deleted()?;
-            let batch = log.take(group.as_str(), id, max)?;
+            let mut batch = log.take(group.as_str(), id, max, 0)?;
+            self.dead_letter(std::mem::take(&mut batch.dead_letters));
             if !batch.is_empty() {
                 return Ok(batch);
             }
+            next_due = batch.next_due.or(next_due);
+            // Also wake when a lease expires or a delayed redelivery falls due.
+            let wake = next_due.map_or(deadline, |d| d.min(deadline));
             tokio::select! {
                 () = notified => {}
-                () = tokio::time::sleep_until(deadline) => return Ok(Batch::default()),
+                () = tokio::time::sleep_until(wake) => {
+                    if wake >= deadline {
+                        return Ok(Batch::default());
+                    }
+                    next_due = None;
+                }
                 () = shutdown.cancelled() => return Ok(Batch::default()),
             }
         }
@@ -205,7 +242,15 @@ impl Broker {
                 self.inner
                     .engine
                     .subscribe_group(address, group.as_str(), max, full)?;
-            Ok(Subscription::group(log, group.clone(), id, shutdown))
+            let holder = self.inner.next_holder.fetch_add(1, Ordering::Relaxed);
+            Ok(Subscription::group(
+                self.clone(),
+                log,
+                group.clone(),
+                id,
+                holder,
+                shutdown,
+            ))
         }
     }
 
@@ -222,7 +267,7 @@ impl Broker {
         &self,
         address: &Address,
         group: &Group,
-        start: StartAt,
+        settings: GroupSettings,
     ) -> Result<(bool, u64), BrokerError> {
         if group.is_default() {
             return Err(BrokerError::invalid(
@@ -230,9 +275,100 @@ impl Broker {
                 "must not be empty: the default group always exists (1-255 bytes)",
             ));
         }
+        if let Some(dlq) = settings.ack.as_ref().and_then(|a| a.dead_letter.as_ref()) {
+            if dlq == address {
+                return Err(BrokerError::invalid(
+                    "dead_letter_address",
+                    "must differ from address (a message would be dead-lettered to itself)",
+                ));
+            }
+        }
         self.inner
             .engine
-            .create_group(address, group.as_str(), start)
+            .create_group(address, group.as_str(), settings)
+    }
+
+    /// Ack, Nack (with its delay) or ExtendLease of `sequences` (1 to 1,000) of `group`, a
+    /// group with acknowledgements. Returns the sequences that were not awaiting an
+    /// acknowledgement (already acknowledged, dead-lettered, evicted, never handed out). A
+    /// Nack on a message's last allowed delivery dead-letters it at once.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for no sequence or more than 1,000; `FAILED_PRECONDITION` naming the
+    /// group when it is the default group, unknown, or has no `ack_wait`.
+    pub fn settle(
+        &self,
+        address: &Address,
+        group: &Group,
+        sequences: &[u64],
+        op: Settle,
+    ) -> Result<Vec<u64>, BrokerError> {
+        if sequences.is_empty() || sequences.len() > MAX_SETTLE_SEQUENCES {
+            return Err(BrokerError::invalid(
+                "sequences",
+                format!(
+                    "{} given; name 1 to {MAX_SETTLE_SEQUENCES} sequences",
+                    sequences.len()
+                ),
+            ));
+        }
+        let settled = self
+            .inner
+            .engine
+            .settle(address.as_str(), group.as_str(), sequences, op)?;
+        self.dead_letter(settled.dead_letters);
+        Ok(settled.not_pending)
+    }
+
+    /// Sends dead-lettered messages on to their dead-letter addresses: payload and headers
+    /// unchanged, plus the four `switchboard-dead-letter-*` headers. A dead letter that cannot
+    /// be stored (shutdown, a limit) is logged and counted as lost.
+    pub(crate) fn dead_letter(&self, letters: Vec<DeadLetter>) {
+        for d in letters {
+            let mut headers = d.message.headers.clone();
+            headers.insert(
+                dead_letter_headers::ADDRESS.into(),
+                d.message.address.to_string(),
+            );
+            headers.insert(dead_letter_headers::GROUP.into(), d.group.clone());
+            headers.insert(
+                dead_letter_headers::SEQUENCE.into(),
+                d.message.sequence.to_string(),
+            );
+            headers.insert(
+                dead_letter_headers::DELIVERIES.into(),
+                d.deliveries.to_string(),
+            );
+            let size = d.message.payload.len()
+                + headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+                + MESSAGE_OVERHEAD_BYTES;
+            let limits = &self.inner.limits;
+            let stored = if size > limits.retention_bytes.min(limits.max_retained_bytes) {
+                Err(BrokerError::TooLarge {
+                    field: "payload",
+                    actual: size,
+                    limit: limits.retention_bytes.min(limits.max_retained_bytes),
+                    limit_name: "--retention-bytes",
+                })
+            } else {
+                self.inner
+                    .engine
+                    .append(&d.to, d.message.payload.clone(), headers, size)
+            };
+            if let Err(e) = stored {
+                tracing::warn!(
+                    address = %d.message.address,
+                    group = %d.group,
+                    sequence = d.message.sequence,
+                    dead_letter_address = d.to.as_str(),
+                    error = %e,
+                    "dead letter not stored"
+                );
+            }
+        }
     }
 
     /// Deletes the named group `group` of `address`: its position is forgotten, its streams end
@@ -323,7 +459,9 @@ impl Broker {
     /// `--idle-address-ms` (nothing retained, no subscriber, no waiting Recv, no created group).
     /// Returns how many addresses were removed.
     pub fn reclaim_idle(&self) -> usize {
-        self.inner.engine.maintain().1
+        let m = self.inner.engine.maintain();
+        self.dead_letter(m.dead_letters);
+        m.reclaimed
     }
 
     /// Runs the engine's maintenance (age eviction, idle reclaim) every half idle period (at
@@ -334,7 +472,9 @@ impl Broker {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let (aged, reclaimed) = self.inner.engine.maintain();
+                    let m = self.inner.engine.maintain();
+                    let (aged, reclaimed) = (m.aged, m.reclaimed);
+                    self.dead_letter(m.dead_letters);
                     if aged > 0 || reclaimed > 0 {
                         tracing::debug!(aged, reclaimed, "retention sweep");
                     }

@@ -18,10 +18,11 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
+use super::Broker;
 use crate::{
     engine::{Delivery, FanoutCursor, Log},
     error::BrokerError,
-    message::{Message, WireFrame},
+    message::{encode_message, Message, WireFrame},
     shutdown::ShutdownToken,
     validate::Group,
 };
@@ -32,8 +33,9 @@ pub const FANOUT_BATCH: usize = 64;
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The next message, in sequence order, with its wire encoding when the subscriber is
-    /// fan-out (shared with the other fan-out subscribers; see `wire`).
+    /// The next message, with its wire encoding when one was made already: shared with the
+    /// other fan-out subscribers (see `wire`), or, for a group member, encoded with its
+    /// delivery attempt. `None`: encode it with delivery attempt 0.
     Message(Arc<Message>, Option<WireFrame>),
     /// The subscriber fell behind the retention window and lost exactly this many messages.
     Dropped(u64),
@@ -43,8 +45,17 @@ pub enum Event {
 enum Kind {
     /// Where this subscriber is in the window.
     Fanout(FanoutCursor),
-    /// The group and the id of the incarnation it joined.
-    Group(Group, u64),
+    /// A member of a consumer group.
+    Group {
+        group: Group,
+        /// The incarnation of the group it joined.
+        id: u64,
+        /// This stream's lease holder id: its leases return at once when it ends.
+        holder: u64,
+        /// For dead letters found while taking, and the wake-up of lease expiry.
+        broker: Broker,
+        next_due: Option<tokio::time::Instant>,
+    },
 }
 
 /// A registered subscriber. See the module docs.
@@ -68,10 +79,23 @@ impl Subscription {
         }
     }
 
-    pub(crate) fn group(log: Log, group: Group, id: u64, shutdown: ShutdownToken) -> Self {
+    pub(crate) fn group(
+        broker: Broker,
+        log: Log,
+        group: Group,
+        id: u64,
+        holder: u64,
+        shutdown: ShutdownToken,
+    ) -> Self {
         Self {
             log,
-            kind: Kind::Group(group, id),
+            kind: Kind::Group {
+                group,
+                id,
+                holder,
+                broker,
+                next_due: None,
+            },
             buffer: VecDeque::new(),
             shutdown,
             done: false,
@@ -122,13 +146,27 @@ impl Subscription {
             let notified = log.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let mut wake = None;
             let dropped = match kind {
                 Kind::Fanout(cursor) => log.read_fanout(cursor, FANOUT_BATCH, buffer),
-                Kind::Group(group, id) => {
-                    // One at a time, so the group's other members get their share.
-                    match log.take(group.as_str(), *id, 1) {
-                        Ok(batch) => {
-                            buffer.extend(batch.messages.into_iter().map(|m| (m, None)));
+                Kind::Group {
+                    group,
+                    id,
+                    holder,
+                    broker,
+                    next_due,
+                } => {
+                    // One at a time, so the group's other members get their share (and, with
+                    // acknowledgements, max_ack_pending holds across the group).
+                    match log.take(group.as_str(), *id, 1, *holder) {
+                        Ok(mut batch) => {
+                            broker.dead_letter(std::mem::take(&mut batch.dead_letters));
+                            buffer.extend(batch.messages.into_iter().map(|t| {
+                                let frame = encode_message(&t.message, t.attempt);
+                                (t.message, Some(frame))
+                            }));
+                            *next_due = batch.next_due.or(*next_due);
+                            wake = *next_due;
                             batch.dropped
                         }
                         Err(e) => {
@@ -144,8 +182,19 @@ impl Subscription {
             if !buffer.is_empty() {
                 continue;
             }
+            let lease_due = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = notified => {}
+                () = lease_due => {
+                    if let Kind::Group { next_due, .. } = kind {
+                        *next_due = None;
+                    }
+                }
                 () = shutdown.cancelled() => {}
             }
         }
@@ -156,7 +205,13 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         match &self.kind {
             Kind::Fanout(cursor) => self.log.unsubscribe_fanout(*cursor),
-            Kind::Group(..) => self.log.unsubscribe_group(),
+            Kind::Group {
+                group, id, holder, ..
+            } => {
+                // Messages leased to this stream go out again at once, not after ack_wait.
+                self.log.release(group.as_str(), *id, *holder);
+                self.log.unsubscribe_group();
+            }
         }
     }
 }

@@ -279,6 +279,12 @@ pub async fn group(command: GroupCommand) -> Result<u8, ClientError> {
                     group: args.group,
                     start_sequence,
                     start_time,
+                    ack_wait: args
+                        .ack_wait
+                        .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                    max_deliveries: args.max_deliveries,
+                    dead_letter_address: args.dead_letter.unwrap_or_default(),
+                    max_ack_pending: args.max_ack_pending,
                 })
                 .await
                 .map_err(ClientError::Status)?

@@ -11,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{Engine, FanoutCursor, Log, StartAt};
+use super::{Engine, FanoutCursor, GroupSettings, Log, StartAt};
 use crate::{config::Limits, error::BrokerError, metrics::Metrics, validate::Address};
 
 type Make = fn(&Limits) -> Engine;
@@ -51,6 +51,10 @@ fn drain(log: &Log, cursor: &mut FanoutCursor) -> (u64, Vec<u64>) {
     (dropped, out.iter().map(|(m, _)| m.sequence).collect())
 }
 
+fn at(start: StartAt) -> GroupSettings {
+    GroupSettings { start, ack: None }
+}
+
 fn seqs(from: u64, to: u64) -> Vec<u64> {
     (from..=to).collect()
 }
@@ -66,11 +70,13 @@ pub(super) fn history_survives_consumption(make: Make) {
     let (_, _, batch) = e.take(&a, "", 10, false).unwrap();
     assert_eq!(batch.messages.len(), 5);
     assert_eq!(e.counts("c.history")[2], 5, "taken messages stay retained");
-    let (created, next) = e.create_group(&a, "late", StartAt::Sequence(1)).unwrap();
+    let (created, next) = e
+        .create_group(&a, "late", at(StartAt::Sequence(1)))
+        .unwrap();
     assert!(created);
     assert_eq!(next, 1);
     let (_, _, batch) = e.take(&a, "late", 100, false).unwrap();
-    let got: Vec<u64> = batch.messages.iter().map(|m| m.sequence).collect();
+    let got: Vec<u64> = batch.messages.iter().map(|m| m.message.sequence).collect();
     assert_eq!(got, seqs(1, 5), "a group created at 1 takes all history");
     assert_eq!(batch.dropped, 0);
 }
@@ -136,7 +142,7 @@ pub(super) fn start_past_end_is_refused(make: Make) {
     assert!(err.to_string().contains("22") && err.to_string().contains("20"));
     assert_eq!(e.counts("c.past")[0], 0, "nothing registered");
     assert!(matches!(
-        e.create_group(&a, "g", StartAt::Sequence(22)),
+        e.create_group(&a, "g", at(StartAt::Sequence(22))),
         Err(BrokerError::PastEnd { .. })
     ));
 }
@@ -155,7 +161,7 @@ pub(super) fn start_at_time(make: Make) {
         .unwrap();
     assert_eq!(drain(&log, &mut cursor), (0, seqs(4, 6)));
     log.unsubscribe_fanout(cursor);
-    let (_, next) = e.create_group(&a, "since", StartAt::Time(t)).unwrap();
+    let (_, next) = e.create_group(&a, "since", at(StartAt::Time(t))).unwrap();
     assert_eq!(next, 4);
     // A time after every message: live.
     let later = SystemTime::now() + Duration::from_secs(3600);
@@ -171,31 +177,33 @@ pub(super) fn create_group_is_idempotent(make: Make) {
     let a = addr("c.create");
     append_n(&e, &a, 10);
     assert_eq!(
-        e.create_group(&a, "g", StartAt::Sequence(4)).unwrap(),
+        e.create_group(&a, "g", at(StartAt::Sequence(4))).unwrap(),
         (true, 4)
     );
     assert_eq!(
-        e.create_group(&a, "g", StartAt::Sequence(4)).unwrap(),
+        e.create_group(&a, "g", at(StartAt::Sequence(4))).unwrap(),
         (false, 4)
     );
-    let err = e.create_group(&a, "g", StartAt::Sequence(5)).unwrap_err();
+    let err = e
+        .create_group(&a, "g", at(StartAt::Sequence(5)))
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
     assert!(err.to_string().contains("start_sequence 4"), "{err}");
     let (_, _, batch) = e.take(&a, "g", 3, false).unwrap();
-    assert_eq!(batch.messages[0].sequence, 4);
+    assert_eq!(batch.messages[0].message.sequence, 4);
     // The same request after reads: still OK, and reports the group's position now.
     assert_eq!(
-        e.create_group(&a, "g", StartAt::Sequence(4)).unwrap(),
+        e.create_group(&a, "g", at(StartAt::Sequence(4))).unwrap(),
         (false, 7)
     );
     // A group created by its first read started at the end.
     e.take(&a, "implicit", 1, false).unwrap();
     assert_eq!(
-        e.create_group(&a, "implicit", StartAt::End).unwrap(),
+        e.create_group(&a, "implicit", at(StartAt::End)).unwrap(),
         (false, 11)
     );
     assert!(e
-        .create_group(&a, "implicit", StartAt::Sequence(1))
+        .create_group(&a, "implicit", at(StartAt::Sequence(1)))
         .is_err());
 }
 
@@ -203,14 +211,20 @@ pub(super) fn delete_group_ends_its_readers(make: Make) {
     let e = make(&limits(100));
     let a = addr("c.delete");
     append_n(&e, &a, 4);
-    e.create_group(&a, "g", StartAt::Sequence(1)).unwrap();
+    e.create_group(&a, "g", at(StartAt::Sequence(1))).unwrap();
     let (log, id, batch) = e.take(&a, "g", 1, false).unwrap();
     assert_eq!(batch.messages.len(), 1);
     e.delete_group("c.delete", "g").unwrap();
-    assert_eq!(log.take("g", id, 1).unwrap_err(), BrokerError::GroupDeleted);
+    assert_eq!(
+        log.take("g", id, 1, 0).unwrap_err(),
+        BrokerError::GroupDeleted
+    );
     // Created again: a new incarnation; the old id still sees it deleted.
-    e.create_group(&a, "g", StartAt::Sequence(1)).unwrap();
-    assert_eq!(log.take("g", id, 1).unwrap_err(), BrokerError::GroupDeleted);
+    e.create_group(&a, "g", at(StartAt::Sequence(1))).unwrap();
+    assert_eq!(
+        log.take("g", id, 1, 0).unwrap_err(),
+        BrokerError::GroupDeleted
+    );
     let (_, _, batch) = e.take(&a, "g", 10, false).unwrap();
     assert_eq!(batch.messages.len(), 4, "the new group starts afresh at 1");
     assert!(matches!(
@@ -229,7 +243,7 @@ pub(super) fn count_retention_reports_exact_loss_to_groups(make: Make) {
     append_n(&e, &a, 12);
     let (_, _, batch) = e.take(&a, "", 100, false).unwrap();
     assert_eq!(batch.dropped, 7);
-    let got: Vec<u64> = batch.messages.iter().map(|m| m.sequence).collect();
+    let got: Vec<u64> = batch.messages.iter().map(|m| m.message.sequence).collect();
     assert_eq!(got, seqs(8, 12));
 }
 
@@ -248,7 +262,7 @@ pub(super) async fn age_retention_evicts_with_exact_dropped(make: Make) {
     append_n(&e, &a, 1);
     tokio::time::advance(Duration::from_secs(5)).await;
     // 1..=3 are 11 s old, 4 is 5 s old: the sweep evicts exactly three.
-    assert_eq!(e.maintain().0, 3);
+    assert_eq!(e.maintain().aged, 3);
     assert_eq!(e.counts("c.age")[2], 1);
     assert_eq!(drain(&log, &mut cursor), (3, vec![4]));
     let (_, _, batch) = e.take(&a, "", 10, false).unwrap();

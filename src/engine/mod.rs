@@ -87,13 +87,85 @@ impl From<&Limits> for Retention {
     }
 }
 
+/// Acknowledged delivery of a group (SQS visibility timeout, Google Pub/Sub ack deadline, NATS
+/// JetStream `AckExplicit`): every message handed out is leased and handed out again unless
+/// acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckPolicy {
+    /// How long a lease lasts (1 s to 12 h).
+    pub ack_wait: Duration,
+    /// Deliveries of one message before it is dead-lettered; 0 = unlimited.
+    pub max_deliveries: u32,
+    /// Where dead-lettered messages are sent; `None`: they are dropped and counted.
+    pub dead_letter: Option<Address>,
+    /// Most messages handed out and not acknowledged, across the group (1 to 100,000).
+    pub max_ack_pending: u32,
+}
+
+/// A group's settings as CreateGroup gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Where the group starts.
+    pub start: StartAt,
+    /// Acknowledged delivery; `None`: at most once.
+    pub ack: Option<AckPolicy>,
+}
+
+impl GroupSettings {
+    /// How CreateGroup's ALREADY_EXISTS error shows a group's settings.
+    pub(crate) fn describe(&self) -> String {
+        let mut s = self.start.describe();
+        if let Some(a) = &self.ack {
+            s.push_str(&format!(
+                ", ack_wait {}, max_deliveries {}, max_ack_pending {}",
+                humantime::format_duration(a.ack_wait),
+                a.max_deliveries,
+                a.max_ack_pending
+            ));
+            if let Some(d) = &a.dead_letter {
+                s.push_str(&format!(", dead_letter_address {:?}", d.as_str()));
+            }
+        }
+        s
+    }
+}
+
+/// One message handed to a group reader.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    /// The message (shared, not copied).
+    pub message: Arc<Message>,
+    /// For groups with acknowledgements: 1 on the first delivery, n on the nth; else 0.
+    pub attempt: u32,
+}
+
+/// A message that reached its group's `max_deliveries`, to be sent to `to` (or, without a
+/// dead-letter address, only counted). The broker appends it after the address lock is
+/// released.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The original message.
+    pub message: Arc<Message>,
+    /// The group that gave up on it.
+    pub group: String,
+    /// How many times it was delivered.
+    pub deliveries: u32,
+    /// The dead-letter address.
+    pub to: Address,
+}
+
 /// The result of taking from a group.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// Messages, in sequence order.
-    pub messages: Vec<Arc<Message>>,
+    /// Messages, in the order handed out: redeliveries (lowest sequence first), then new ones.
+    pub messages: Vec<Taken>,
     /// Messages lost to retention before this batch (reported once).
     pub dropped: u64,
+    /// Messages dead-lettered while taking (the caller sends them on).
+    pub dead_letters: Vec<DeadLetter>,
+    /// When the group's next lease expires or delayed redelivery falls due, if any: a waiting
+    /// reader wakes then as well as on appends.
+    pub next_due: Option<tokio::time::Instant>,
 }
 
 impl Batch {
@@ -101,6 +173,27 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty() && self.dropped == 0
     }
+}
+
+/// What Ack, Nack and ExtendLease report: the sequences that were not pending, and messages
+/// dead-lettered by a Nack.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Sequences that were not awaiting an acknowledgement.
+    pub not_pending: Vec<u64>,
+    /// Messages that reached `max_deliveries` (Nack only).
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// The acknowledgement operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with them: never delivered again.
+    Ack,
+    /// Give them back: deliverable again after the delay (counts as an attempt).
+    Nack(Duration),
+    /// Still working: their leases run `ack_wait` from now.
+    Extend,
 }
 
 /// What the Admin RPCs report about one address.
@@ -133,6 +226,25 @@ pub struct GroupInfo {
     pub lag: u64,
     /// Messages the group lost to retention that its next read will report.
     pub dropped: u64,
+    /// Messages handed out and not acknowledged (groups with acknowledgements).
+    pub pending: u64,
+    /// Deliveries after the first.
+    pub redelivered: u64,
+    /// Messages that reached `max_deliveries`.
+    pub dead_lettered: u64,
+    /// The acknowledgement settings, if any.
+    pub ack: Option<AckPolicy>,
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Default)]
+pub struct Maintenance {
+    /// Messages evicted by the age bound.
+    pub aged: usize,
+    /// Idle addresses removed.
+    pub reclaimed: usize,
+    /// Messages whose last lease expired on their last allowed delivery, to be sent on.
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 /// A registered fan-out reader: where it is and from which sequence appends counted it.
@@ -190,9 +302,10 @@ impl Engine {
         }
     }
 
-    /// Takes up to `max` messages for `group` (created at the end on first use). With
-    /// `register_waiter`, an empty result also registers a waiting Recv (undone by
-    /// [`Log::remove_waiter`]). Returns the address, the group's id and the batch.
+    /// Takes up to `max` messages for `group` (created at the end on first use), leased to
+    /// Recv callers (holder 0) if the group has acknowledgements. With `register_waiter`, an
+    /// empty result also registers a waiting Recv (undone by [`Log::remove_waiter`]). Returns
+    /// the address, the group's id and the batch.
     ///
     /// # Errors
     /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached.
@@ -206,7 +319,7 @@ impl Engine {
         match self {
             Self::Memory(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
-                    let r = a.take(st, group, None, max);
+                    let r = a.take(st, group, None, max, 0);
                     if register_waiter && r.as_ref().is_ok_and(|(_, b)| b.is_empty()) {
                         AddressLog::add_waiter(st);
                     }
@@ -269,20 +382,37 @@ impl Engine {
         }
     }
 
-    /// Creates a named group at `start` (creating the address if needed). Returns whether it
-    /// was created and the sequence it hands out next.
+    /// Creates a named group with `settings` (creating the address if needed). Returns
+    /// whether it was created and the sequence it hands out next.
     ///
     /// # Errors
-    /// `ALREADY_EXISTS` when it exists with another start; `OUT_OF_RANGE` for a start past the
+    /// `ALREADY_EXISTS` when it exists with other settings; `OUT_OF_RANGE` for a start past the
     /// last sequence + 1; `RESOURCE_EXHAUSTED` for the address limit.
     pub fn create_group(
         &self,
         address: &Address,
         group: &str,
-        start: StartAt,
+        settings: GroupSettings,
     ) -> Result<(bool, u64), BrokerError> {
         match self {
-            Self::Memory(m) => m.create_group(address, group, start),
+            Self::Memory(m) => m.create_group(address, group, settings),
+        }
+    }
+
+    /// Ack, Nack or ExtendLease of `sequences` of `group`; wakes the group's readers.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` when the group is the default group, unknown, or has no
+    /// `ack_wait`.
+    pub fn settle(
+        &self,
+        address: &str,
+        group: &str,
+        sequences: &[u64],
+        op: Settle,
+    ) -> Result<Settled, BrokerError> {
+        match self {
+            Self::Memory(m) => m.settle(address, group, sequences, op),
         }
     }
 
@@ -368,8 +498,8 @@ impl Engine {
         }
     }
 
-    /// One maintenance pass (age eviction, idle reclaim); returns (aged out, reclaimed).
-    pub fn maintain(&self) -> (usize, usize) {
+    /// One maintenance pass: age eviction, lease expiry, idle reclaim.
+    pub fn maintain(&self) -> Maintenance {
         match self {
             Self::Memory(m) => m.maintain(),
         }
@@ -403,15 +533,32 @@ impl Log {
         }
     }
 
-    /// Takes up to `max` messages for the group whose id is `id`.
+    /// Takes up to `max` messages for the group whose id is `id`, leased to `holder` (a group
+    /// stream's id, 0 for a Recv caller) if the group has acknowledgements.
     ///
     /// # Errors
     /// [`BrokerError::GroupDeleted`] when the group was deleted since.
-    pub fn take(&self, group: &str, id: u64, max: usize) -> Result<Batch, BrokerError> {
+    pub fn take(
+        &self,
+        group: &str,
+        id: u64,
+        max: usize,
+        holder: u64,
+    ) -> Result<Batch, BrokerError> {
         match self {
             Self::Memory(a) => a
-                .take(&mut a.state.lock(), group, Some(id), max)
+                .take(&mut a.state.lock(), group, Some(id), max, holder)
                 .map(|(_, b)| b),
+        }
+    }
+
+    /// Makes the messages of `group` leased to `holder` deliverable again at once (its stream
+    /// ended) and wakes the group's readers.
+    pub fn release(&self, group: &str, id: u64, holder: u64) {
+        match self {
+            Self::Memory(a) => {
+                a.release(group, id, holder);
+            }
         }
     }
 

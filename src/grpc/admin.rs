@@ -53,11 +53,21 @@ fn to_pb_info(i: AddressInfo) -> pb::AddressInfo {
 }
 
 fn to_pb_group(g: GroupInfo) -> pb::GroupInfo {
+    let ack = g.ack.as_ref();
     pb::GroupInfo {
         group: g.group,
         lag: g.lag,
         dropped: g.dropped,
         next_sequence: g.next_sequence,
+        pending: g.pending,
+        redelivered: g.redelivered,
+        dead_lettered: g.dead_lettered,
+        ack_wait: ack.and_then(|a| prost_types::Duration::try_from(a.ack_wait).ok()),
+        max_deliveries: ack.map_or(0, |a| a.max_deliveries),
+        dead_letter_address: ack
+            .and_then(|a| a.dead_letter.as_ref())
+            .map_or_else(String::new, |d| d.as_str().to_string()),
+        max_ack_pending: ack.map_or(0, |a| a.max_ack_pending),
     }
 }
 

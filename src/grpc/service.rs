@@ -16,6 +16,7 @@ use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 use super::connection::{StreamLimiter, StreamPermit};
 use crate::{
     broker::Broker,
+    engine::{GroupSettings, Settle},
     error::BrokerError,
     message::Message,
     metrics::{code_name, Method},
@@ -54,7 +55,11 @@ impl BrokerService {
             .recv(&address, &group, max, wait, &mut shutdown)
             .await?;
         Ok(Response::new(pb::RecvResponse {
-            messages: batch.messages.iter().map(|m| to_pb(m)).collect(),
+            messages: batch
+                .messages
+                .iter()
+                .map(|t| to_pb(&t.message, t.attempt))
+                .collect(),
             dropped: batch.dropped,
         }))
     }
@@ -84,14 +89,16 @@ pub(crate) fn rejected(method: Method, address: &str, e: impl Into<Status>) -> S
     status
 }
 
-/// Converts a stored message to its wire form. The payload is shared, not copied.
-pub fn to_pb(m: &Message) -> pb::Message {
+/// Converts a stored message to its wire form, with its delivery attempt (0 outside groups
+/// with acknowledgements). The payload is shared, not copied.
+pub fn to_pb(m: &Message, delivery_attempt: u32) -> pb::Message {
     pb::Message {
         address: m.address.to_string(),
         sequence: m.sequence,
         payload: m.payload.clone(),
         headers: m.headers.clone(),
         sent_at: Some(prost_types::Timestamp::from(m.sent_at)),
+        delivery_attempt,
     }
 }
 
@@ -112,6 +119,29 @@ fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
 }
 
 impl BrokerService {
+    /// Ack, Nack and ExtendLease: validate, settle, list what was not pending.
+    fn settle(
+        &self,
+        method: Method,
+        address: &str,
+        group: &str,
+        sequences: &[u64],
+        op: impl FnOnce() -> Result<Settle, BrokerError>,
+    ) -> Result<Vec<u64>, Status> {
+        let start = Instant::now();
+        let reject = |e: BrokerError| rejected(method, address, e);
+        let result = (|| {
+            let address = Address::parse(address).map_err(reject)?;
+            let group = Group::parse(group).map_err(reject)?;
+            let op = op().map_err(reject)?;
+            self.broker
+                .settle(&address, &group, sequences, op)
+                .map_err(reject)
+        })();
+        self.observe(method, start, &result);
+        result
+    }
+
     fn send_one(&self, method: Method, r: pb::SendRequest) -> Result<u64, Status> {
         if let Err(e) = Address::check(&r.address) {
             return Err(rejected(method, &r.address, e));
@@ -281,10 +311,17 @@ impl pb::broker_server::Broker for BrokerService {
         let result = (|| {
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
             let group = Group::parse(r.group.as_str()).map_err(reject)?;
-            let at = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
+            let start = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
+            let ack = validate::ack_policy(
+                r.ack_wait.as_ref(),
+                r.max_deliveries,
+                &r.dead_letter_address,
+                r.max_ack_pending,
+            )
+            .map_err(reject)?;
             let (created, next_sequence) = self
                 .broker
-                .create_group(&address, &group, at)
+                .create_group(&address, &group, GroupSettings { start, ack })
                 .map_err(reject)?;
             Ok(Response::new(pb::CreateGroupResponse {
                 created,
@@ -293,6 +330,46 @@ impl pb::broker_server::Broker for BrokerService {
         })();
         self.observe(Method::CreateGroup, start, &result);
         result
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let r = request.into_inner();
+        let not_pending = self.settle(Method::Ack, &r.address, &r.group, &r.sequences, || {
+            Ok(Settle::Ack)
+        })?;
+        Ok(Response::new(pb::AckResponse { not_pending }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
+    async fn nack(
+        &self,
+        request: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        let r = request.into_inner();
+        let not_pending = self.settle(Method::Nack, &r.address, &r.group, &r.sequences, || {
+            validate::nack_delay(r.delay.as_ref()).map(Settle::Nack)
+        })?;
+        Ok(Response::new(pb::NackResponse { not_pending }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let not_pending = self.settle(
+            Method::ExtendLease,
+            &r.address,
+            &r.group,
+            &r.sequences,
+            || Ok(Settle::Extend),
+        )?;
+        Ok(Response::new(pb::ExtendLeaseResponse { not_pending }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]

@@ -114,7 +114,7 @@ impl http_body::Body for SubscribeBody {
         loop {
             let chunk = match this.events.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(Event::Message(m, frame)))) => {
-                    let f = frame.unwrap_or_else(|| encode_message(&m));
+                    let f = frame.unwrap_or_else(|| encode_message(&m, 0));
                     if let Some(payload) = &f.payload {
                         this.queued.push_back(f.head.clone());
                         this.queued.push_back(payload.clone());
@@ -321,20 +321,53 @@ mod tests {
             INLINE_PAYLOAD_BYTES + 1,
             1 << 20,
         ] {
-            let m = message(len);
-            let f = encode_message(&m);
-            assert_eq!(f.payload.is_some(), len > INLINE_PAYLOAD_BYTES, "len {len}");
-            let expected = pb::SubscribeResponse {
-                event: Some(pb::subscribe_response::Event::Message(to_pb(&m))),
-            };
-            assert_eq!(decode(&f), expected, "len {len}");
+            for attempt in [0, 1, 300] {
+                let m = message(len);
+                let f = encode_message(&m, attempt);
+                assert_eq!(f.payload.is_some(), len > INLINE_PAYLOAD_BYTES, "len {len}");
+                let expected = pb::SubscribeResponse {
+                    event: Some(pb::subscribe_response::Event::Message(to_pb(&m, attempt))),
+                };
+                assert_eq!(decode(&f), expected, "len {len} attempt {attempt}");
+            }
         }
+    }
+
+    /// Every field of the wire `Message` set, written as an exhaustive literal: a field added
+    /// to the proto fails to compile here until it is set, and then fails the comparison until
+    /// the hand-written encoder writes it too.
+    #[test]
+    fn every_message_field_is_encoded() {
+        let m = message(5000);
+        let expected = pb::Message {
+            address: "wire.test".into(),
+            sequence: 42,
+            payload: m.payload.clone(),
+            headers: m.headers.clone(),
+            sent_at: Some(prost_types::Timestamp::from(m.sent_at)),
+            delivery_attempt: 7,
+        };
+        let f = encode_message(&m, 7);
+        let got = decode(&f);
+        assert_eq!(
+            got,
+            pb::SubscribeResponse {
+                event: Some(pb::subscribe_response::Event::Message(expected.clone())),
+            }
+        );
+        // And the same bytes length as prost's own encoding of it (fields in another order).
+        let prost_len = pb::SubscribeResponse {
+            event: Some(pb::subscribe_response::Event::Message(expected)),
+        }
+        .encoded_len();
+        let ours = f.head.len() + f.payload.as_ref().map_or(0, Bytes::len) - 5;
+        assert_eq!(ours, prost_len);
     }
 
     #[test]
     fn large_payloads_are_shared_not_copied() {
         let m = message(1 << 20);
-        let f = encode_message(&m);
+        let f = encode_message(&m, 0);
         let p = f.payload.as_ref().unwrap();
         assert_eq!(
             p.as_ptr(),

@@ -30,6 +30,7 @@ impl Ceiling {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
         if self.tx.receiver_count() > 0 {
             let _ = self.tx.send(Arc::new(pb::Message {
+                delivery_attempt: 0,
                 address: r.address,
                 sequence,
                 payload: r.payload,
@@ -56,6 +57,27 @@ impl pb::broker_server::Broker for Ceiling {
         &self,
         _request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        Err(Status::unimplemented("the ceiling has no groups"))
+    }
+
+    async fn ack(
+        &self,
+        _request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        Err(Status::unimplemented("the ceiling has no groups"))
+    }
+
+    async fn nack(
+        &self,
+        _request: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        Err(Status::unimplemented("the ceiling has no groups"))
+    }
+
+    async fn extend_lease(
+        &self,
+        _request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
         Err(Status::unimplemented("the ceiling has no groups"))
     }
 

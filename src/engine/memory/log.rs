@@ -35,9 +35,15 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::{sync::Notify, time::Instant};
 
-use super::budget::Budget;
+use super::{
+    budget::Budget,
+    lease::{Leases, Outcome},
+};
 use crate::{
-    engine::{AddressInfo, Batch, Delivery, GroupInfo, Retention, StartAt},
+    engine::{
+        AddressInfo, Batch, DeadLetter, Delivery, GroupInfo, GroupSettings, Retention, Settle,
+        Settled, StartAt, Taken,
+    },
     error::BrokerError,
     message::{encode_message, Message, WireFrame},
     metrics::Metrics,
@@ -56,7 +62,7 @@ struct Entry {
 }
 
 /// A consumer group's position (Kafka's committed offset, NATS JetStream's consumer floor).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Cursor {
     /// Which incarnation of the group this is: a group deleted and created again gets a new
     /// id, so calls and streams opened on the old one end with `GroupDeleted`.
@@ -68,8 +74,20 @@ struct Cursor {
     /// Whether anyone has read from the group. Named groups are created by a read or by
     /// CreateGroup; the default group exists from the start and counts once somebody used it.
     used: bool,
-    /// The start CreateGroup asked for; `None` for a group created by its first read.
-    created: Option<StartAt>,
+    /// The settings CreateGroup gave; `None` for a group created by its first read.
+    created: Option<GroupSettings>,
+    /// Leases, for a group with acknowledgements.
+    leases: Option<Box<Leases>>,
+}
+
+impl Cursor {
+    /// The settings the group runs with (a group created by its first read started at the end).
+    fn settings(&self) -> GroupSettings {
+        self.created.clone().unwrap_or(GroupSettings {
+            start: StartAt::End,
+            ack: None,
+        })
+    }
 }
 
 fn gauge(n: usize) -> i64 {
@@ -141,6 +159,7 @@ impl AddressLog {
                 dropped: 0,
                 used: false,
                 created: None,
+                leases: None,
             },
         );
         Self {
@@ -295,22 +314,55 @@ impl AddressLog {
         }
     }
 
-    fn new_group(st: &mut State, next: u64, created: Option<StartAt>, used: bool) -> Cursor {
+    fn new_group(st: &mut State, next: u64, created: Option<GroupSettings>, used: bool) -> Cursor {
         let id = st.next_group_id;
         st.next_group_id += 1;
+        let leases = created
+            .as_ref()
+            .and_then(|s| s.ack.clone())
+            .map(|policy| Box::new(Leases::new(policy)));
         Cursor {
             id,
             next,
             dropped: 0,
             used,
             created,
+            leases,
+        }
+    }
+
+    /// Dead letters for `dead` (sequence, deliveries) of `group`; messages no longer retained
+    /// are skipped (their loss is reported as `dropped`).
+    fn dead_letters(
+        &self,
+        window: &VecDeque<Entry>,
+        first: u64,
+        group: &str,
+        to: Option<&crate::validate::Address>,
+        dead: &[(u64, u32)],
+        out: &mut Vec<DeadLetter>,
+    ) {
+        self.metrics.dead_lettered.inc_by(dead.len() as u64);
+        let Some(to) = to else { return };
+        for &(seq, deliveries) in dead {
+            let i = usize::try_from(seq.saturating_sub(first)).unwrap_or(usize::MAX);
+            if let Some(e) = window.get(i).filter(|_| seq >= first) {
+                out.push(DeadLetter {
+                    message: Arc::clone(&e.message),
+                    group: group.to_string(),
+                    deliveries,
+                    to: to.clone(),
+                });
+            }
         }
     }
 
     /// Takes up to `max` messages for `group`, with the count the group lost since its last
     /// take. With `expect` (the group's id from an earlier take or registration), a group that
     /// was deleted (or deleted and created again) is [`BrokerError::GroupDeleted`]; without it,
-    /// a named group is created at the current end of the address on first use. Returns the
+    /// a named group is created at the current end of the address on first use. For a group
+    /// with acknowledgements the messages are leased to `holder` (0: a Recv caller), due
+    /// redeliveries go first, and new messages only while `max_ack_pending` allows. Returns the
     /// group's id with the batch.
     pub(crate) fn take(
         &self,
@@ -318,6 +370,7 @@ impl AddressLog {
         group: &str,
         expect: Option<u64>,
         max: usize,
+        holder: u64,
     ) -> Result<(u64, Batch), BrokerError> {
         let now = Instant::now();
         self.evict_aged(st, now);
@@ -331,7 +384,14 @@ impl AddressLog {
             let cursor = Self::new_group(st, next, None, true);
             st.groups.insert(Box::from(group), cursor);
         }
-        let Some(cursor) = st.groups.get_mut(group) else {
+        let State {
+            groups,
+            window,
+            next_seq,
+            last_active,
+            ..
+        } = st;
+        let Some(cursor) = groups.get_mut(group) else {
             return Err(BrokerError::GroupDeleted);
         };
         if expect.is_some_and(|id| id != cursor.id) {
@@ -342,47 +402,154 @@ impl AddressLog {
             cursor.dropped += first - cursor.next;
             cursor.next = first;
         }
-        let start = usize::try_from(cursor.next - first).unwrap_or(usize::MAX);
-        let messages: Vec<_> = st
-            .window
-            .iter()
-            .skip(start)
-            .take(max)
-            .map(|e| Arc::clone(&e.message))
-            .collect();
-        let taken = messages.len() as u64;
-        let batch = Batch {
-            messages,
-            dropped: std::mem::take(&mut cursor.dropped),
+        let entry = |seq: u64| {
+            let i = usize::try_from(seq.saturating_sub(first)).unwrap_or(usize::MAX);
+            window.get(i).filter(|_| seq >= first)
         };
-        cursor.next += taken;
+        let mut batch = Batch::default();
+        match cursor.leases.as_deref_mut() {
+            None => {
+                let start = usize::try_from(cursor.next - first).unwrap_or(usize::MAX);
+                batch
+                    .messages
+                    .extend(window.iter().skip(start).take(max).map(|e| Taken {
+                        message: Arc::clone(&e.message),
+                        attempt: 0,
+                    }));
+                cursor.next += batch.messages.len() as u64;
+            }
+            Some(leases) => {
+                cursor.dropped += leases.evict_below(first);
+                let dead = leases.expire(now);
+                let to = leases.policy.dead_letter.clone();
+                self.dead_letters(
+                    window,
+                    first,
+                    group,
+                    to.as_ref(),
+                    &dead,
+                    &mut batch.dead_letters,
+                );
+                let again = leases.redeliver(now, max, holder);
+                self.metrics.redelivered.inc_by(again.len() as u64);
+                for (seq, attempt) in again {
+                    if let Some(e) = entry(seq) {
+                        batch.messages.push(Taken {
+                            message: Arc::clone(&e.message),
+                            attempt,
+                        });
+                    }
+                }
+                while batch.messages.len() < max && leases.has_room() && cursor.next < *next_seq {
+                    let Some(e) = entry(cursor.next) else { break };
+                    leases.lease_new(cursor.next, now, holder);
+                    batch.messages.push(Taken {
+                        message: Arc::clone(&e.message),
+                        attempt: 1,
+                    });
+                    cursor.next += 1;
+                }
+                batch.next_due = leases.next_due();
+            }
+        }
+        batch.dropped = std::mem::take(&mut cursor.dropped);
         let id = cursor.id;
-        self.metrics.delivered.inc_by(taken);
+        self.metrics.delivered.inc_by(batch.messages.len() as u64);
         if batch.dropped > 0 {
             self.metrics.dropped.inc_by(batch.dropped);
         }
-        st.last_active = now;
+        *last_active = now;
         Ok((id, batch))
     }
 
-    /// CreateGroup: a named group starting at `start`. Returns whether it was created (false:
-    /// it existed with the same settings) and the sequence it hands out next.
+    /// Ack, Nack or ExtendLease of `sequences` for `group`.
     ///
     /// # Errors
-    /// [`BrokerError::GroupExists`] when it exists with another start;
+    /// [`BrokerError::NotAcknowledged`] (`FAILED_PRECONDITION`) when the group is the default
+    /// group, unknown, or has no `ack_wait`.
+    pub(crate) fn settle(
+        &self,
+        st: &mut State,
+        group: &str,
+        sequences: &[u64],
+        op: Settle,
+    ) -> Result<Settled, BrokerError> {
+        let now = Instant::now();
+        self.evict_aged(st, now);
+        let first = st.first();
+        let State { groups, window, .. } = st;
+        let not_acked = |reason: &str| BrokerError::NotAcknowledged {
+            group: group.to_string(),
+            reason: reason.to_string(),
+        };
+        if group.is_empty() {
+            return Err(not_acked("the default group has no acknowledgements"));
+        }
+        let cursor = groups
+            .get_mut(group)
+            .ok_or_else(|| not_acked("no such group on this address"))?;
+        let leases = cursor
+            .leases
+            .as_deref_mut()
+            .ok_or_else(|| not_acked("the group has no ack_wait (create it with ack_wait > 0)"))?;
+        cursor.dropped += leases.evict_below(first);
+        let mut out = Settled::default();
+        let mut dead = Vec::new();
+        let mut acked = 0;
+        for &seq in sequences {
+            match leases.settle(seq, op, now) {
+                Outcome::Settled => acked += u64::from(op == Settle::Ack),
+                Outcome::NotPending => out.not_pending.push(seq),
+                Outcome::DeadLetter(n) => dead.push((seq, n)),
+            }
+        }
+        self.metrics.acked.inc_by(acked);
+        let to = leases.policy.dead_letter.clone();
+        self.dead_letters(
+            window,
+            first,
+            group,
+            to.as_ref(),
+            &dead,
+            &mut out.dead_letters,
+        );
+        st.last_active = now;
+        Ok(out)
+    }
+
+    /// Makes every message of `group` (incarnation `id`) leased to `holder` deliverable again
+    /// at once: the group stream holding them ended. Returns how many.
+    pub(crate) fn release(&self, group: &str, id: u64, holder: u64) -> usize {
+        let mut st = self.state.lock();
+        let n = match st.groups.get_mut(group) {
+            Some(c) if c.id == id => c.leases.as_deref_mut().map_or(0, |l| l.release(holder)),
+            _ => 0,
+        };
+        drop(st);
+        if n > 0 {
+            self.notify.notify_waiters();
+        }
+        n
+    }
+
+    /// CreateGroup: a named group with `settings`. Returns whether it was created (false: it
+    /// existed with the same settings) and the sequence it hands out next.
+    ///
+    /// # Errors
+    /// [`BrokerError::GroupExists`] when it exists with other settings;
     /// [`BrokerError::PastEnd`] for a start beyond the last sequence + 1.
     pub(crate) fn create_group(
         &self,
         st: &mut State,
         group: &str,
-        start: StartAt,
+        settings: GroupSettings,
     ) -> Result<(bool, u64), BrokerError> {
         self.evict_aged(st, Instant::now());
         let first = st.first();
         if let Some(c) = st.groups.get_mut(group) {
-            // A group created by its first read started at the end, like StartAt::End.
-            let existing = c.created.unwrap_or(StartAt::End);
-            if existing != start {
+            // A group created by its first read started at the end, without acknowledgements.
+            let existing = c.settings();
+            if existing != settings {
                 return Err(BrokerError::GroupExists {
                     group: group.to_string(),
                     existing: existing.describe(),
@@ -392,9 +559,9 @@ impl AddressLog {
             c.created = Some(existing);
             return Ok((false, c.next.max(first)));
         }
-        let next = Self::position(st, start)?;
+        let next = Self::position(st, settings.start)?;
         self.metrics.groups.inc();
-        let cursor = Self::new_group(st, next, Some(start), false);
+        let cursor = Self::new_group(st, next, Some(settings), false);
         st.groups.insert(Box::from(group), cursor);
         st.last_active = Instant::now();
         Ok((true, next.max(first)))
@@ -445,8 +612,9 @@ impl AddressLog {
                 self.metrics.groups.inc();
                 let next = st.next_seq;
                 let cursor = Self::new_group(st, next, None, true);
+                let id = cursor.id;
                 st.groups.insert(Box::from(group), cursor);
-                cursor.id
+                id
             }
         };
         st.subscribers += 1;
@@ -489,7 +657,7 @@ impl AddressLog {
             let frame = match &e.frame {
                 Some(f) => Some(f.clone()),
                 None if e.pending_subscribers > 1 => {
-                    let f = encode_message(&e.message);
+                    let f = encode_message(&e.message, 0);
                     e.frame = Some(f.clone());
                     Some(f)
                 }
@@ -549,13 +717,33 @@ impl AddressLog {
         st.last_active = Instant::now();
     }
 
-    /// Evicts what the age bound says has expired (the engine's periodic sweep).
-    pub(crate) fn sweep(&self) -> usize {
-        if self.retention.age.is_none() {
-            return 0;
-        }
+    /// The engine's periodic sweep: evicts what the age bound says has expired, and expires
+    /// the due leases of groups with acknowledgements (so a message on its last delivery is
+    /// dead-lettered even if nobody reads the group again). Returns how many messages aged out,
+    /// and the dead letters to send on.
+    pub(crate) fn sweep(&self, dead_letters: &mut Vec<DeadLetter>) -> usize {
+        let now = Instant::now();
         let mut st = self.state.lock();
-        self.evict_aged(&mut st, Instant::now())
+        let aged = self.evict_aged(&mut st, now);
+        let first = st.first();
+        let State { groups, window, .. } = &mut *st;
+        let mut ready = false;
+        for (name, cursor) in groups.iter_mut() {
+            let Some(leases) = cursor.leases.as_deref_mut() else {
+                continue;
+            };
+            cursor.dropped += leases.evict_below(first);
+            let dead = leases.expire(now);
+            ready |= leases.has_ready();
+            let to = leases.policy.dead_letter.clone();
+            self.dead_letters(window, first, name, to.as_ref(), &dead, dead_letters);
+        }
+        drop(st);
+        if ready {
+            // Readers waiting for room or for a redelivery.
+            self.notify.notify_waiters();
+        }
+        aged
     }
 
     /// Closes the address if it has been idle for `idle`: nothing retained, no subscriber, no
@@ -634,11 +822,18 @@ impl AddressLog {
             groups = st
                 .groups
                 .iter()
-                .map(|(name, c)| GroupInfo {
-                    group: name.to_string(),
-                    next_sequence: c.next.max(first),
-                    lag: st.next_seq - c.next.max(first),
-                    dropped: c.dropped + first.saturating_sub(c.next),
+                .map(|(name, c)| {
+                    let leases = c.leases.as_deref();
+                    GroupInfo {
+                        group: name.to_string(),
+                        next_sequence: c.next.max(first),
+                        lag: st.next_seq - c.next.max(first),
+                        dropped: c.dropped + first.saturating_sub(c.next),
+                        pending: leases.map_or(0, |l| l.pending() as u64),
+                        redelivered: leases.map_or(0, |l| l.redelivered),
+                        dead_lettered: leases.map_or(0, |l| l.dead_lettered),
+                        ack: leases.map(|l| l.policy.clone()),
+                    }
                 })
                 .collect();
             groups.sort_by(|a, b| a.group.cmp(&b.group));

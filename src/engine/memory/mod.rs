@@ -10,6 +10,7 @@
 //! looks the address up again, so no message is ever appended to a reclaimed address.
 
 mod budget;
+mod lease;
 mod log;
 
 use std::{
@@ -28,7 +29,9 @@ pub use budget::Budget;
 pub use log::AddressLog;
 use log::State;
 
-use super::{AddressInfo, GroupInfo, Retention, StartAt};
+use super::{
+    AddressInfo, DeadLetter, GroupInfo, GroupSettings, Maintenance, Retention, Settle, Settled,
+};
 use crate::{
     config::Limits,
     error::BrokerError,
@@ -162,10 +165,34 @@ impl MemoryEngine {
         &self,
         address: &Address,
         group: &str,
-        start: StartAt,
+        settings: GroupSettings,
     ) -> Result<(bool, u64), BrokerError> {
-        self.with_address(address, |a, st| a.create_group(st, group, start))?
+        self.with_address(address, |a, st| a.create_group(st, group, settings))?
             .1
+    }
+
+    pub(crate) fn settle(
+        &self,
+        address: &str,
+        group: &str,
+        sequences: &[u64],
+        op: Settle,
+    ) -> Result<Settled, BrokerError> {
+        let unknown = || BrokerError::NotAcknowledged {
+            group: group.to_string(),
+            reason: "no such group on this address".into(),
+        };
+        let a = self.find(address).ok_or_else(unknown)?;
+        let r = {
+            let mut st = a.state.lock();
+            if st.is_closed() {
+                return Err(unknown());
+            }
+            a.settle(&mut st, group, sequences, op)
+        };
+        // Room in max_ack_pending, or a redelivery ready now: wake the group's readers.
+        a.notify.notify_waiters();
+        r
     }
 
     pub(crate) fn delete_group(&self, address: &str, group: &str) -> Result<(), BrokerError> {
@@ -244,18 +271,18 @@ impl MemoryEngine {
         Some(a.delete())
     }
 
-    /// One maintenance pass: evicts messages past `--retention-age` on every address, then
-    /// removes every address idle for `--idle-address-ms`. Returns (messages aged out,
-    /// addresses reclaimed).
-    pub(crate) fn maintain(&self) -> (usize, usize) {
+    /// One maintenance pass: evicts messages past `--retention-age` and expires due leases on
+    /// every address, then removes every address idle for `--idle-address-ms`.
+    pub(crate) fn maintain(&self) -> Maintenance {
         // Candidates under read locks (one address lock at a time), then each removal under
         // its shard's write lock.
         let mut aged = 0;
+        let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let candidates: Vec<Box<str>> = self
             .addresses
             .iter()
             .filter(|e| {
-                aged += e.value().sweep();
+                aged += e.value().sweep(&mut dead_letters);
                 let st = e.value().state.lock();
                 st.retained_messages() == 0 && st.subscribers() == 0
             })
@@ -274,7 +301,11 @@ impl MemoryEngine {
                 removed
             })
             .count();
-        (aged, reclaimed)
+        Maintenance {
+            aged,
+            reclaimed,
+            dead_letters,
+        }
     }
 
     pub(crate) fn idle_address(&self) -> Duration {
