@@ -11,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{Engine, FanoutCursor, GroupSettings, Log, StartAt};
+use super::{AckPolicy, Engine, FanoutCursor, GroupSettings, Log, Settle, StartAt};
 use crate::{config::Limits, error::BrokerError, metrics::Metrics, validate::Address};
 
 type Make = fn(&Limits) -> Engine;
@@ -277,6 +277,90 @@ pub(super) async fn age_retention_evicts_with_exact_dropped(make: Make) {
     log.unsubscribe_fanout(cursor);
 }
 
+fn acked(ack_wait: Duration, max_deliveries: u32, dead_letter: Option<&str>) -> GroupSettings {
+    GroupSettings {
+        start: StartAt::Sequence(1),
+        ack: Some(AckPolicy {
+            ack_wait,
+            max_deliveries,
+            dead_letter: dead_letter.map(addr),
+            max_ack_pending: 1000,
+        }),
+    }
+}
+
+fn taken(b: &super::Batch) -> Vec<(u64, u32)> {
+    b.messages
+        .iter()
+        .map(|t| (t.message.sequence, t.attempt))
+        .collect()
+}
+
+pub(super) async fn lease_expiry_redelivers_then_dead_letters(make: Make) {
+    tokio::time::pause();
+    let e = make(&limits(100));
+    let a = addr("c.lease");
+    append_n(&e, &a, 2);
+    e.create_group(&a, "w", acked(Duration::from_secs(10), 2, Some("c.dlq")))
+        .unwrap();
+    let (log, id, b) = e.take(&a, "w", 10, false).unwrap();
+    assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
+    assert!(b.next_due.is_some(), "a reader knows when to wake");
+    e.settle("c.lease", "w", &[2], Settle::Ack).unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let b = log.take("w", id, 10, 0).unwrap();
+    assert_eq!(taken(&b), vec![(1, 2)], "expired, redelivered; 2 was acked");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Nobody reads again: the sweep dead-letters the message on its last delivery.
+    let m = e.maintain();
+    assert_eq!(m.dead_letters.len(), 1);
+    let d = &m.dead_letters[0];
+    assert_eq!((d.message.sequence, d.deliveries), (1, 2));
+    assert_eq!((d.group.as_str(), d.to.as_str()), ("w", "c.dlq"));
+    let g = e.address_info("c.lease", true).unwrap().1;
+    let g = g.iter().find(|g| g.group == "w").unwrap();
+    assert_eq!((g.pending, g.redelivered, g.dead_lettered), (0, 1, 1));
+    let s = e.settle("c.lease", "w", &[1, 2], Settle::Ack).unwrap();
+    assert_eq!(s.not_pending, vec![1, 2]);
+}
+
+pub(super) async fn released_leases_go_out_at_once(make: Make) {
+    tokio::time::pause();
+    let e = make(&limits(100));
+    let a = addr("c.release");
+    append_n(&e, &a, 3);
+    e.create_group(&a, "w", acked(Duration::from_secs(600), 0, None))
+        .unwrap();
+    let (log, id) = e.subscribe_group(&a, "w", 10, no_limit).unwrap();
+    let b = log.take("w", id, 2, 42).unwrap();
+    assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
+    log.release("w", id, 42);
+    log.unsubscribe_group();
+    let (_, _, b) = e.take(&a, "w", 10, false).unwrap();
+    assert_eq!(
+        taken(&b),
+        vec![(1, 2), (2, 2), (3, 1)],
+        "redeliveries first"
+    );
+}
+
+pub(super) fn evicted_pending_messages_are_reported_dropped(make: Make) {
+    let e = make(&limits(3));
+    let a = addr("c.evictpending");
+    append_n(&e, &a, 3);
+    e.create_group(&a, "w", acked(Duration::from_secs(600), 0, None))
+        .unwrap();
+    let (_, _, b) = e.take(&a, "w", 2, false).unwrap();
+    assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
+    append_n(&e, &a, 3);
+    // 1 and 2 (pending) and 3 (never taken) were evicted: exactly 3 lost.
+    let (_, _, b) = e.take(&a, "w", 10, false).unwrap();
+    assert_eq!(b.dropped, 3);
+    assert_eq!(taken(&b), vec![(4, 1), (5, 1), (6, 1)]);
+    let s = e.settle("c.evictpending", "w", &[1], Settle::Ack).unwrap();
+    assert_eq!(s.not_pending, vec![1]);
+}
+
 macro_rules! conformance {
     ($engine:ident, $make:expr) => {
         mod $engine {
@@ -323,6 +407,18 @@ macro_rules! conformance {
             #[tokio::test(flavor = "current_thread")]
             async fn age_retention_evicts_with_exact_dropped() {
                 super::age_retention_evicts_with_exact_dropped(MAKE).await;
+            }
+            #[tokio::test(flavor = "current_thread")]
+            async fn lease_expiry_redelivers_then_dead_letters() {
+                super::lease_expiry_redelivers_then_dead_letters(MAKE).await;
+            }
+            #[tokio::test(flavor = "current_thread")]
+            async fn released_leases_go_out_at_once() {
+                super::released_leases_go_out_at_once(MAKE).await;
+            }
+            #[test]
+            fn evicted_pending_messages_are_reported_dropped() {
+                super::evicted_pending_messages_are_reported_dropped(MAKE);
             }
         }
     };
