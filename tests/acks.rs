@@ -202,7 +202,6 @@ async fn max_deliveries_dead_letters_with_four_headers_after_exactly_three() {
         address: "a.poison".into(),
         payload: b"bad input".to_vec().into(),
         headers: headers.clone(),
-        ..Default::default()
     })
     .await
     .unwrap();
@@ -378,11 +377,12 @@ async fn eight_workers_two_killed_every_message_acked_exactly_once() {
             .expect("workers finish")
             .unwrap();
     }
-    let a = acked.lock().unwrap();
-    assert_eq!(a.len() as u64, N, "every message acknowledged");
-    assert!(a.values().all(|&n| n == 1), "each exactly once");
-    assert!((1..=N).all(|s| a.contains_key(&s)));
-    drop(a);
+    {
+        let a = acked.lock().unwrap();
+        assert_eq!(a.len() as u64, N, "every message acknowledged");
+        assert!(a.values().all(|&n| n == 1), "each exactly once");
+        assert!((1..=N).all(|s| a.contains_key(&s)));
+    }
     let info = server
         .admin()
         .await
