@@ -36,6 +36,11 @@ pub enum Command {
     /// Create or delete a named consumer group.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Acknowledge messages of a group with an ack wait; prints the sequences that were not
+    /// pending (`not pending: ...`), if any.
+    Ack(SettleArgs),
+    /// Give messages of a group with an ack wait back for redelivery (counts as an attempt).
+    Nack(NackArgs),
 }
 
 /// `switchboard group ...`.
@@ -222,9 +227,42 @@ pub struct RecvArgs {
     #[arg(long, default_value = "0s", value_parser = parse_wait)]
     pub wait: Duration,
 
+    /// Acknowledge the messages after printing them (groups with an ack wait). Without it a
+    /// message of such a group is delivered again once its lease expires.
+    #[arg(long)]
+    pub ack: bool,
+
     #[command(flatten)]
     #[allow(missing_docs, reason = "flattened; its fields are documented")]
     pub client: ClientArgs,
+}
+
+/// Flags of `switchboard ack` and `switchboard nack`.
+#[derive(Debug, Args)]
+pub struct SettleArgs {
+    /// The address.
+    pub address: String,
+    /// The group (one created with an ack wait).
+    pub group: String,
+    /// Sequences (1 to 1,000).
+    #[arg(required = true, num_args = 1..=1000)]
+    pub sequences: Vec<u64>,
+
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub client: ClientArgs,
+}
+
+/// Flags of `switchboard nack`.
+#[derive(Debug, Args)]
+pub struct NackArgs {
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "flattened; its fields are documented")]
+    pub settle: SettleArgs,
+
+    /// Deliver them again after this long (`0s`: at once; at most 12h).
+    #[arg(long, default_value = "0s", value_parser = parse_age)]
+    pub delay: Duration,
 }
 
 /// Flags of `switchboard subscribe`.

@@ -22,6 +22,8 @@ async fn main() -> ExitCode {
         Command::Addresses(args) => client::addresses(args).await,
         Command::Inspect(args) => client::inspect(args).await,
         Command::Group(command) => client::group(command).await,
+        Command::Ack(args) => client::ack(args).await,
+        Command::Nack(args) => client::nack(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -211,7 +211,7 @@ async fn addresses_and_inspect() {
     cmd.args(["inspect", "cli.a"]);
     let (_, stdout, _) = run(cmd).await;
     assert!(
-        stdout.contains("GROUP\tLAG\tDROPPED\tNEXT\n(default)\t1\t0\t1\n"),
+        stdout.contains("GROUP\tLAG\tDROPPED\tNEXT\tPENDING\tREDELIVERED\tDEAD_LETTERED\n(default)\t1\t0\t1\t0\t0\t0\n"),
         "{stdout}"
     );
     let mut cmd = switchboard(&server);
@@ -379,5 +379,59 @@ async fn group_create_and_delete() {
         stderr.contains("NOT_FOUND") && stderr.contains("audit"),
         "{stderr}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_group_recv_ack_and_nack() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let mut cmd = switchboard(&server);
+    cmd.args([
+        "group",
+        "create",
+        "cli.jobs",
+        "workers",
+        "--ack-wait",
+        "30s",
+        "--max-deliveries",
+        "5",
+        "--dead-letter",
+        "cli.jobs.dlq",
+    ]);
+    assert_eq!(run(cmd).await, (0, "created 1\n".into(), String::new()));
+    for p in ["one", "two", "three"] {
+        send(&mut c, "cli.jobs", p.as_bytes()).await;
+    }
+    // --ack: printed, then acknowledged.
+    let mut cmd = switchboard(&server);
+    cmd.args([
+        "recv", "cli.jobs", "--group", "workers", "--max", "2", "--ack",
+    ]);
+    assert_eq!(run(cmd).await, (0, "1 one\n2 two\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["ack", "cli.jobs", "workers", "1", "2"]);
+    assert_eq!(
+        run(cmd).await,
+        (0, "not pending: 1 2\n".into(), String::new())
+    );
+    // Without --ack the message stays leased; nack gives it back at once.
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.jobs", "--group", "workers", "--json"]);
+    let (code, stdout, _) = run(cmd).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("\"sequence\":3"), "{stdout}");
+    assert!(stdout.contains("\"delivery_attempt\":1"), "{stdout}");
+    let mut cmd = switchboard(&server);
+    cmd.args(["nack", "cli.jobs", "workers", "3", "--delay", "0s"]);
+    assert_eq!(run(cmd).await, (0, String::new(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.jobs", "--group", "workers", "--ack"]);
+    assert_eq!(run(cmd).await, (0, "3 three\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["ack", "cli.jobs", "", "1"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("FAILED_PRECONDITION"), "{stderr}");
     server.stop().await;
 }

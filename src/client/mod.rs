@@ -16,7 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     cli::{
-        AddressesArgs, ClientArgs, GroupCommand, InspectArgs, RecvArgs, SendArgs, SubscribeArgs,
+        AddressesArgs, ClientArgs, GroupCommand, InspectArgs, NackArgs, RecvArgs, SendArgs,
+        SettleArgs, SubscribeArgs,
     },
     pb::{self, admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event},
 };
@@ -202,20 +203,33 @@ pub async fn recv(args: RecvArgs) -> Result<u8, ClientError> {
     let wait = prost_types::Duration::try_from(args.wait).unwrap_or_default();
     let r = client
         .recv(pb::RecvRequest {
-            address: args.address,
-            group: args.group,
+            address: args.address.clone(),
+            group: args.group.clone(),
             max_messages: args.max,
             wait: Some(wait),
         })
         .await
         .map_err(ClientError::Status)?
         .into_inner();
-    let mut out = io::stdout().lock();
-    if r.dropped > 0 {
-        print_dropped(&mut out, r.dropped, args.client.json)?;
+    {
+        let mut out = io::stdout().lock();
+        if r.dropped > 0 {
+            print_dropped(&mut out, r.dropped, args.client.json)?;
+        }
+        for m in &r.messages {
+            print_message(&mut out, m, args.client.json)?;
+        }
+        out.flush()?;
     }
-    for m in &r.messages {
-        print_message(&mut out, m, args.client.json)?;
+    if args.ack && !r.messages.is_empty() {
+        client
+            .ack(pb::AckRequest {
+                address: args.address.clone(),
+                group: args.group.clone(),
+                sequences: r.messages.iter().map(|m| m.sequence).collect(),
+            })
+            .await
+            .map_err(ClientError::Status)?;
     }
     Ok(if r.messages.is_empty() { EXIT_EMPTY } else { 0 })
 }
@@ -316,6 +330,59 @@ pub async fn group(command: GroupCommand) -> Result<u8, ClientError> {
     Ok(0)
 }
 
+fn print_not_pending(not_pending: &[u64], json: bool) -> Result<(), ClientError> {
+    let mut out = io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::json!({ "not_pending": not_pending }))?;
+    } else if !not_pending.is_empty() {
+        let list: Vec<String> = not_pending.iter().map(u64::to_string).collect();
+        writeln!(out, "not pending: {}", list.join(" "))?;
+    }
+    Ok(())
+}
+
+/// `switchboard ack ADDRESS GROUP SEQ...`: acknowledges; prints the sequences that were not
+/// pending, if any.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached or refuses.
+pub async fn ack(args: SettleArgs) -> Result<u8, ClientError> {
+    let mut client = connect(&args.client).await?;
+    let r = client
+        .ack(pb::AckRequest {
+            address: args.address,
+            group: args.group,
+            sequences: args.sequences,
+        })
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    print_not_pending(&r.not_pending, args.client.json)?;
+    Ok(0)
+}
+
+/// `switchboard nack ADDRESS GROUP SEQ... [--delay D]`: gives messages back; prints the
+/// sequences that were not pending, if any.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached or refuses.
+pub async fn nack(args: NackArgs) -> Result<u8, ClientError> {
+    let s = args.settle;
+    let mut client = connect(&s.client).await?;
+    let r = client
+        .nack(pb::NackRequest {
+            address: s.address,
+            group: s.group,
+            sequences: s.sequences,
+            delay: prost_types::Duration::try_from(args.delay).ok(),
+        })
+        .await
+        .map_err(ClientError::Status)?
+        .into_inner();
+    print_not_pending(&r.not_pending, s.client.json)?;
+    Ok(0)
+}
+
 fn info_json(a: &pb::AddressInfo) -> serde_json::Value {
     serde_json::json!({
         "address": a.address,
@@ -380,7 +447,8 @@ pub async fn addresses(args: AddressesArgs) -> Result<u8, ClientError> {
 }
 
 /// `switchboard inspect ADDRESS`: the address, then one line per consumer group
-/// (`GROUP LAG DROPPED NEXT`; the default group shows as `(default)`), or one JSON object.
+/// (`GROUP LAG DROPPED NEXT PENDING REDELIVERED DEAD_LETTERED`; the default group shows as
+/// `(default)`), or one JSON object (with each group's acknowledgement settings).
 ///
 /// # Errors
 /// [`ClientError`] when the broker cannot be reached or refuses (`NOT_FOUND` for an unknown
@@ -402,11 +470,22 @@ pub async fn inspect(args: InspectArgs) -> Result<u8, ClientError> {
             .groups
             .iter()
             .map(|g| {
+                let ack_wait = g
+                    .ack_wait
+                    .and_then(|d| std::time::Duration::try_from(d).ok())
+                    .map(|d| humantime::format_duration(d).to_string());
                 serde_json::json!({
                     "group": g.group,
                     "lag": g.lag,
                     "dropped": g.dropped,
                     "next_sequence": g.next_sequence,
+                    "pending": g.pending,
+                    "redelivered": g.redelivered,
+                    "dead_lettered": g.dead_lettered,
+                    "ack_wait": ack_wait,
+                    "max_deliveries": g.max_deliveries,
+                    "dead_letter_address": g.dead_letter_address,
+                    "max_ack_pending": g.max_ack_pending,
                 })
             })
             .collect();
@@ -415,14 +494,21 @@ pub async fn inspect(args: InspectArgs) -> Result<u8, ClientError> {
         writeln!(out, "{ADDRESS_HEADER}")?;
         writeln!(out, "{}", info_row(&info))?;
         writeln!(out)?;
-        writeln!(out, "GROUP\tLAG\tDROPPED\tNEXT")?;
+        writeln!(
+            out,
+            "GROUP\tLAG\tDROPPED\tNEXT\tPENDING\tREDELIVERED\tDEAD_LETTERED"
+        )?;
         for g in &r.groups {
             let name = if g.group.is_empty() {
                 "(default)"
             } else {
                 &g.group
             };
-            writeln!(out, "{name}\t{}\t{}\t{}", g.lag, g.dropped, g.next_sequence)?;
+            writeln!(
+                out,
+                "{name}\t{}\t{}\t{}\t{}\t{}\t{}",
+                g.lag, g.dropped, g.next_sequence, g.pending, g.redelivered, g.dead_lettered
+            )?;
         }
     }
     Ok(0)
@@ -447,13 +533,17 @@ pub fn print_message(out: &mut impl Write, m: &pb::Message, json: bool) -> io::R
             .and_then(|t| SystemTime::try_from(t).ok())
             .map(|t| humantime::format_rfc3339_micros(t).to_string());
         let headers: BTreeMap<_, _> = m.headers.iter().collect();
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "address": m.address,
             "sequence": m.sequence,
             "sent_at": sent_at,
             "headers": headers,
             "payload": STANDARD.encode(&m.payload),
         });
+        // Only for groups with acknowledgements, so other output is unchanged.
+        if m.delivery_attempt != 0 {
+            line["delivery_attempt"] = m.delivery_attempt.into();
+        }
         writeln!(out, "{line}")
     } else {
         match std::str::from_utf8(&m.payload) {
