@@ -48,6 +48,46 @@ class Switchboard:
         response = self.stub.Recv(request, timeout=wait_s + 10)
         return list(response.messages), response.dropped
 
+    def create_group(
+        self,
+        address: str,
+        group: str,
+        start_sequence: int = 0,
+        ack_wait_s: float = 0.0,
+        max_deliveries: int = 0,
+        dead_letter_address: str = "",
+        max_ack_pending: int = 0,
+    ):
+        """Creates a named consumer group (idempotent). With `ack_wait_s`, every message handed
+        out is leased and handed out again unless acknowledged. Returns (created, next_sequence)."""
+        ack_wait = Duration()
+        ack_wait.FromNanoseconds(int(ack_wait_s * 1e9))
+        request = broker_pb2.CreateGroupRequest(
+            address=address,
+            group=group,
+            start_sequence=start_sequence,
+            ack_wait=ack_wait,
+            max_deliveries=max_deliveries,
+            dead_letter_address=dead_letter_address,
+            max_ack_pending=max_ack_pending,
+        )
+        response = self.stub.CreateGroup(request)
+        return response.created, response.next_sequence
+
+    def ack(self, address: str, group: str, sequences: list[int]) -> list[int]:
+        """Acknowledges messages; returns the sequences that were not pending."""
+        request = broker_pb2.AckRequest(address=address, group=group, sequences=sequences)
+        return list(self.stub.Ack(request).not_pending)
+
+    def nack(self, address: str, group: str, sequences: list[int], delay_s: float = 0.0) -> list[int]:
+        """Gives messages back for redelivery after `delay_s`; returns those not pending."""
+        delay = Duration()
+        delay.FromNanoseconds(int(delay_s * 1e9))
+        request = broker_pb2.NackRequest(
+            address=address, group=group, sequences=sequences, delay=delay
+        )
+        return list(self.stub.Nack(request).not_pending)
+
     def subscribe(self, address: str, group: str = ""):
         """Opens a Subscribe stream and returns it once the broker has registered it.
 
