@@ -422,14 +422,19 @@ fn micros_since(epoch: Instant) -> u64 {
 }
 
 /// `workers` Recv callers drain `n` pre-sent messages from one group: messages per second.
-async fn work_queue(server: &Server, n: u64, workers: usize, max: u32) -> Res<f64> {
+/// `workers` Recv callers drain `n` messages from one group, `max` at a time; with `ack`, the
+/// group has an ack wait and each worker acknowledges every batch it took.
+async fn work_queue(server: &Server, n: u64, workers: usize, max: u32, ack: bool) -> Res<f64> {
     let address = "bench.jobs";
     let mut c = server.client().await?;
-    c.recv(RecvRequest {
+    c.create_group(switchboard::pb::CreateGroupRequest {
         address: address.into(),
         group: "workers".into(),
-        max_messages: 1,
-        wait: None,
+        ack_wait: ack.then(|| prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
     })
     .await?;
     publish_stream(&c, address, n, &bytes::Bytes::from(vec![1u8; 128])).await?;
@@ -439,6 +444,7 @@ async fn work_queue(server: &Server, n: u64, workers: usize, max: u32) -> Res<f6
         let mut c = server.client().await?;
         tasks.push(tokio::spawn(async move {
             let mut got = 0u64;
+            let mut acking: Option<tokio::task::JoinHandle<Result<(), tonic::Status>>> = None;
             loop {
                 let r = c
                     .recv(RecvRequest {
@@ -450,9 +456,30 @@ async fn work_queue(server: &Server, n: u64, workers: usize, max: u32) -> Res<f6
                     .await?
                     .into_inner();
                 if r.messages.is_empty() {
+                    if let Some(previous) = acking.take() {
+                        previous
+                            .await
+                            .map_err(|e| tonic::Status::internal(e.to_string()))??;
+                    }
                     return Ok::<_, tonic::Status>(got);
                 }
                 got += r.messages.len() as u64;
+                if ack {
+                    // Ack this batch while the next Recv is in flight (one outstanding Ack per
+                    // worker, as batching clients do).
+                    if let Some(previous) = acking.take() {
+                        previous
+                            .await
+                            .map_err(|e| tonic::Status::internal(e.to_string()))??;
+                    }
+                    let mut c = c.clone();
+                    let request = switchboard::pb::AckRequest {
+                        address: address.into(),
+                        group: "workers".into(),
+                        sequences: r.messages.iter().map(|m| m.sequence).collect(),
+                    };
+                    acking = Some(tokio::spawn(async move { c.ack(request).await.map(drop) }));
+                }
             }
         }));
     }
@@ -757,7 +784,7 @@ async fn main() -> Res<()> {
     if wants(&args, "W5") {
         for (max, n) in [(1u32, s.w5_one), (100, s.w5_batch)] {
             let broker = Server::broker(&bin).await?;
-            let rate = work_queue(&broker, n, 4, max).await?;
+            let rate = work_queue(&broker, n, 4, max, false).await?;
             emit(Row {
                 id: format!("W5.{max}"),
                 workload: "W5",
@@ -767,6 +794,24 @@ async fn main() -> Res<()> {
                 ceiling: None,
             });
         }
+        // Acknowledged: the same 4 x Recv 100, plus one Ack per batch; alternated with the
+        // unacknowledged run in the same process start order, medians of `repeat`.
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..repeat.max(1) {
+            let broker = Server::broker(&bin).await?;
+            with.push(work_queue(&broker, s.w5_batch, 4, 100, true).await?);
+            drop(broker);
+            let broker = Server::broker(&bin).await?;
+            without.push(work_queue(&broker, s.w5_batch, 4, 100, false).await?);
+        }
+        emit(Row {
+            id: "W5.ack".into(),
+            workload: "W5",
+            variant: "4 workers, Recv 100 + Ack per batch".into(),
+            unit: "msgs/s",
+            broker: median(&mut with),
+            ceiling: Some(median(&mut without)),
+        });
     }
     if wants(&args, "W6") {
         let broker = Server::broker(&bin).await?;
@@ -806,7 +851,7 @@ fn targets(rows: &[Row]) {
     let ratio = |id: &str| get(id).and_then(Row::ratio);
     let broker = |id: &str| get(id).map(|r| r.broker);
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
-    let checks: [(&str, Option<f64>, &str, f64); 8] = [
+    let checks: [(&str, Option<f64>, &str, f64); 9] = [
         (
             "unary Send 64 in flight / ceiling",
             ratio("W1b"),
@@ -828,6 +873,12 @@ fn targets(rows: &[Row]) {
             1.10,
         ),
         ("latency p99 / ceiling p99", ratio("W4.p99"), "<=", 1.5),
+        (
+            "work queue with acks / without (Recv 100)",
+            ratio("W5.ack"),
+            ">=",
+            0.5,
+        ),
         ("bytes per idle address", broker("W6.address"), "<", 2048.0),
         (
             "bytes per idle subscriber",

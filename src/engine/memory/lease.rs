@@ -85,6 +85,14 @@ impl Leases {
 
     /// Forgets pending messages below `first` (evicted by retention); returns how many.
     pub(super) fn evict_below(&mut self, first: u64) -> u64 {
+        // The common case, nothing evicted, costs one lookup.
+        if self
+            .pending
+            .first_key_value()
+            .is_none_or(|(&k, _)| k >= first)
+        {
+            return 0;
+        }
         let kept = self.pending.split_off(&first);
         let gone = std::mem::replace(&mut self.pending, kept);
         self.ready = self.ready.split_off(&first);
