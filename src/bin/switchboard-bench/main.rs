@@ -430,7 +430,7 @@ async fn work_queue(server: &Server, n: u64, workers: usize, max: u32, ack: bool
     c.create_group(switchboard::pb::CreateGroupRequest {
         address: address.into(),
         group: "workers".into(),
-        ack_wait: ack.then(|| prost_types::Duration {
+        ack_wait: ack.then_some(prost_types::Duration {
             seconds: 60,
             nanos: 0,
         }),
