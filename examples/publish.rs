@@ -20,6 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 address: address.clone(),
                 payload: payload.into_bytes().into(),
                 headers: Default::default(),
+                message_id: String::new(),
             })
             .await?
             .into_inner();

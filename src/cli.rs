@@ -335,6 +335,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_RETENTION_AGE", default_value = "0", value_parser = parse_age)]
     pub retention_age: Duration,
 
+    /// How long a Send's `message_id` is remembered to drop duplicates (`2m`; `0` turns
+    /// deduplication off). An id is remembered only while its message is retained, so its
+    /// memory (the id's bytes plus ~100 bytes) is bounded by retention.
+    #[arg(long, env = "SWITCHBOARD_DEDUP_WINDOW", default_value = "2m", value_parser = parse_age)]
+    pub dedup_window: Duration,
+
     /// Most bytes retained across all addresses; past it the oldest messages broker-wide are
     /// evicted first. The default bounds fill with history, so a busy broker's memory grows
     /// to about this plus ~64 MiB of runtime overhead: size it to the memory you give the
@@ -409,6 +415,7 @@ impl ServeArgs {
             retention_messages: self.retention_messages,
             retention_bytes: self.retention_bytes,
             retention_age: self.retention_age,
+            dedup_window: self.dedup_window,
             max_retained_bytes: self.max_retained_bytes,
             idle_address: Duration::from_millis(self.idle_address_ms),
             max_addresses: self.max_addresses,

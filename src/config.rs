@@ -29,6 +29,10 @@ pub struct Limits {
     /// default). Checked at the front of each window on every append and read, and swept
     /// every `idle_address / 2` (at most every second).
     pub retention_age: Duration,
+    /// How long a Send's `message_id` is remembered for deduplication (while its message is
+    /// retained); zero turns deduplication off. Default 2 minutes (NATS JetStream's duplicate
+    /// window).
+    pub dedup_window: Duration,
     /// Most bytes retained across all addresses. Default 1 GiB. When a Send would exceed it, the
     /// oldest retained messages broker-wide are evicted first.
     pub max_retained_bytes: usize,
@@ -48,6 +52,7 @@ impl Default for Limits {
             retention_messages: 65_536,
             retention_bytes: 64 * MIB,
             retention_age: Duration::ZERO,
+            dedup_window: Duration::from_secs(120),
             max_retained_bytes: 1024 * MIB,
             idle_address: Duration::from_secs(10),
             max_addresses: 1_000_000,

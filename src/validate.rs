@@ -123,6 +123,62 @@ fn check_name(field: &'static str, name: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// A checked subscription pattern in NATS subject syntax: 1–255 bytes, no whitespace or
+/// control characters, tokens separated by `.` and none empty; `*` (exactly one token) and `>`
+/// (one or more tokens, last only) stand alone as whole tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// Whether `name` uses the wildcard characters (so Subscribe treats it as a pattern).
+    pub fn is_pattern(name: &str) -> bool {
+        name.contains(['*', '>'])
+    }
+
+    /// Checks `name` as a Subscribe `address` pattern.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] naming `address`: empty, too long, whitespace or control
+    /// characters, an empty token, `*` or `>` inside a token, or `>` before the last token.
+    pub fn parse(name: impl Into<String>) -> Result<Self, BrokerError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(BrokerError::invalid(
+                "address",
+                "must not be empty (1-255 bytes)",
+            ));
+        }
+        check_name("address", &name)?;
+        let tokens: Vec<&str> = name.split('.').collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if t.is_empty() {
+                return Err(BrokerError::invalid(
+                    "address",
+                    "a pattern's tokens (between dots) must not be empty",
+                ));
+            }
+            if t.contains(['*', '>']) && *t != "*" && *t != ">" {
+                return Err(BrokerError::invalid(
+                    "address",
+                    format!("{t:?}: `*` and `>` must be whole tokens (e.g. orders.*.created, metrics.>)"),
+                ));
+            }
+            if *t == ">" && i + 1 != tokens.len() {
+                return Err(BrokerError::invalid(
+                    "address",
+                    "`>` may only be the last token of a pattern",
+                ));
+            }
+        }
+        Ok(Self(name))
+    }
+
+    /// The pattern.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Debug for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.0, f)

@@ -202,6 +202,7 @@ async fn max_deliveries_dead_letters_with_four_headers_after_exactly_three() {
         address: "a.poison".into(),
         payload: b"bad input".to_vec().into(),
         headers: headers.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -265,6 +265,7 @@ async fn json_logs_have_connections_and_rejections_and_no_deliveries() {
             address: "logs".into(),
             payload: b"delivered quietly".to_vec().into(),
             headers: Default::default(),
+            message_id: String::new(),
         })
         .await
         .unwrap();

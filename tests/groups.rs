@@ -40,6 +40,7 @@ async fn eight_recv_callers_take_ten_thousand_messages_exactly_once() {
                     address: "jobs".into(),
                     payload: (part * N + i).to_be_bytes().to_vec().into(),
                     headers: Default::default(),
+                    message_id: String::new(),
                 })
                 .await
                 .unwrap();

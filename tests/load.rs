@@ -54,6 +54,7 @@ async fn five_hundred_connections_send_and_subscribe_and_nothing_is_lost() {
                 address: "load.all".into(),
                 payload: i.to_be_bytes().to_vec().into(),
                 headers: Default::default(),
+                message_id: String::new(),
             })
             .await
             .expect("send ok")

@@ -74,6 +74,7 @@ async fn flood_of_large_messages_stays_under_the_bound() {
                 address: name(i),
                 payload: payload.clone(),
                 headers: Default::default(),
+                message_id: String::new(),
             }));
             let mut c = c;
             let mut responses = c.send_stream(requests).await.unwrap().into_inner();
@@ -112,6 +113,7 @@ async fn flood_of_large_messages_stays_under_the_bound() {
                 address: "mem.other".into(),
                 payload: b"small".to_vec().into(),
                 headers: Default::default(),
+                message_id: String::new(),
             }),
         )
         .await
@@ -209,6 +211,7 @@ async fn replaying_a_1_gib_backlog_stays_within_the_retention_bound() {
         address: "mem.backlog".into(),
         payload: payload(i),
         headers: Default::default(),
+        message_id: String::new(),
     }));
     let mut acks = c.send_stream(requests).await.unwrap().into_inner();
     let mut acked = 0;

@@ -75,6 +75,7 @@ proptest! {
             address: address.clone(),
             payload: vec![7u8; payload_len].into(),
             headers,
+            ..Default::default()
         };
         let r = rt().block_on(svc.send(Request::new(request)));
         prop_assert_eq!(r.is_ok(), expected, "{:?}", r.as_ref().err());
@@ -110,6 +111,7 @@ proptest! {
             address: "p.recv".into(),
             payload: b"waiting".to_vec().into(),
             headers: HashMap::new(),
+            ..Default::default()
         })))
         .unwrap();
         let wait_ok = seconds >= 0

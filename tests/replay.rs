@@ -219,6 +219,7 @@ async fn catch_up_racing_ten_thousand_sends_has_no_gap_and_no_duplicate() {
         address: "r.race".into(),
         payload: i.to_be_bytes().to_vec().into(),
         headers: Default::default(),
+        message_id: String::new(),
     }));
     let mut acks = c.send_stream(backlog).await.unwrap().into_inner();
     while let Some(r) = step("backlog ack", acks.message()).await.unwrap() {

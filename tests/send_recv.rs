@@ -39,6 +39,7 @@ async fn fifo_with_contiguous_sequences_and_sent_at() {
                 address: "fifo".into(),
                 payload: format!("m{i}").into_bytes().into(),
                 headers,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -69,6 +69,7 @@ async fn shutdown_during_a_flood_loses_no_acknowledged_message() {
                         address: "flood".into(),
                         payload: vec![0u8; 64].into(),
                         headers: Default::default(),
+                        message_id: String::new(),
                     })
                     .await
                 {
@@ -128,6 +129,7 @@ async fn sigterm_during_a_flood_exits_zero_without_panic() {
                 address: "term".into(),
                 payload: vec![1u8; 32].into(),
                 headers: Default::default(),
+                message_id: String::new(),
             };
             if tx.send(req).await.is_err() {
                 return;

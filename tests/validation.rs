@@ -28,6 +28,7 @@ fn send_req(address: &str, payload: Vec<u8>, headers: HashMap<String, String>) -
         address: address.into(),
         payload: payload.into(),
         headers,
+        message_id: String::new(),
     }
 }
 
@@ -59,10 +60,25 @@ async fn bad_addresses_are_rejected_and_nothing_is_created() {
             Code::InvalidArgument,
             &["address"],
         );
+        if bad.contains(['*', '>']) {
+            continue; // a valid pattern for Subscribe (tests/wildcards.rs)
+        }
         assert_status(
             c.subscribe(SubscribeRequest {
                 address: bad.into(),
                 group: String::new(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            &["address"],
+        );
+    }
+    // Malformed patterns.
+    for bad in ["orders.*x", "a.>.b", "a..*", "*.", ">>", "sp *"] {
+        assert_status(
+            c.subscribe(SubscribeRequest {
+                address: bad.into(),
                 ..Default::default()
             })
             .await,

@@ -18,17 +18,18 @@ use std::{
 use bytes::Bytes;
 use tokio::time::Instant;
 
-pub use subscription::{Event, Subscription};
+pub use subscription::{Event, PatternSubscription, Subscription};
 
 use crate::{
     config::{Limits, MESSAGE_OVERHEAD_BYTES},
     engine::{
-        AddressInfo, Batch, DeadLetter, Engine, GroupInfo, GroupSettings, Log, Settle, StartAt,
+        AddressInfo, Appended, Batch, DeadLetter, Engine, GroupInfo, GroupSettings, Log, Settle,
+        StartAt,
     },
     error::BrokerError,
     metrics::Metrics,
     shutdown::ShutdownToken,
-    validate::{self, Address, Group, Headers},
+    validate::{self, Address, Group, Headers, Pattern},
 };
 
 /// Payloads smaller than this are copied out of the receive buffer on Send (see `send`).
@@ -116,7 +117,35 @@ impl Broker {
         payload: Bytes,
         headers: Headers,
     ) -> Result<u64, BrokerError> {
+        self.publish(address, payload, headers, "")
+            .map(|a| a.sequence)
+    }
+
+    /// [`Broker::send`] with publish deduplication: a non-empty `message_id` (at most 255
+    /// bytes) seen on this address within `--dedup-window`, while its message is retained,
+    /// stores nothing and returns the first Send's sequence with `duplicate = true` (NATS
+    /// JetStream's `Nats-Msg-Id`). Concurrent Sends with the same id store exactly one message.
+    ///
+    /// # Errors
+    /// As [`Broker::send`], and `INVALID_ARGUMENT` for a `message_id` over 255 bytes.
+    pub fn publish(
+        &self,
+        address: &Address,
+        payload: Bytes,
+        headers: Headers,
+        message_id: &str,
+    ) -> Result<Appended, BrokerError> {
         let limits = &self.inner.limits;
+        if message_id.len() > validate::MAX_NAME_BYTES {
+            return Err(BrokerError::invalid(
+                "message_id",
+                format!(
+                    "{} bytes is longer than the limit of {} bytes",
+                    message_id.len(),
+                    validate::MAX_NAME_BYTES
+                ),
+            ));
+        }
         validate::payload(payload.len(), limits)?;
         let size = payload.len() + validate::headers(&headers)? + MESSAGE_OVERHEAD_BYTES;
         // A small payload decoded by tonic is a slice of the connection's receive buffer; kept
@@ -140,7 +169,10 @@ impl Broker {
                 });
             }
         }
-        self.inner.engine.append(address, payload, headers, size)
+        let message_id = (!message_id.is_empty()).then_some(message_id);
+        self.inner
+            .engine
+            .append(address, payload, headers, size, message_id)
     }
 
     /// Takes up to `max` messages (1–1000) for `group`, waiting up to `wait` for the first one.
@@ -254,6 +286,23 @@ impl Broker {
         }
     }
 
+    /// Subscribes to every address matching `pattern` (NATS subject syntax: `*` one token,
+    /// `>` one or more trailing tokens): messages sent from now on to any matching address,
+    /// existing or created later, each with its own address and sequence, in order per
+    /// address. Registration is complete when this returns.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` past the broker's pattern-subscription limit.
+    pub fn subscribe_pattern(
+        &self,
+        pattern: Pattern,
+        shutdown: ShutdownToken,
+    ) -> Result<PatternSubscription, BrokerError> {
+        let feed = self.inner.engine.subscribe_pattern(pattern)?;
+        self.inner.metrics.subscribers.inc();
+        Ok(PatternSubscription::new(self.clone(), feed, shutdown))
+    }
+
     /// Creates the named consumer group `group` on `address` (created if needed), starting at
     /// `start`. Idempotent: the same start again returns `created = false`. Returns whether it
     /// was created and the sequence it hands out next. Kafka's consumer-group offset reset,
@@ -356,7 +405,7 @@ impl Broker {
             } else {
                 self.inner
                     .engine
-                    .append(&d.to, d.message.payload.clone(), headers, size)
+                    .append(&d.to, d.message.payload.clone(), headers, size, None)
             };
             if let Err(e) = stored {
                 tracing::warn!(

@@ -20,7 +20,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use super::Broker;
 use crate::{
-    engine::{Delivery, FanoutCursor, Log},
+    engine::{Delivery, FanoutCursor, Log, PatternFeed},
     error::BrokerError,
     message::{encode_message, Message, WireFrame},
     shutdown::ShutdownToken,
@@ -213,5 +213,67 @@ impl Drop for Subscription {
                 self.log.unsubscribe_group();
             }
         }
+    }
+}
+
+/// A pattern (wildcard) subscriber: messages of every matching address, read as [`Event`]s.
+/// Dropping it unregisters the pattern. At shutdown it is first handed what is already queued
+/// for it, then ends with `UNAVAILABLE`.
+#[derive(Debug)]
+pub struct PatternSubscription {
+    broker: Broker,
+    feed: PatternFeed,
+    buffer: VecDeque<Arc<Message>>,
+    shutdown: ShutdownToken,
+    done: bool,
+}
+
+impl PatternSubscription {
+    pub(crate) fn new(broker: Broker, feed: PatternFeed, shutdown: ShutdownToken) -> Self {
+        Self {
+            broker,
+            feed,
+            buffer: VecDeque::new(),
+            shutdown,
+            done: false,
+        }
+    }
+
+    /// The next event: a message of a matching address, or the exact count dropped because
+    /// this subscriber fell more than its queue behind. Waits while nothing is there.
+    ///
+    /// Returns `Some(Err(BrokerError::ShuttingDown))` once at shutdown, then `None`.
+    pub async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(m) = self.buffer.pop_front() {
+                return Some(Ok(Event::Message(m, None)));
+            }
+            let notified = self.feed.notify().notified();
+            let dropped = self.feed.pop(FANOUT_BATCH, &mut self.buffer);
+            if dropped > 0 {
+                return Some(Ok(Event::Dropped(dropped)));
+            }
+            if !self.buffer.is_empty() {
+                continue;
+            }
+            if self.shutdown.is_cancelled() {
+                self.done = true;
+                return Some(Err(BrokerError::ShuttingDown));
+            }
+            tokio::select! {
+                () = notified => {}
+                () = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+impl Drop for PatternSubscription {
+    fn drop(&mut self) {
+        self.broker.engine().unsubscribe_pattern(&self.feed);
+        self.broker.metrics().subscribers.dec();
     }
 }

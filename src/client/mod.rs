@@ -119,6 +119,7 @@ pub async fn send(args: SendArgs) -> Result<u8, ClientError> {
             address: args.address,
             payload: payload.into(),
             headers: args.headers.into_iter().collect(),
+            ..Default::default()
         })
         .await
         .map_err(ClientError::Status)?
@@ -160,6 +161,7 @@ async fn send_lines(args: SendArgs) -> Result<u8, ClientError> {
                 address: address.clone(),
                 payload: line.clone().into(),
                 headers: headers.clone(),
+                ..Default::default()
             };
             if tx.blocking_send(request).is_err() {
                 return Ok(()); // the stream ended; its status is reported below

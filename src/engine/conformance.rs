@@ -32,7 +32,9 @@ fn append_n(e: &Engine, a: &Address, n: usize) -> Vec<u64> {
         .map(|i| {
             let payload = Bytes::from(format!("m{i}"));
             let size = payload.len() + 128;
-            e.append(a, payload, Default::default(), size).unwrap()
+            e.append(a, payload, Default::default(), size, None)
+                .unwrap()
+                .sequence
         })
         .collect()
 }

@@ -36,7 +36,7 @@ use crate::{
     error::BrokerError,
     message::{Message, WireFrame},
     metrics::Metrics,
-    validate::{Address, Headers},
+    validate::{Address, Headers, Pattern},
 };
 use memory::{AddressLog, MemoryEngine};
 
@@ -236,6 +236,15 @@ pub struct GroupInfo {
     pub ack: Option<AckPolicy>,
 }
 
+/// The outcome of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The message's sequence (the first Send's, for a duplicate).
+    pub sequence: u64,
+    /// True when `message_id` matched an earlier Send within the dedup window: nothing stored.
+    pub duplicate: bool,
+}
+
 /// What one maintenance pass did.
 #[derive(Debug, Default)]
 pub struct Maintenance {
@@ -254,6 +263,26 @@ pub struct FanoutCursor {
     pub next: u64,
     /// Appends from this sequence on were made while it was registered.
     pub registered: u64,
+}
+
+/// The queue of one pattern subscription (see [`memory::patterns`]); unregister it with
+/// [`Engine::unsubscribe_pattern`].
+#[derive(Debug)]
+pub struct PatternFeed {
+    sub: Arc<memory::patterns::PatternSub>,
+}
+
+impl PatternFeed {
+    /// Woken when a message is queued.
+    pub fn notify(&self) -> &Notify {
+        &self.sub.notify
+    }
+
+    /// Moves up to `max` queued messages into `out`; returns how many were dropped (queue
+    /// overflow) before them.
+    pub fn pop(&self, max: usize, out: &mut VecDeque<Arc<Message>>) -> u64 {
+        self.sub.pop(max, out)
+    }
 }
 
 /// The storage engine. See the module docs.
@@ -284,8 +313,10 @@ impl Engine {
         }
     }
 
-    /// Appends one message (`size`: bytes charged to retention) and wakes the address's
-    /// waiters. Returns its sequence.
+    /// Appends one message (`size`: bytes charged to retention), hands it to matching
+    /// pattern subscribers, and wakes the address's waiters. With `message_id`, a Send with
+    /// the same id within the dedup window (its message still retained) stores nothing and
+    /// returns the first one's sequence as a duplicate.
     ///
     /// # Errors
     /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached;
@@ -296,9 +327,30 @@ impl Engine {
         payload: Bytes,
         headers: Headers,
         size: usize,
-    ) -> Result<u64, BrokerError> {
+        message_id: Option<&str>,
+    ) -> Result<Appended, BrokerError> {
         match self {
-            Self::Memory(m) => m.append(address, payload, headers, size),
+            Self::Memory(m) => m.append(address, payload, headers, size, message_id),
+        }
+    }
+
+    /// Subscribes to every address matching `pattern` (NATS subject syntax): messages sent from
+    /// now on are queued for the returned feed, in order per address.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` past [`memory::MAX_PATTERN_SUBSCRIPTIONS`].
+    pub fn subscribe_pattern(&self, pattern: Pattern) -> Result<PatternFeed, BrokerError> {
+        match self {
+            Self::Memory(m) => Ok(PatternFeed {
+                sub: m.subscribe_pattern(pattern)?,
+            }),
+        }
+    }
+
+    /// Ends a pattern subscription.
+    pub fn unsubscribe_pattern(&self, feed: &PatternFeed) {
+        match self {
+            Self::Memory(m) => m.unsubscribe_pattern(&feed.sub),
         }
     }
 

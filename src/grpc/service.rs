@@ -142,13 +142,18 @@ impl BrokerService {
         result
     }
 
-    fn send_one(&self, method: Method, r: pb::SendRequest) -> Result<u64, Status> {
+    fn send_one(&self, method: Method, r: pb::SendRequest) -> Result<pb::SendResponse, Status> {
         if let Err(e) = Address::check(&r.address) {
             return Err(rejected(method, &r.address, e));
         }
         let address = Address::checked(r.address);
         self.broker
-            .send(&address, r.payload, r.headers)
+            .publish(&address, r.payload, r.headers, &r.message_id)
+            .map(|a| pb::SendResponse {
+                sequence: a.sequence,
+                error: None,
+                duplicate: a.duplicate,
+            })
             .map_err(|e| rejected(method, address.as_str(), e))
     }
 
@@ -179,12 +184,10 @@ impl std::fmt::Debug for SendResponses {
 impl SendResponses {
     fn respond(&self, r: pb::SendRequest) -> pb::SendResponse {
         match self.service.send_one(Method::SendStream, r) {
-            Ok(sequence) => pb::SendResponse {
-                sequence,
-                error: None,
-            },
+            Ok(response) => response,
             Err(e) => pb::SendResponse {
                 sequence: 0,
+                duplicate: false,
                 error: Some(pb::SendError {
                     code: e.code() as i32,
                     message: e.message().to_string(),
@@ -237,12 +240,7 @@ impl pb::broker_server::Broker for BrokerService {
         let start = Instant::now();
         let r = self
             .send_one(Method::Send, request.into_inner())
-            .map(|sequence| {
-                Response::new(pb::SendResponse {
-                    sequence,
-                    error: None,
-                })
-            });
+            .map(Response::new);
         self.observe(Method::Send, start, &r);
         r
     }

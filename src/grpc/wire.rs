@@ -33,13 +33,13 @@ use super::{
     service::rejected,
 };
 use crate::{
-    broker::{Broker, Event, Subscription},
+    broker::{Broker, Event, PatternSubscription, Subscription},
     error::BrokerError,
     message::encode_message,
     metrics::Method,
     pb,
     shutdown::ShutdownToken,
-    validate::{self, Address, Group},
+    validate::{self, Address, Group, Pattern},
 };
 
 /// Small frames ready at once are coalesced into one HTTP/2 DATA frame up to this size.
@@ -73,9 +73,23 @@ impl SubscribeBody {
         let events = futures_util::stream::unfold(subscription, |mut s| async move {
             s.next().await.map(|e| (e, s))
         });
+        Self::from_events(Box::pin(events), permit)
+    }
+
+    fn pattern(subscription: PatternSubscription, permit: Option<StreamPermit>) -> Self {
+        let events = futures_util::stream::unfold(subscription, |mut s| async move {
+            s.next().await.map(|e| (e, s))
+        });
+        Self::from_events(Box::pin(events), permit)
+    }
+
+    fn from_events(
+        events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>>,
+        permit: Option<StreamPermit>,
+    ) -> Self {
         Self {
             _permit: permit,
-            events: Box::pin(events),
+            events,
             queued: VecDeque::new(),
             trailers: None,
             done: false,
@@ -223,6 +237,29 @@ async fn subscribe(
     let r = pb::SubscribeRequest::decode(msg)
         .map_err(|e| Status::invalid_argument(format!("request: not a SubscribeRequest: {e}")))?;
     let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
+    if Pattern::is_pattern(&r.address) {
+        let pattern = Pattern::parse(r.address.as_str()).map_err(reject)?;
+        let refuse = |field: &'static str| {
+            reject(BrokerError::invalid(
+                field,
+                "not with an address pattern: pattern streams are fan-out and start now",
+            ))
+        };
+        if !r.group.is_empty() {
+            return Err(refuse("group"));
+        }
+        if r.start_sequence != 0 {
+            return Err(refuse("start_sequence"));
+        }
+        if r.start_time.is_some() {
+            return Err(refuse("start_time"));
+        }
+        let permit = streams.acquire(peer).map_err(reject)?;
+        let subscription = broker
+            .subscribe_pattern(pattern, shutdown)
+            .map_err(reject)?;
+        return Ok(grpc_response(SubscribeBody::pattern(subscription, permit)));
+    }
     let address = Address::parse(r.address.as_str()).map_err(reject)?;
     let group = Group::parse(r.group.as_str()).map_err(reject)?;
     let start = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
@@ -231,12 +268,16 @@ async fn subscribe(
     let subscription = broker
         .subscribe(&address, &group, start, shutdown)
         .map_err(reject)?;
-    let mut response = http::Response::new(Body::new(SubscribeBody::new(subscription, permit)));
+    Ok(grpc_response(SubscribeBody::new(subscription, permit)))
+}
+
+fn grpc_response(body: SubscribeBody) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::new(body));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    Ok(response)
+    response
 }
 
 impl<S> tower_service::Service<http::Request<Body>> for SubscribeRoute<S>

@@ -157,6 +157,7 @@ pub async fn send(client: &mut BrokerClient<Channel>, address: &str, payload: &[
             address: address.into(),
             payload: payload.to_vec().into(),
             headers: Default::default(),
+            message_id: String::new(),
         })
         .await
         .expect("send succeeds")

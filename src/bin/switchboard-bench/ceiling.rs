@@ -89,6 +89,7 @@ impl pb::broker_server::Broker for Ceiling {
         Ok(Response::new(pb::SendResponse {
             sequence,
             error: None,
+            ..Default::default()
         }))
     }
 
@@ -103,6 +104,7 @@ impl pb::broker_server::Broker for Ceiling {
             r.map(|r| pb::SendResponse {
                 sequence: this.publish(r),
                 error: None,
+                ..Default::default()
             })
         });
         Ok(Response::new(Box::pin(out)))

@@ -203,6 +203,7 @@ fn request(address: &str, payload: &bytes::Bytes) -> SendRequest {
         address: address.to_string(),
         payload: payload.clone(),
         headers: Default::default(),
+        message_id: String::new(),
     }
 }
 
@@ -408,6 +409,7 @@ async fn latency(server: &Server, rate: f64, secs: f64) -> Res<Histogram<u64>> {
             address: address.into(),
             payload: payload.into(),
             headers: Default::default(),
+            message_id: String::new(),
         })
         .await?;
     }
@@ -504,6 +506,7 @@ async fn scale(server: &Server, addresses: u64, subs: u64) -> Res<(f64, f64)> {
         address: format!("bench.scale.{i}"),
         payload: payload.clone(),
         headers: Default::default(),
+        message_id: String::new(),
     }));
     let mut responses = c.clone().send_stream(requests).await?.into_inner();
     while let Some(r) = responses.next().await {

@@ -50,6 +50,7 @@ fn req(address: &str, payload: &[u8]) -> SendRequest {
         address: address.into(),
         payload: payload.to_vec().into(),
         headers: Default::default(),
+        message_id: String::new(),
     }
 }
 

@@ -37,7 +37,9 @@ use tokio::{sync::Notify, time::Instant};
 
 use super::{
     budget::Budget,
+    dedup::Dedup,
     lease::{Leases, Outcome},
+    patterns::{PatternIndex, PatternMatches},
 };
 use crate::{
     engine::{
@@ -104,6 +106,8 @@ pub struct AddressLog {
     pub(crate) budget: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
     retention: Retention,
+    /// The publish deduplication window; `None`: off.
+    dedup_window: Option<std::time::Duration>,
     /// Which of the budget's age queues this address's messages go to.
     pub(crate) age_queue: usize,
     /// Mirror of the first retained sequence (or the next sequence when empty), readable without
@@ -122,6 +126,10 @@ pub(crate) struct State {
     retained_bytes: usize,
     groups: HashMap<Box<str>, Cursor>,
     next_group_id: u64,
+    /// Remembered `message_id`s (see `dedup`).
+    dedup: Dedup,
+    /// The pattern subscribers this address's messages go to (see `patterns`).
+    patterns: PatternMatches,
     /// Fan-out subscribers registered now.
     fanout: u32,
     /// Fan-out subscribers plus group streams.
@@ -147,6 +155,8 @@ impl AddressLog {
         age_queue: usize,
         metrics: Arc<Metrics>,
         retention: Retention,
+        dedup_window: Option<std::time::Duration>,
+        patterns: Arc<PatternIndex>,
     ) -> Self {
         metrics.groups.inc();
         let mut groups = HashMap::new();
@@ -170,6 +180,8 @@ impl AddressLog {
                 retained_bytes: 0,
                 groups,
                 next_group_id: 1,
+                dedup: Dedup::default(),
+                patterns: PatternMatches::new(patterns),
                 fanout: 0,
                 subscribers: 0,
                 waiters: 0,
@@ -180,6 +192,7 @@ impl AddressLog {
             budget,
             metrics,
             retention,
+            dedup_window,
             age_queue,
             first_seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -228,14 +241,28 @@ impl AddressLog {
         n
     }
 
-    /// Appends a message, first evicting the oldest entries the address's bounds require.
-    /// Returns the stored message. The caller wakes waiters after unlocking.
+    /// The sequence a Send with `message_id` was stored under, if the id is remembered (within
+    /// the dedup window and still retained).
+    pub(crate) fn duplicate_of(&self, st: &mut State, message_id: &str) -> Option<u64> {
+        let window = self.dedup_window?;
+        let now = Instant::now();
+        self.evict_aged(st, now);
+        let first = st.first();
+        st.dedup.prune(now, window, first);
+        st.dedup.lookup(message_id)
+    }
+
+    /// Appends a message, first evicting the oldest entries the address's bounds require, then
+    /// hands it to the matching pattern subscribers. With `message_id` (checked with
+    /// [`Self::duplicate_of`] first) it is remembered for deduplication. Returns the stored
+    /// message. The caller wakes waiters after unlocking.
     pub(crate) fn append(
         &self,
         st: &mut State,
         payload: Bytes,
         headers: Headers,
         size: usize,
+        message_id: Option<&str>,
     ) -> Arc<Message> {
         let now = Instant::now();
         self.evict_aged(st, now);
@@ -270,6 +297,11 @@ impl AddressLog {
         st.last_active = now;
         self.budget.charge(self.age_queue, size);
         self.sync_first(st);
+        if let (Some(id), Some(_)) = (message_id, self.dedup_window) {
+            st.dedup.record(id, message.sequence, now);
+        }
+        // Under the address lock, so each pattern subscriber sees this address in order.
+        st.patterns.deliver(&self.name, &message);
         message
     }
 

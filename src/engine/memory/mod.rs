@@ -10,8 +10,10 @@
 //! looks the address up again, so no message is ever appended to a reclaimed address.
 
 mod budget;
+mod dedup;
 mod lease;
 mod log;
+pub mod patterns;
 
 use std::{
     hash::{BuildHasher, RandomState},
@@ -29,21 +31,29 @@ pub use budget::Budget;
 pub use log::AddressLog;
 use log::State;
 
+use patterns::{PatternIndex, PatternSub};
+
 use super::{
-    AddressInfo, DeadLetter, GroupInfo, GroupSettings, Maintenance, Retention, Settle, Settled,
+    AddressInfo, Appended, DeadLetter, GroupInfo, GroupSettings, Maintenance, Retention, Settle,
+    Settled,
 };
 use crate::{
     config::Limits,
     error::BrokerError,
     metrics::Metrics,
-    validate::{Address, Headers},
+    validate::{Address, Headers, Pattern},
 };
+
+/// Most pattern (wildcard) subscriptions the broker holds at once.
+pub const MAX_PATTERN_SUBSCRIPTIONS: usize = 100_000;
 
 /// The in-memory engine. See the module docs.
 #[derive(Debug)]
 pub struct MemoryEngine {
     addresses: DashMap<Box<str>, Arc<AddressLog>>,
     retention: Retention,
+    dedup_window: Option<Duration>,
+    patterns: Arc<PatternIndex>,
     max_addresses: usize,
     idle_address: Duration,
     budget: Arc<Budget>,
@@ -68,6 +78,8 @@ impl MemoryEngine {
         Self {
             addresses: DashMap::new(),
             retention: Retention::from(limits),
+            dedup_window: (!limits.dedup_window.is_zero()).then_some(limits.dedup_window),
+            patterns: Arc::default(),
             max_addresses: limits.max_addresses,
             idle_address: limits.idle_address,
             budget: Arc::new(Budget::new(limits.max_retained_bytes)),
@@ -111,6 +123,8 @@ impl MemoryEngine {
                     queue,
                     Arc::clone(&self.metrics),
                     self.retention,
+                    self.dedup_window,
+                    Arc::clone(&self.patterns),
                 ));
                 e.insert(Arc::clone(&address));
                 Ok(address)
@@ -146,19 +160,49 @@ impl MemoryEngine {
         payload: Bytes,
         headers: Headers,
         size: usize,
-    ) -> Result<u64, BrokerError> {
-        let (address, sequence) = self.with_address(address, |a, st| {
+        message_id: Option<&str>,
+    ) -> Result<Appended, BrokerError> {
+        let (address, appended) = self.with_address(address, |a, st| {
             // Checked under the address lock: a subscriber that drains after shutdown began
             // (under the same lock) sees every message accepted before it.
             if self.closing.load(Ordering::SeqCst) {
                 return Err(BrokerError::ShuttingDown);
             }
-            Ok(a.append(st, payload, headers, size).sequence)
+            if let Some(sequence) = message_id.and_then(|id| a.duplicate_of(st, id)) {
+                return Ok(Appended {
+                    sequence,
+                    duplicate: true,
+                });
+            }
+            Ok(Appended {
+                sequence: a.append(st, payload, headers, size, message_id).sequence,
+                duplicate: false,
+            })
         })?;
-        let sequence = sequence?;
-        address.notify.notify_waiters();
-        self.budget.record(&address, sequence);
-        Ok(sequence)
+        let appended = appended?;
+        if !appended.duplicate {
+            address.notify.notify_waiters();
+            self.budget.record(&address, appended.sequence);
+        }
+        Ok(appended)
+    }
+
+    pub(crate) fn subscribe_pattern(
+        &self,
+        pattern: Pattern,
+    ) -> Result<Arc<PatternSub>, BrokerError> {
+        if self.patterns.len() >= MAX_PATTERN_SUBSCRIPTIONS {
+            return Err(BrokerError::LimitReached {
+                what: "pattern subscriptions",
+                limit: MAX_PATTERN_SUBSCRIPTIONS,
+                flag: "a fixed limit",
+            });
+        }
+        Ok(self.patterns.subscribe(pattern))
+    }
+
+    pub(crate) fn unsubscribe_pattern(&self, sub: &PatternSub) {
+        self.patterns.unsubscribe(sub);
     }
 
     pub(crate) fn create_group(
