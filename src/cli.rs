@@ -199,6 +199,11 @@ pub struct SendArgs {
     #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
 
+    /// Deduplicate: a Send with the same id to the same address within the broker's dedup
+    /// window stores nothing and prints the first Send's sequence followed by `duplicate`.
+    #[arg(long, value_name = "ID", conflicts_with = "lines")]
+    pub message_id: Option<String>,
+
     /// With PAYLOAD `-`: send each line of stdin as one message (without its newline), pipelined
     /// over one SendStream; prints one sequence per line.
     #[arg(long)]
@@ -268,7 +273,9 @@ pub struct NackArgs {
 /// Flags of `switchboard subscribe`.
 #[derive(Debug, Args)]
 pub struct SubscribeArgs {
-    /// The address to watch.
+    /// The address to watch, or a pattern (fan-out only): tokens split by `.`, `*` matches one
+    /// token, `>` one or more trailing tokens (`'orders.*.created'`, `'metrics.>'`; quote it in
+    /// the shell).
     pub address: String,
 
     /// Join this consumer group (share its messages) instead of getting every message.

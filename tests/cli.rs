@@ -436,3 +436,37 @@ async fn acknowledged_group_recv_ack_and_nack() {
     assert!(stderr.contains("FAILED_PRECONDITION"), "{stderr}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_message_id_and_pattern_subscribe() {
+    let server = TestServer::start().await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.dedup", "x", "--message-id", "abc"]);
+    assert_eq!(run(cmd).await, (0, "1\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.dedup", "x", "--message-id", "abc"]);
+    assert_eq!(run(cmd).await, (0, "1 duplicate\n".into(), String::new()));
+    // A pattern subscription, registered before the sends (it waits for --count messages).
+    let mut cmd = switchboard(&server);
+    cmd.args(["subscribe", "cli.p.>", "--count", "2", "--json"])
+        .stdout(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let broker = server.broker.clone();
+    common::eventually("pattern subscriber registered", || {
+        broker.pattern_subscriptions() == 1
+    })
+    .await;
+    let mut c = server.client().await;
+    send(&mut c, "cli.q.nope", b"no").await;
+    send(&mut c, "cli.p.a", b"one").await;
+    send(&mut c, "cli.p.b.c", b"two").await;
+    let out = step("subscribe", child.wait_with_output()).await.unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let addresses: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["address"].to_string())
+        .collect();
+    assert_eq!(addresses, ["\"cli.p.a\"", "\"cli.p.b.c\""]);
+    server.stop().await;
+}

@@ -442,6 +442,11 @@ impl Broker {
         self.inner.engine.counts(address)[0]
     }
 
+    /// Pattern (wildcard) subscriptions open now.
+    pub fn pattern_subscriptions(&self) -> usize {
+        self.inner.engine.pattern_count()
+    }
+
     /// Recv calls waiting on `address` now; 0 for an unknown address.
     pub fn waiting_recvs(&self, address: &str) -> usize {
         self.inner.engine.counts(address)[1]

@@ -119,14 +119,20 @@ pub async fn send(args: SendArgs) -> Result<u8, ClientError> {
             address: args.address,
             payload: payload.into(),
             headers: args.headers.into_iter().collect(),
-            ..Default::default()
+            message_id: args.message_id.unwrap_or_default(),
         })
         .await
         .map_err(ClientError::Status)?
         .into_inner();
     let mut out = io::stdout().lock();
     if args.client.json {
-        writeln!(out, "{}", serde_json::json!({ "sequence": r.sequence }))?;
+        let mut v = serde_json::json!({ "sequence": r.sequence });
+        if r.duplicate {
+            v["duplicate"] = true.into();
+        }
+        writeln!(out, "{v}")?;
+    } else if r.duplicate {
+        writeln!(out, "{} duplicate", r.sequence)?;
     } else {
         writeln!(out, "{}", r.sequence)?;
     }

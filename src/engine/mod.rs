@@ -347,6 +347,13 @@ impl Engine {
         }
     }
 
+    /// Pattern subscriptions open now.
+    pub fn pattern_count(&self) -> usize {
+        match self {
+            Self::Memory(m) => m.pattern_count(),
+        }
+    }
+
     /// Ends a pattern subscription.
     pub fn unsubscribe_pattern(&self, feed: &PatternFeed) {
         match self {

@@ -201,6 +201,10 @@ impl MemoryEngine {
         Ok(self.patterns.subscribe(pattern))
     }
 
+    pub(crate) fn pattern_count(&self) -> usize {
+        self.patterns.len()
+    }
+
     pub(crate) fn unsubscribe_pattern(&self, sub: &PatternSub) {
         self.patterns.unsubscribe(sub);
     }
