@@ -120,10 +120,14 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// tonic's decode limit: above `--max-message-bytes` by room for headers, the address and
-    /// framing, so that our own check answers with the field and the limit named.
+    /// tonic's decode limit: the 64 MiB payload ceiling plus room for headers, the address and
+    /// framing, whatever `--max-message-bytes` is, so that every payload up to the ceiling is
+    /// decoded and refused by our own check (`RESOURCE_EXHAUSTED` naming the field and the
+    /// limit). A request above this gets tonic's `OUT_OF_RANGE` ("decoded message length too
+    /// large"). The cost: one request may make the broker buffer up to this many bytes before
+    /// refusing it.
     pub fn decode_limit(&self) -> usize {
-        self.limits.max_message_bytes + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
+        MAX_MESSAGE_BYTES_CEILING + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `switchboard_groups` | gauge | consumer groups, default groups included |
 //! | `switchboard_retained_messages` / `_bytes` | gauge | what the retention windows hold |
 //! | `switchboard_rpcs_total{method,code}` | counter | RPCs answered, by gRPC status code (streams: at open) |
+//! | `switchboard_streams_closed_total{method,code}` | counter | Subscribe and SendStream streams ended, by final status (`CANCELLED`: the client went away) |
 //! | `switchboard_rpc_duration_seconds{method}` | histogram | time to answer (streams: to open) |
 
 use std::time::Duration;
@@ -97,6 +98,7 @@ pub struct Metrics {
     retained_messages: Gauge,
     retained_bytes: Gauge,
     rpcs: Family<RpcLabels, Counter>,
+    streams_closed: Family<RpcLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
     /// Per method (in [`Method::ALL`] order): its `OK` counter and its histogram, taken out of
     /// the families once so the common path does no label lookup.
@@ -151,6 +153,7 @@ impl Metrics {
             retained_messages: Gauge::default(),
             retained_bytes: Gauge::default(),
             rpcs: Family::default(),
+            streams_closed: Family::default(),
             rpc_seconds: Family::new_with_constructor(|| {
                 // 50 µs to ~100 s.
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
@@ -224,6 +227,11 @@ impl Metrics {
             m.rpcs.clone(),
         );
         registry.register(
+            "streams_closed",
+            "Subscribe and SendStream streams ended, by method and final gRPC status code",
+            m.streams_closed.clone(),
+        );
+        registry.register(
             "rpc_duration_seconds",
             "Time to answer an RPC (streams: until the stream opened)",
             m.rpc_seconds.clone(),
@@ -243,6 +251,17 @@ impl Metrics {
             })
             .collect();
         Self { registry, hot, ..m }
+    }
+
+    /// Records one stream (Subscribe, SendStream) that ended with `code` (`Cancelled` when the
+    /// client went away first).
+    pub fn observe_stream_closed(&self, method: Method, code: tonic::Code) {
+        self.streams_closed
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
     }
 
     /// Records one answered RPC.

@@ -137,3 +137,62 @@ async fn dropped_and_evicted_counters_are_exact() {
     assert_eq!(get(&m, "switchboard_retained_messages"), 10.0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_counted_with_their_final_status() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    common::send(&mut c, "m.closed", b"x").await;
+    // Ends NOT_FOUND when an operator deletes the address.
+    let mut deleted = common::subscribe(&mut c, "m.closed", "").await;
+    // Ends CANCELLED: the client goes away.
+    let mut other = server.client().await;
+    let cancelled = common::subscribe(&mut other, "m.cancel", "").await;
+    server
+        .admin()
+        .await
+        .delete_address(switchboard::pb::DeleteAddressRequest {
+            address: "m.closed".into(),
+        })
+        .await
+        .unwrap();
+    let end = common::step("deleted stream ends", deleted.message())
+        .await
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::NotFound);
+    drop(cancelled);
+    drop(other);
+    // A SendStream that completes: OK.
+    let mut acks = c
+        .send_stream(tokio_stream::iter(vec![SendRequest {
+            address: "m.closed".into(),
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    while common::step("ack", acks.message()).await.unwrap().is_some() {}
+    let key = |method: &str, code: &str| {
+        format!(r#"switchboard_streams_closed_total{{method="{method}",code="{code}"}}"#)
+    };
+    let broker = server.broker.clone();
+    common::eventually("cancelled stream dropped", || {
+        broker.subscriber_count("m.cancel") == 0
+    })
+    .await;
+    let mut m = server.scrape().await;
+    // The SendStream's end is counted when its response stream is dropped after the trailers.
+    for _ in 0..200 {
+        if get(&m, &key("SendStream", "OK")) == 1.0
+            && get(&m, &key("Subscribe", "CANCELLED")) == 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = server.scrape().await;
+    }
+    assert_eq!(get(&m, &key("Subscribe", "NOT_FOUND")), 1.0);
+    assert_eq!(get(&m, &key("Subscribe", "CANCELLED")), 1.0);
+    assert_eq!(get(&m, &key("SendStream", "OK")), 1.0);
+    server.stop().await;
+}

@@ -136,6 +136,34 @@ async fn payload_limit_is_ours_not_tonics() {
         Code::ResourceExhausted,
         &["payload", &limit.to_string(), "--max-message-bytes"],
     );
+    // Far above it (6 MB, and the 64 MiB ceiling itself), still ours, over Send and SendStream.
+    for size in [6_000_000, 64 * 1024 * 1024] {
+        assert_status(
+            c.send(send_req("big", vec![0; size], HashMap::new())).await,
+            Code::ResourceExhausted,
+            &["payload", &size.to_string(), &limit.to_string()],
+        );
+        let mut responses = c
+            .send_stream(tokio_stream::iter(vec![send_req(
+                "big",
+                vec![0; size],
+                HashMap::new(),
+            )]))
+            .await
+            .unwrap()
+            .into_inner();
+        let r = responses.message().await.unwrap().unwrap();
+        let e = r.error.expect("refused in the stream");
+        assert_eq!(e.code, Code::ResourceExhausted as i32);
+        assert!(e.message.contains("--max-message-bytes"), "{}", e.message);
+    }
+    // Above the ceiling plus headroom: tonic's own OUT_OF_RANGE (documented).
+    assert_status(
+        c.send(send_req("big", vec![0; 65 * 1024 * 1024], HashMap::new()))
+            .await,
+        Code::OutOfRange,
+        &["too large"],
+    );
     // Nothing stored: the next message gets sequence 2. Exactly the limit is accepted.
     assert_eq!(send(&mut c, "big", &vec![1; limit]).await, 2);
     server.stop().await;

@@ -197,6 +197,27 @@ impl SendResponses {
     }
 }
 
+impl SendResponses {
+    fn end(&mut self, code: tonic::Code) {
+        self.done = true;
+        self.service
+            .broker
+            .metrics()
+            .observe_stream_closed(Method::SendStream, code);
+    }
+}
+
+impl Drop for SendResponses {
+    fn drop(&mut self) {
+        if !self.done {
+            self.service
+                .broker
+                .metrics()
+                .observe_stream_closed(Method::SendStream, tonic::Code::Cancelled);
+        }
+    }
+}
+
 impl Stream for SendResponses {
     type Item = Result<pb::SendResponse, Status>;
 
@@ -205,23 +226,23 @@ impl Stream for SendResponses {
             return Poll::Ready(None);
         }
         if self.service.shutdown.is_cancelled() {
-            self.done = true;
+            self.end(tonic::Code::Unavailable);
             return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
         }
         match Pin::new(&mut self.inbound).poll_next(cx) {
             Poll::Ready(Some(Ok(r))) => Poll::Ready(Some(Ok(self.respond(r)))),
             Poll::Ready(Some(Err(status))) => {
-                self.done = true;
+                self.end(status.code());
                 Poll::Ready(Some(Err(status)))
             }
             Poll::Ready(None) => {
-                self.done = true;
+                self.end(tonic::Code::Ok);
                 Poll::Ready(None)
             }
             Poll::Pending => {
                 // Waiting for the client: also wake when shutdown begins.
                 if self.cancelled.as_mut().poll(cx).is_ready() {
-                    self.done = true;
+                    self.end(tonic::Code::Unavailable);
                     return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
                 }
                 Poll::Pending

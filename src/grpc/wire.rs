@@ -18,6 +18,7 @@ use std::{
     collections::VecDeque,
     convert::Infallible,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -36,7 +37,7 @@ use crate::{
     broker::{Broker, Event, PatternSubscription, Subscription},
     error::BrokerError,
     message::encode_message,
-    metrics::Method,
+    metrics::{Method, Metrics},
     pb,
     shutdown::ShutdownToken,
     validate::{self, Address, Group, Pattern},
@@ -62,6 +63,9 @@ fn encode_response(r: &pb::SubscribeResponse) -> Bytes {
 /// drops the subscription, which unregisters the subscriber.
 struct SubscribeBody {
     _permit: Option<StreamPermit>,
+    metrics: Arc<Metrics>,
+    /// Whether the stream's end was counted (else the client went away: `CANCELLED`).
+    closed: bool,
     events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>>,
     queued: VecDeque<Bytes>,
     trailers: Option<Status>,
@@ -69,26 +73,37 @@ struct SubscribeBody {
 }
 
 impl SubscribeBody {
-    fn new(subscription: Subscription, permit: Option<StreamPermit>) -> Self {
+    fn new(
+        subscription: Subscription,
+        permit: Option<StreamPermit>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let events = futures_util::stream::unfold(subscription, |mut s| async move {
             s.next().await.map(|e| (e, s))
         });
-        Self::from_events(Box::pin(events), permit)
+        Self::from_events(Box::pin(events), permit, metrics)
     }
 
-    fn pattern(subscription: PatternSubscription, permit: Option<StreamPermit>) -> Self {
+    fn pattern(
+        subscription: PatternSubscription,
+        permit: Option<StreamPermit>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let events = futures_util::stream::unfold(subscription, |mut s| async move {
             s.next().await.map(|e| (e, s))
         });
-        Self::from_events(Box::pin(events), permit)
+        Self::from_events(Box::pin(events), permit, metrics)
     }
 
     fn from_events(
         events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>>,
         permit: Option<StreamPermit>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             _permit: permit,
+            metrics,
+            closed: false,
             events,
             queued: VecDeque::new(),
             trailers: None,
@@ -119,6 +134,9 @@ impl http_body::Body for SubscribeBody {
         }
         if let Some(status) = this.trailers.take() {
             this.done = true;
+            this.closed = true;
+            this.metrics
+                .observe_stream_closed(Method::Subscribe, status.code());
             return Poll::Ready(Some(Ok(Self::trailers_frame(&status))));
         }
         if this.done {
@@ -168,6 +186,15 @@ impl http_body::Body for SubscribeBody {
 
     fn is_end_stream(&self) -> bool {
         self.done && self.queued.is_empty() && self.trailers.is_none()
+    }
+}
+
+impl Drop for SubscribeBody {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.metrics
+                .observe_stream_closed(Method::Subscribe, tonic::Code::Cancelled);
+        }
     }
 }
 
@@ -258,7 +285,12 @@ async fn subscribe(
         let subscription = broker
             .subscribe_pattern(pattern, shutdown)
             .map_err(reject)?;
-        return Ok(grpc_response(SubscribeBody::pattern(subscription, permit)));
+        let metrics = Arc::clone(broker.metrics());
+        return Ok(grpc_response(SubscribeBody::pattern(
+            subscription,
+            permit,
+            metrics,
+        )));
     }
     let address = Address::parse(r.address.as_str()).map_err(reject)?;
     let group = Group::parse(r.group.as_str()).map_err(reject)?;
@@ -268,7 +300,12 @@ async fn subscribe(
     let subscription = broker
         .subscribe(&address, &group, start, shutdown)
         .map_err(reject)?;
-    Ok(grpc_response(SubscribeBody::new(subscription, permit)))
+    let metrics = Arc::clone(broker.metrics());
+    Ok(grpc_response(SubscribeBody::new(
+        subscription,
+        permit,
+        metrics,
+    )))
 }
 
 fn grpc_response(body: SubscribeBody) -> http::Response<Body> {
