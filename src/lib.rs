@@ -14,7 +14,7 @@
 //! - [`engine`]: the storage boundary ([`engine::Engine`], [`engine::Log`]): append, read from a
 //!   sequence or a time, group cursors, retention. [`engine::memory`] is the in-memory engine.
 //! - [`client`]: the CLI's client commands; [`cli`]: clap flags.
-//! - Leaves: [`pb`] (generated code), [`message`] (the stored message and its wire frame),
+//! - Leaves: [`alloc`] (memory given back when idle), [`pb`] (generated code), [`message`] (the stored message and its wire frame),
 //!   [`config`], [`error`], [`validate`], [`metrics`], [`shutdown`].
 //!
 //! # Semantics in brief
@@ -36,6 +36,7 @@
     )
 )]
 
+pub mod alloc;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -523,6 +523,7 @@ impl Broker {
     pub async fn run_reclaimer(self, mut shutdown: ShutdownToken) {
         let mut tick = tokio::time::interval(self.inner.engine.maintenance_period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut trim = crate::alloc::IdleTrim::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -531,6 +532,17 @@ impl Broker {
                     self.dead_letter(m.dead_letters);
                     if aged > 0 || reclaimed > 0 {
                         tracing::debug!(aged, reclaimed, "retention sweep");
+                    }
+                    let metrics = &self.inner.metrics;
+                    // Anything that moves: traffic, addresses coming or going, retained bytes.
+                    let activity = metrics.sent.get()
+                        + metrics.delivered.get()
+                        + self.address_count() as u64
+                        + self.total_retained_bytes() as u64;
+                    if trim.tick(activity) {
+                        self.inner.engine.shrink();
+                        crate::alloc::release_free_memory();
+                        tracing::debug!("idle: freed memory returned to the operating system");
                     }
                 }
                 () = shutdown.cancelled() => return,

@@ -564,6 +564,14 @@ impl Engine {
         }
     }
 
+    /// Drops spare capacity (stale bookkeeping, oversized maps) while the broker is idle, so
+    /// the allocator can give the memory back.
+    pub fn shrink(&self) {
+        match self {
+            Self::Memory(m) => m.shrink(),
+        }
+    }
+
     /// How often [`Engine::maintain`] should run: half the idle period, between 10 ms and 1 s.
     pub fn maintenance_period(&self) -> Duration {
         match self {

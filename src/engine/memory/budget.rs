@@ -94,6 +94,16 @@ impl Budget {
         }
     }
 
+    /// Drops every stale age entry (consumed, evicted, or of a deleted address) and the queues'
+    /// spare capacity. O(entries); the engine calls it only while the broker is idle.
+    pub(crate) fn compact(&self) {
+        for q in self.queues.iter() {
+            let mut entries = q.entries.lock();
+            entries.retain(AgeEntry::is_live);
+            entries.shrink_to_fit();
+        }
+    }
+
     /// Messages retained broker-wide now.
     pub fn live_messages(&self) -> usize {
         let n: i64 = self

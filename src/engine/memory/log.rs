@@ -816,6 +816,10 @@ impl AddressLog {
         while self.pop_front(&mut st) {
             purged += 1;
         }
+        // Free what the address held beyond its messages (window capacity, groups, ids):
+        // handles to it may live on for a while (age entries, subscribers ending).
+        st.window = VecDeque::new();
+        st.dedup = Dedup::default();
         st.closed = true;
         self.closed.store(true, Ordering::Release);
         self.deleted.store(true, Ordering::Release);
@@ -824,6 +828,12 @@ impl AddressLog {
         drop(st);
         self.notify.notify_waiters();
         purged
+    }
+
+    /// Drops the window's spare capacity (idle maintenance).
+    pub(crate) fn shrink(&self) {
+        let mut st = self.state.lock();
+        st.window.shrink_to_fit();
     }
 
     /// [`BrokerError::AddressDeleted`] once an operator deleted the address.

@@ -356,6 +356,14 @@ impl MemoryEngine {
         }
     }
 
+    pub(crate) fn shrink(&self) {
+        self.budget.compact();
+        self.addresses.shrink_to_fit();
+        for a in &self.addresses {
+            a.value().shrink();
+        }
+    }
+
     pub(crate) fn idle_address(&self) -> Duration {
         self.idle_address
     }
