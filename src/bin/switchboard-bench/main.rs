@@ -83,6 +83,7 @@ struct Sizes {
     w5_batch: u64,
     w6_addresses: u64,
     w6_subscribers: u64,
+    w7_patterns: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -96,6 +97,7 @@ const FULL: Sizes = Sizes {
     w5_batch: 60_000, // below the default 65,536-message retention window
     w6_addresses: 100_000,
     w6_subscribers: 10_000,
+    w7_patterns: 10_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -109,6 +111,7 @@ const QUICK: Sizes = Sizes {
     w5_batch: 2_000,
     w6_addresses: 1_000,
     w6_subscribers: 200,
+    w7_patterns: 200,
 };
 
 /// A server process we started; killed (by its PID, through the handle) when dropped.
@@ -321,8 +324,21 @@ async fn throughput(
     payload_len: usize,
     how: Publish,
 ) -> Res<(f64, u64)> {
+    throughput_via(server, "bench.w", subs, n, payload_len, how).await
+}
+
+/// [`throughput`], with the subscribers subscribed to `sub_address` (an address, or a pattern
+/// matching `bench.w`).
+async fn throughput_via(
+    server: &Server,
+    sub_address: &str,
+    subs: usize,
+    n: u64,
+    payload_len: usize,
+    how: Publish,
+) -> Res<(f64, u64)> {
     let address = "bench.w";
-    let tasks = subscribers(server.addr, address, subs, n).await?;
+    let tasks = subscribers(server.addr, sub_address, subs, n).await?;
     let c = server.client().await?;
     let payload = bytes::Bytes::from(vec![0xabu8; payload_len]);
     let start = Instant::now();
@@ -341,6 +357,33 @@ async fn throughput(
     }
     let secs = (last - start).as_secs_f64().max(1e-9);
     Ok((delivered as f64 / secs, dropped))
+}
+
+/// Opens `n` pattern subscriptions that match nothing the benchmark sends (500 per
+/// connection); they stay open while the returned handles live.
+async fn open_patterns(
+    server: &Server,
+    n: u64,
+) -> Res<Vec<(BrokerClient<Channel>, Vec<tonic::Streaming<switchboard::pb::SubscribeResponse>>)>> {
+    let mut held = Vec::new();
+    let per_conn = 500;
+    for conn in 0..n.div_ceil(per_conn) {
+        let c = server.client().await?;
+        let mut streams = Vec::new();
+        for k in 0..per_conn.min(n - conn * per_conn) {
+            let mut c2 = c.clone();
+            streams.push(
+                c2.subscribe(SubscribeRequest {
+                    address: format!("w7.none.{conn}.{k}.>"),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner(),
+            );
+        }
+        held.push((c, streams));
+    }
+    Ok(held)
 }
 
 /// Paced publishing at `rate`/s for `secs`, 1→1, 128 B: send-to-receive latency in µs.
@@ -816,6 +859,59 @@ async fn main() -> Res<()> {
             ceiling: Some(median(&mut without)),
         });
     }
+    if wants(&args, "W7") {
+        // Sends with 10,000 non-matching pattern subscriptions open vs none, alternated.
+        for (id, variant, n, how) in [
+            (
+                "W7.unary64",
+                "unary x64, 10k idle patterns / none",
+                s.w1_unary64,
+                Publish::Unary(64),
+            ),
+            (
+                "W7.stream",
+                "SendStream, 10k idle patterns / none",
+                s.w1_stream,
+                Publish::Stream,
+            ),
+        ] {
+            let (mut with, mut without) = (Vec::new(), Vec::new());
+            for _ in 0..repeat.max(1) {
+                let broker = Server::broker(&bin).await?;
+                let held = open_patterns(&broker, s.w7_patterns).await?;
+                with.push(throughput(&broker, 1, n, 128, how).await?.0);
+                drop(held);
+                drop(broker);
+                let broker = Server::broker(&bin).await?;
+                without.push(throughput(&broker, 1, n, 128, how).await?.0);
+            }
+            emit(Row {
+                id: id.into(),
+                workload: "W7",
+                variant: variant.into(),
+                unit: "msgs/s",
+                broker: median(&mut with),
+                ceiling: Some(median(&mut without)),
+            });
+        }
+        // Fan-out to one subscriber through `>` vs the exact address.
+        let (mut via, mut exact) = (Vec::new(), Vec::new());
+        for _ in 0..repeat.max(1) {
+            let broker = Server::broker(&bin).await?;
+            via.push(throughput_via(&broker, "bench.>", 1, s.w2, 128, Publish::Stream).await?.0);
+            drop(broker);
+            let broker = Server::broker(&bin).await?;
+            exact.push(throughput(&broker, 1, s.w2, 128, Publish::Stream).await?.0);
+        }
+        emit(Row {
+            id: "W7.fanout".into(),
+            workload: "W7",
+            variant: "1->1 SendStream via `>` / exact".into(),
+            unit: "deliveries/s",
+            broker: median(&mut via),
+            ceiling: Some(median(&mut exact)),
+        });
+    }
     if wants(&args, "W6") {
         let broker = Server::broker(&bin).await?;
         let (per_address, per_sub) = scale(&broker, s.w6_addresses, s.w6_subscribers).await?;
@@ -854,7 +950,7 @@ fn targets(rows: &[Row]) {
     let ratio = |id: &str| get(id).and_then(Row::ratio);
     let broker = |id: &str| get(id).map(|r| r.broker);
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
-    let checks: [(&str, Option<f64>, &str, f64); 9] = [
+    let checks: [(&str, Option<f64>, &str, f64); 12] = [
         (
             "unary Send 64 in flight / ceiling",
             ratio("W1b"),
@@ -882,6 +978,9 @@ fn targets(rows: &[Row]) {
             ">=",
             0.5,
         ),
+        ("unary x64 with 10k idle patterns / none", ratio("W7.unary64"), ">=", 0.9),
+        ("SendStream with 10k idle patterns / none", ratio("W7.stream"), ">=", 0.9),
+        ("fan-out through `>` / exact", ratio("W7.fanout"), ">=", 0.9),
         ("bytes per idle address", broker("W6.address"), "<", 2048.0),
         (
             "bytes per idle subscriber",
