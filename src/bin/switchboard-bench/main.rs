@@ -364,7 +364,12 @@ async fn throughput_via(
 async fn open_patterns(
     server: &Server,
     n: u64,
-) -> Res<Vec<(BrokerClient<Channel>, Vec<tonic::Streaming<switchboard::pb::SubscribeResponse>>)>> {
+) -> Res<
+    Vec<(
+        BrokerClient<Channel>,
+        Vec<tonic::Streaming<switchboard::pb::SubscribeResponse>>,
+    )>,
+> {
     let mut held = Vec::new();
     let per_conn = 500;
     for conn in 0..n.div_ceil(per_conn) {
@@ -898,7 +903,11 @@ async fn main() -> Res<()> {
         let (mut via, mut exact) = (Vec::new(), Vec::new());
         for _ in 0..repeat.max(1) {
             let broker = Server::broker(&bin).await?;
-            via.push(throughput_via(&broker, "bench.>", 1, s.w2, 128, Publish::Stream).await?.0);
+            via.push(
+                throughput_via(&broker, "bench.>", 1, s.w2, 128, Publish::Stream)
+                    .await?
+                    .0,
+            );
             drop(broker);
             let broker = Server::broker(&bin).await?;
             exact.push(throughput(&broker, 1, s.w2, 128, Publish::Stream).await?.0);
@@ -978,8 +987,18 @@ fn targets(rows: &[Row]) {
             ">=",
             0.5,
         ),
-        ("unary x64 with 10k idle patterns / none", ratio("W7.unary64"), ">=", 0.9),
-        ("SendStream with 10k idle patterns / none", ratio("W7.stream"), ">=", 0.9),
+        (
+            "unary x64 with 10k idle patterns / none",
+            ratio("W7.unary64"),
+            ">=",
+            0.9,
+        ),
+        (
+            "SendStream with 10k idle patterns / none",
+            ratio("W7.stream"),
+            ">=",
+            0.9,
+        ),
         ("fan-out through `>` / exact", ratio("W7.fanout"), ">=", 0.9),
         ("bytes per idle address", broker("W6.address"), "<", 2048.0),
         (
