@@ -79,6 +79,15 @@ pub enum BrokerError {
         /// Why.
         reason: String,
     },
+    /// One message of a SendBatch was refused (and with it the whole batch). Maps to the
+    /// inner error's code.
+    #[error("messages[{index}]: {error}")]
+    InBatch {
+        /// The message's index in the request.
+        index: usize,
+        /// Why it was refused.
+        error: Box<BrokerError>,
+    },
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
@@ -106,6 +115,7 @@ impl BrokerError {
             Self::GroupExists { .. } => tonic::Code::AlreadyExists,
             Self::NotAcknowledged { .. } => tonic::Code::FailedPrecondition,
             Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::InBatch { error, .. } => error.code(),
         }
     }
 }

@@ -40,6 +40,7 @@ use prometheus_client::{
 pub enum Method {
     Send,
     SendStream,
+    SendBatch,
     Recv,
     Subscribe,
     CreateGroup,
@@ -54,9 +55,10 @@ pub enum Method {
 
 impl Method {
     /// Every method, in declaration order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Send,
         Self::SendStream,
+        Self::SendBatch,
         Self::Recv,
         Self::Subscribe,
         Self::CreateGroup,

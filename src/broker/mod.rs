@@ -23,8 +23,8 @@ pub use subscription::{Event, PatternSubscription, Subscription};
 use crate::{
     config::{Limits, MESSAGE_OVERHEAD_BYTES},
     engine::{
-        AddressInfo, Appended, Batch, DeadLetter, Engine, GroupInfo, GroupSettings, Log, Settle,
-        StartAt,
+        AddressInfo, Appended, Batch, DeadLetter, Engine, GroupInfo, GroupSettings, Log,
+        NewMessage, Settle, StartAt,
     },
     error::BrokerError,
     metrics::Metrics,
@@ -49,6 +49,9 @@ struct Inner {
     /// Ids of group streams, which hold leases (0 is every Recv caller).
     next_holder: AtomicU64,
 }
+
+/// Most messages one SendBatch carries.
+pub const MAX_BATCH_MESSAGES: usize = 1000;
 
 /// Most sequences one Ack, Nack or ExtendLease names.
 pub const MAX_SETTLE_SEQUENCES: usize = 1000;
@@ -135,6 +138,71 @@ impl Broker {
         headers: Headers,
         message_id: &str,
     ) -> Result<Appended, BrokerError> {
+        let m = self.prepare(payload, headers, message_id)?;
+        self.inner.engine.append(
+            address,
+            m.payload,
+            m.headers,
+            m.size,
+            m.message_id.as_deref(),
+        )
+    }
+
+    /// Sends 1 to [`MAX_BATCH_MESSAGES`] messages to one address in one step (Google Pub/Sub's
+    /// batched Publish): every message is checked first, and one refusal refuses the whole
+    /// batch (the error names `messages[i]`), with nothing stored; then all are appended under
+    /// one address lock with consecutive sequences, one wake-up of the address's readers.
+    /// Duplicates (`message_id`) are answered with their first sequence and not stored.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for no message or more than 1,000; each message's errors as for
+    /// [`Broker::publish`], wrapped in [`BrokerError::InBatch`]; `RESOURCE_EXHAUSTED` when the
+    /// batch's bytes exceed `--retention-bytes`; `UNAVAILABLE` once shutdown has begun.
+    pub fn send_batch(
+        &self,
+        address: &Address,
+        messages: Vec<(Bytes, Headers, String)>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        if messages.is_empty() || messages.len() > MAX_BATCH_MESSAGES {
+            return Err(BrokerError::invalid(
+                "messages",
+                format!(
+                    "{} given; a batch holds 1 to {MAX_BATCH_MESSAGES} messages",
+                    messages.len()
+                ),
+            ));
+        }
+        let mut prepared = Vec::with_capacity(messages.len());
+        let mut total = 0usize;
+        for (index, (payload, headers, id)) in messages.into_iter().enumerate() {
+            let m = self
+                .prepare(payload, headers, &id)
+                .map_err(|e| BrokerError::InBatch {
+                    index,
+                    error: Box::new(e),
+                })?;
+            total += m.size;
+            prepared.push(m);
+        }
+        let limit = self.inner.limits.retention_bytes;
+        if total > limit {
+            return Err(BrokerError::TooLarge {
+                field: "messages",
+                actual: total,
+                limit,
+                limit_name: "--retention-bytes",
+            });
+        }
+        self.inner.engine.append_batch(address, prepared)
+    }
+
+    /// Checks one message and makes it ready to store.
+    fn prepare(
+        &self,
+        payload: Bytes,
+        headers: Headers,
+        message_id: &str,
+    ) -> Result<NewMessage, BrokerError> {
         let limits = &self.inner.limits;
         if message_id.len() > validate::MAX_NAME_BYTES {
             return Err(BrokerError::invalid(
@@ -169,10 +237,12 @@ impl Broker {
                 });
             }
         }
-        let message_id = (!message_id.is_empty()).then_some(message_id);
-        self.inner
-            .engine
-            .append(address, payload, headers, size, message_id)
+        Ok(NewMessage {
+            payload,
+            headers,
+            size,
+            message_id: (!message_id.is_empty()).then(|| message_id.to_string()),
+        })
     }
 
     /// Takes up to `max` messages (1–1000) for `group`, waiting up to `wait` for the first one.

@@ -236,6 +236,19 @@ pub struct GroupInfo {
     pub ack: Option<AckPolicy>,
 }
 
+/// A checked message ready to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The payload.
+    pub payload: Bytes,
+    /// The headers.
+    pub headers: Headers,
+    /// Bytes charged to retention (payload + headers + 128).
+    pub size: usize,
+    /// Deduplication id, if any.
+    pub message_id: Option<String>,
+}
+
 /// The outcome of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -331,6 +344,21 @@ impl Engine {
     ) -> Result<Appended, BrokerError> {
         match self {
             Self::Memory(m) => m.append(address, payload, headers, size, message_id),
+        }
+    }
+
+    /// Appends `messages` to one address under one lock, with consecutive sequences (skipping
+    /// duplicates, answered with their first sequence), then wakes the address's readers once.
+    ///
+    /// # Errors
+    /// As [`Engine::append`]; nothing is stored then.
+    pub fn append_batch(
+        &self,
+        address: &Address,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        match self {
+            Self::Memory(m) => m.append_batch(address, messages),
         }
     }
 

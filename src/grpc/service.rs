@@ -352,6 +352,37 @@ impl pb::broker_server::Broker for BrokerService {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
+    async fn send_batch(
+        &self,
+        request: Request<pb::SendBatchRequest>,
+    ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        let start = Instant::now();
+        let r = request.into_inner();
+        let result = (|| {
+            let reject = |e: BrokerError| rejected(Method::SendBatch, &r.address, e);
+            let address = Address::parse(r.address.as_str()).map_err(reject)?;
+            let messages = r
+                .messages
+                .into_iter()
+                .map(|m| (m.payload, m.headers, m.message_id))
+                .collect();
+            let appended = self.broker.send_batch(&address, messages).map_err(reject)?;
+            Ok(Response::new(pb::SendBatchResponse {
+                results: appended
+                    .into_iter()
+                    .map(|a| pb::SendResponse {
+                        sequence: a.sequence,
+                        error: None,
+                        duplicate: a.duplicate,
+                    })
+                    .collect(),
+            }))
+        })();
+        self.observe(Method::SendBatch, start, &result);
+        result
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(address = %request.get_ref().address))]
     async fn ack(
         &self,
         request: Request<pb::AckRequest>,

@@ -60,6 +60,27 @@ impl pb::broker_server::Broker for Ceiling {
         Err(Status::unimplemented("the ceiling has no groups"))
     }
 
+    async fn send_batch(
+        &self,
+        request: Request<pb::SendBatchRequest>,
+    ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        let r = request.into_inner();
+        let results = r
+            .messages
+            .into_iter()
+            .map(|m| pb::SendResponse {
+                sequence: self.publish(pb::SendRequest {
+                    address: r.address.clone(),
+                    payload: m.payload,
+                    headers: m.headers,
+                    message_id: m.message_id,
+                }),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::SendBatchResponse { results }))
+    }
+
     async fn ack(
         &self,
         _request: Request<pb::AckRequest>,

@@ -34,8 +34,8 @@ use log::State;
 use patterns::{PatternIndex, PatternSub};
 
 use super::{
-    AddressInfo, Appended, DeadLetter, GroupInfo, GroupSettings, Maintenance, Retention, Settle,
-    Settled,
+    AddressInfo, Appended, DeadLetter, GroupInfo, GroupSettings, Maintenance, NewMessage,
+    Retention, Settle, Settled,
 };
 use crate::{
     config::Limits,
@@ -183,6 +183,43 @@ impl MemoryEngine {
         if !appended.duplicate {
             address.notify.notify_waiters();
             self.budget.record(&address, appended.sequence);
+        }
+        Ok(appended)
+    }
+
+    pub(crate) fn append_batch(
+        &self,
+        address: &Address,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        let (address, appended) = self.with_address(address, |a, st| {
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(BrokerError::ShuttingDown);
+            }
+            let mut out = Vec::with_capacity(messages.len());
+            for m in messages {
+                let id = m.message_id.as_deref();
+                if let Some(sequence) = id.and_then(|id| a.duplicate_of(st, id)) {
+                    out.push(Appended {
+                        sequence,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let stored = a.append(st, m.payload, m.headers, m.size, id);
+                out.push(Appended {
+                    sequence: stored.sequence,
+                    duplicate: false,
+                });
+            }
+            Ok(out)
+        })?;
+        let appended = appended?;
+        if appended.iter().any(|a| !a.duplicate) {
+            address.notify.notify_waiters();
+            for a in appended.iter().filter(|a| !a.duplicate) {
+                self.budget.record(&address, a.sequence);
+            }
         }
         Ok(appended)
     }
