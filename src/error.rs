@@ -86,7 +86,7 @@ pub enum BrokerError {
         /// The message's index in the request.
         index: usize,
         /// Why it was refused.
-        error: Box<BrokerError>,
+        error: Box<Self>,
     },
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
