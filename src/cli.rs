@@ -204,8 +204,9 @@ pub struct SendArgs {
     #[arg(long, value_name = "ID", conflicts_with = "lines")]
     pub message_id: Option<String>,
 
-    /// With PAYLOAD `-`: send each line of stdin as one message (without its newline), pipelined
-    /// over one SendStream; prints one sequence per line.
+    /// With PAYLOAD `-`: send each line of stdin as one message (without its newline), in
+    /// batches (SendBatch, up to 1,000 lines or 1 MiB of the lines ready at once); prints one
+    /// sequence per line. A refused line is reported on stderr and skipped.
     #[arg(long)]
     pub lines: bool,
 

@@ -470,3 +470,61 @@ async fn send_message_id_and_pattern_subscribe() {
     assert_eq!(addresses, ["\"cli.p.a\"", "\"cli.p.b.c\""]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_lines_batches_and_reports_a_refused_line() {
+    let server = TestServer::with_limits(switchboard::config::Limits {
+        max_message_bytes: 10,
+        ..Default::default()
+    })
+    .await;
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.batch", "-", "--lines"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut input = String::new();
+    for i in 0..2500 {
+        if i == 1234 {
+            input.push_str("this line is far too long\n");
+        } else {
+            input.push_str(&format!("{i}\n"));
+        }
+    }
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = step("send --lines", child.wait_with_output())
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a refused line makes the exit code 1"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with("switchboard: line 1235: RESOURCE_EXHAUSTED: payload:"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let seqs: Vec<u64> = stdout.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=2499).collect::<Vec<_>>(),
+        "every other line, in order"
+    );
+    let mut c = server.client().await;
+    let mut all = Vec::new();
+    while all.len() < 2499 {
+        all.extend(
+            common::recv(&mut c, "cli.batch", "", 1000, Duration::ZERO)
+                .await
+                .messages,
+        );
+    }
+    assert_eq!(all[1233].payload.as_ref(), b"1233");
+    assert_eq!(all[1234].payload.as_ref(), b"1235");
+    server.stop().await;
+}

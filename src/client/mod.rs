@@ -139,8 +139,9 @@ pub async fn send(args: SendArgs) -> Result<u8, ClientError> {
     Ok(0)
 }
 
-/// `send --lines`: each stdin line is one message over one SendStream. Refused lines are
-/// reported on stderr (`line N: CODE: message`) and make the exit code 1; the rest are sent.
+/// `send --lines`: each stdin line is one message, sent in batches (SendBatch) of the lines
+/// ready at once. Refused lines are reported on stderr (`line N: CODE: message`) and make the
+/// exit code 1; the rest are sent.
 async fn send_lines(args: SendArgs) -> Result<u8, ClientError> {
     if args.payload.as_deref() != Some("-") {
         return Err(ClientError::Usage(
@@ -148,58 +149,97 @@ async fn send_lines(args: SendArgs) -> Result<u8, ClientError> {
         ));
     }
     let mut client = connect(&args.client).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::SendRequest>(1024);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(LINES_BATCH);
     let headers: std::collections::HashMap<_, _> = args.headers.into_iter().collect();
-    let address = args.address;
-    // Stdin is blocking: read it on its own thread, feeding the request stream.
+    // Stdin is blocking: read it on its own thread.
     let reader = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let mut stdin = io::stdin().lock();
-        let mut line = Vec::new();
         loop {
-            line.clear();
+            let mut line = Vec::new();
             if io::BufRead::read_until(&mut stdin, b'\n', &mut line)? == 0 {
                 return Ok(());
             }
             if line.last() == Some(&b'\n') {
                 line.pop();
             }
-            let request = pb::SendRequest {
-                address: address.clone(),
-                payload: line.clone().into(),
-                headers: headers.clone(),
-                ..Default::default()
-            };
-            if tx.blocking_send(request).is_err() {
-                return Ok(()); // the stream ended; its status is reported below
+            if tx.blocking_send(line).is_err() {
+                return Ok(()); // the sender stopped; its error is reported below
             }
         }
     });
-    let mut responses = client
-        .send_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(ClientError::Status)?
-        .into_inner();
     let mut out = io::stdout().lock();
     let mut failed = false;
-    let mut n = 0u64;
-    while let Some(r) = responses.message().await.map_err(ClientError::Status)? {
-        n += 1;
-        match r.error {
-            Some(e) => {
-                failed = true;
-                let code = code_name(tonic::Code::from(e.code));
-                eprintln!("switchboard: line {n}: {code}: {}", e.message);
+    let mut line_no = 0u64;
+    // Lines that are ready go out together (at most LINES_BATCH lines or LINES_BATCH_BYTES);
+    // a lone line typed by hand goes at once.
+    while let Some(first) = rx.recv().await {
+        let mut lines = vec![(line_no + 1, first)];
+        let mut bytes = lines[0].1.len();
+        line_no += 1;
+        while lines.len() < LINES_BATCH && bytes < LINES_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(line) => {
+                    line_no += 1;
+                    bytes += line.len();
+                    lines.push((line_no, line));
+                }
+                Err(_) => break,
             }
-            None if args.client.json => {
-                writeln!(out, "{}", serde_json::json!({ "sequence": r.sequence }))?;
-            }
-            None => writeln!(out, "{}", r.sequence)?,
         }
+        // One refused line refuses the batch: report it, drop it, send the rest again.
+        while !lines.is_empty() {
+            let request = pb::SendBatchRequest {
+                address: args.address.clone(),
+                messages: lines
+                    .iter()
+                    .map(|(_, l)| pb::BatchMessage {
+                        payload: l.clone().into(),
+                        headers: headers.clone(),
+                        message_id: String::new(),
+                    })
+                    .collect(),
+            };
+            match client.send_batch(request).await {
+                Ok(r) => {
+                    for r in r.into_inner().results {
+                        if args.client.json {
+                            writeln!(out, "{}", serde_json::json!({ "sequence": r.sequence }))?;
+                        } else {
+                            writeln!(out, "{}", r.sequence)?;
+                        }
+                    }
+                    break;
+                }
+                Err(status) => {
+                    let Some(index) = refused_index(&status).filter(|i| *i < lines.len()) else {
+                        return Err(ClientError::Status(status));
+                    };
+                    failed = true;
+                    let (n, _) = lines.remove(index);
+                    let code = code_name(status.code());
+                    let message = status.message();
+                    let reason = message.split_once(": ").map_or(message, |(_, r)| r);
+                    eprintln!("switchboard: line {n}: {code}: {reason}");
+                }
+            }
+        }
+        out.flush()?;
     }
     reader
         .await
         .map_err(|e| ClientError::Io(io::Error::other(e)))??;
     Ok(u8::from(failed))
+}
+
+/// Lines per SendBatch of `send --lines` (the broker's limit).
+const LINES_BATCH: usize = 1000;
+/// Bytes of lines per SendBatch of `send --lines`.
+const LINES_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The index a SendBatch refusal names (`messages[3]: ...`).
+fn refused_index(status: &tonic::Status) -> Option<usize> {
+    let rest = status.message().strip_prefix("messages[")?;
+    rest.split_once(']')?.0.parse().ok()
 }
 
 /// `switchboard recv`: prints what it got; exit code 0, or [`EXIT_EMPTY`] when nothing came.
