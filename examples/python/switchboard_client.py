@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
+from concurrent.futures import Future
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -97,6 +99,72 @@ class Switchboard:
         call = self.stub.Subscribe(broker_pb2.SubscribeRequest(address=address, group=group))
         call.initial_metadata()
         return call
+
+
+class BatchingPublisher:
+    """Publishes to one address in batches (SendBatch): a batch goes out when it holds 100
+    messages or its oldest message has waited 10 ms, as Google's Pub/Sub clients do.
+    `publish` returns a Future that resolves to the message's sequence (or raises the
+    batch's error). Call `close()` to flush and stop."""
+
+    MAX_MESSAGES = 100
+    MAX_DELAY_S = 0.010
+
+    def __init__(self, client: "Switchboard", address: str) -> None:
+        self.client = client
+        self.address = address
+        self.batches_sent = 0
+        self._pending: list[tuple[broker_pb2.BatchMessage, Future]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def publish(self, payload: bytes, headers: dict[str, str] | None = None, message_id: str = "") -> Future:
+        future: Future = Future()
+        message = broker_pb2.BatchMessage(payload=payload, headers=headers or {}, message_id=message_id)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("publisher closed")
+            self._pending.append((message, future))
+            if len(self._pending) == 1 or len(self._pending) >= self.MAX_MESSAGES:
+                self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending and self._closed:
+                    return
+                deadline = time.monotonic() + self.MAX_DELAY_S
+                while len(self._pending) < self.MAX_MESSAGES and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = self._pending[: self.MAX_MESSAGES]
+                del self._pending[: self.MAX_MESSAGES]
+            self._send(batch)
+
+    def _send(self, batch) -> None:
+        request = broker_pb2.SendBatchRequest(address=self.address, messages=[m for m, _ in batch])
+        try:
+            response = self.client.stub.SendBatch(request)
+        except grpc.RpcError as e:
+            for _, future in batch:
+                future.set_exception(e)
+            return
+        self.batches_sent += 1
+        for (_, future), result in zip(batch, response.results):
+            future.set_result(result.sequence)
 
 
 def main(target: str) -> None:

@@ -71,3 +71,20 @@ def test_example_main_runs(broker, capsys):
     assert "recv: [(1, b'hello from python')]" in out
     assert "subscribe: 1 b'breaking'" in out
     assert "group: [b'job 0', b'job 1', b'job 2', b'job 3']" in out
+
+
+def test_batching_publisher_flushes_at_100_messages_or_10_ms(broker):
+    from switchboard_client import BatchingPublisher
+
+    sb = Switchboard(broker.target)
+    publisher = BatchingPublisher(sb, "py.batched")
+    # A lone message goes out after at most ~10 ms, on its own.
+    assert publisher.publish(b"first").result(timeout=5) == 1
+    assert publisher.batches_sent == 1
+    futures = [publisher.publish(f"m{i}".encode()) for i in range(250)]
+    assert [f.result(timeout=10) for f in futures] == list(range(2, 252))
+    assert publisher.batches_sent < 60, "250 messages went out in batches, not one RPC each"
+    publisher.close()
+    messages, _ = sb.recv("py.batched", max_messages=1000)
+    assert [m.payload for m in messages] == [b"first"] + [f"m{i}".encode() for i in range(250)]
+    sb.close()
