@@ -310,10 +310,47 @@ async fn publish_stream(
     Ok(())
 }
 
+/// Sends `n` messages in SendBatch calls of `size`, 4 calls in flight.
+async fn publish_batches(
+    c: &BrokerClient<Channel>,
+    address: &str,
+    n: u64,
+    size: u64,
+    payload: &bytes::Bytes,
+) -> Res<()> {
+    let batches = n.div_ceil(size.max(1));
+    let calls = futures_util::stream::iter((0..batches).map(|b| {
+        let mut c = c.clone();
+        let count = size.min(n - b * size);
+        let request = switchboard::pb::SendBatchRequest {
+            address: address.into(),
+            messages: (0..count)
+                .map(|_| switchboard::pb::BatchMessage {
+                    payload: payload.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        async move { c.send_batch(request).await.map(|r| r.into_inner().results.len()) }
+    }))
+    .buffered(4);
+    let mut got = 0u64;
+    futures_util::pin_mut!(calls);
+    while let Some(r) = calls.next().await {
+        got += r? as u64;
+    }
+    if got != n {
+        return Err(format!("{got} results for {n} sends").into());
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy)]
 enum Publish {
     Unary(u64),
     Stream,
+    /// SendBatch calls of this many messages.
+    Batch(u64),
 }
 
 /// One publisher → `subs` subscribers: returns (deliveries per second, messages dropped).
@@ -345,6 +382,7 @@ async fn throughput_via(
     match how {
         Publish::Unary(inflight) => publish_unary(&c, address, n, inflight, &payload).await?,
         Publish::Stream => publish_stream(&c, address, n, &payload).await?,
+        Publish::Batch(size) => publish_batches(&c, address, n, size, &payload).await?,
     }
     let mut last = start;
     let mut delivered = 0;
@@ -864,6 +902,26 @@ async fn main() -> Res<()> {
             ceiling: Some(median(&mut without)),
         });
     }
+    if wants(&args, "W8") {
+        // SendBatch (batches of 100) against SendStream, both 1 -> 1 128 B delivered,
+        // alternated on fresh brokers of this binary.
+        let (mut batch, mut stream) = (Vec::new(), Vec::new());
+        for _ in 0..repeat.max(1) {
+            let broker = Server::broker(&bin).await?;
+            batch.push(throughput(&broker, 1, s.w1_stream, 128, Publish::Batch(100)).await?.0);
+            drop(broker);
+            let broker = Server::broker(&bin).await?;
+            stream.push(throughput(&broker, 1, s.w1_stream, 128, Publish::Stream).await?.0);
+        }
+        emit(Row {
+            id: "W8".into(),
+            workload: "W8",
+            variant: "1->1 128B SendBatch x100 / SendStream".into(),
+            unit: "msgs/s",
+            broker: median(&mut batch),
+            ceiling: Some(median(&mut stream)),
+        });
+    }
     if wants(&args, "W7") {
         // Sends with 10,000 non-matching pattern subscriptions open vs none, alternated.
         for (id, variant, n, how) in [
@@ -959,7 +1017,7 @@ fn targets(rows: &[Row]) {
     let ratio = |id: &str| get(id).and_then(Row::ratio);
     let broker = |id: &str| get(id).map(|r| r.broker);
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
-    let checks: [(&str, Option<f64>, &str, f64); 12] = [
+    let checks: [(&str, Option<f64>, &str, f64); 13] = [
         (
             "unary Send 64 in flight / ceiling",
             ratio("W1b"),
@@ -1000,6 +1058,7 @@ fn targets(rows: &[Row]) {
             0.9,
         ),
         ("fan-out through `>` / exact", ratio("W7.fanout"), ">=", 0.9),
+        ("SendBatch x100 / SendStream delivered", ratio("W8"), ">=", 1.5),
         ("bytes per idle address", broker("W6.address"), "<", 2048.0),
         (
             "bytes per idle subscriber",
