@@ -310,7 +310,7 @@ async fn publish_stream(
     Ok(())
 }
 
-/// Sends `n` messages in SendBatch calls of `size`, 4 calls in flight.
+/// Sends `n` messages in SendBatch calls of `size`, 16 calls in flight.
 async fn publish_batches(
     c: &BrokerClient<Channel>,
     address: &str,
@@ -331,9 +331,13 @@ async fn publish_batches(
                 })
                 .collect(),
         };
-        async move { c.send_batch(request).await.map(|r| r.into_inner().results.len()) }
+        async move {
+            c.send_batch(request)
+                .await
+                .map(|r| r.into_inner().results.len())
+        }
     }))
-    .buffered(4);
+    .buffered(16);
     let mut got = 0u64;
     futures_util::pin_mut!(calls);
     while let Some(r) = calls.next().await {
@@ -908,10 +912,18 @@ async fn main() -> Res<()> {
         let (mut batch, mut stream) = (Vec::new(), Vec::new());
         for _ in 0..repeat.max(1) {
             let broker = Server::broker(&bin).await?;
-            batch.push(throughput(&broker, 1, s.w1_stream, 128, Publish::Batch(100)).await?.0);
+            batch.push(
+                throughput(&broker, 1, s.w1_stream, 128, Publish::Batch(100))
+                    .await?
+                    .0,
+            );
             drop(broker);
             let broker = Server::broker(&bin).await?;
-            stream.push(throughput(&broker, 1, s.w1_stream, 128, Publish::Stream).await?.0);
+            stream.push(
+                throughput(&broker, 1, s.w1_stream, 128, Publish::Stream)
+                    .await?
+                    .0,
+            );
         }
         emit(Row {
             id: "W8".into(),
@@ -1058,7 +1070,12 @@ fn targets(rows: &[Row]) {
             0.9,
         ),
         ("fan-out through `>` / exact", ratio("W7.fanout"), ">=", 0.9),
-        ("SendBatch x100 / SendStream delivered", ratio("W8"), ">=", 1.5),
+        (
+            "SendBatch x100 / SendStream delivered",
+            ratio("W8"),
+            ">=",
+            1.5,
+        ),
         ("bytes per idle address", broker("W6.address"), "<", 2048.0),
         (
             "bytes per idle subscriber",
