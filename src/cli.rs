@@ -399,6 +399,20 @@ pub struct ServeArgs {
     )]
     pub keepalive_timeout_ms: u64,
 
+    /// Milliseconds a new connection may take to send the HTTP/2 preface (the TLS handshake
+    /// too, once TLS is on) before it is closed; silent sockets otherwise stay open forever.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+
+    /// Most client connections open at once; beyond it new connections are closed at once
+    /// (counted in switchboard_connections_rejected_total) and the open ones keep working.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -436,6 +450,10 @@ impl ServeArgs {
             max_streams_per_connection: self.max_streams_per_connection,
             keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
             keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
+            admission: crate::config::Admission {
+                handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+                max_connections: self.max_connections,
+            },
         })
     }
 }

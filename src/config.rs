@@ -92,6 +92,15 @@ impl Limits {
     }
 }
 
+/// Connection admission (see `grpc::admission`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Longest a new connection may take to send the HTTP/2 preface. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Most client connections open at once. Default 65,536 (NATS's default).
+    pub max_connections: usize,
+}
+
 /// Everything `switchboard serve` needs besides the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -105,6 +114,8 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection (and its subscribers) is dropped.
     pub keepalive_timeout: Duration,
+    /// Handshake timeout and connection limit (see `grpc::admission`).
+    pub admission: Admission,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +126,10 @@ impl Default for ServerConfig {
             max_streams_per_connection: 1_000,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+            admission: Admission {
+                handshake_timeout: Duration::from_secs(10),
+                max_connections: 65_536,
+            },
         }
     }
 }

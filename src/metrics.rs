@@ -17,6 +17,8 @@
 //! | `switchboard_subscribers` | gauge | open Subscribe streams |
 //! | `switchboard_groups` | gauge | consumer groups, default groups included |
 //! | `switchboard_retained_messages` / `_bytes` | gauge | what the retention windows hold |
+//! | `switchboard_connections` | gauge | client connections open (admitted past the handshake) |
+//! | `switchboard_connections_rejected_total{reason}` | counter | connections closed at admission: `max_connections`, `handshake_timeout` |
 //! | `switchboard_rpcs_total{method,code}` | counter | RPCs answered, by gRPC status code (streams: at open) |
 //! | `switchboard_streams_closed_total{method,code}` | counter | Subscribe and SendStream streams ended, by final status (`CANCELLED`: the client went away) |
 //! | `switchboard_rpc_duration_seconds{method}` | histogram | time to answer (streams: to open) |
@@ -79,6 +81,11 @@ struct RpcLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: Method,
 }
@@ -101,6 +108,8 @@ pub struct Metrics {
     retained_bytes: Gauge,
     rpcs: Family<RpcLabels, Counter>,
     streams_closed: Family<RpcLabels, Counter>,
+    pub(crate) connections: Gauge,
+    connections_rejected: Family<ReasonLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
     /// Per method (in [`Method::ALL`] order): its `OK` counter and its histogram, taken out of
     /// the families once so the common path does no label lookup.
@@ -156,6 +165,8 @@ impl Metrics {
             retained_bytes: Gauge::default(),
             rpcs: Family::default(),
             streams_closed: Family::default(),
+            connections: Gauge::default(),
+            connections_rejected: Family::default(),
             rpc_seconds: Family::new_with_constructor(|| {
                 // 50 µs to ~100 s.
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
@@ -229,6 +240,16 @@ impl Metrics {
             m.rpcs.clone(),
         );
         registry.register(
+            "connections",
+            "Client connections open (past the HTTP/2 handshake)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections closed at admission, by reason (max_connections, handshake_timeout)",
+            m.connections_rejected.clone(),
+        );
+        registry.register(
             "streams_closed",
             "Subscribe and SendStream streams ended, by method and final gRPC status code",
             m.streams_closed.clone(),
@@ -253,6 +274,13 @@ impl Metrics {
             })
             .collect();
         Self { registry, hot, ..m }
+    }
+
+    /// Records one connection closed at admission (`max_connections`, `handshake_timeout`).
+    pub fn connection_rejected(&self, reason: &'static str) {
+        self.connections_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Records one stream (Subscribe, SendStream) that ended with `code` (`Cancelled` when the

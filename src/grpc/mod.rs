@@ -3,6 +3,7 @@
 //! and no storage lives here; nothing below (`broker/`, `engine/`) imports this module.
 
 pub mod admin;
+pub mod admission;
 pub mod connection;
 pub mod health;
 pub mod server;

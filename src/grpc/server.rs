@@ -3,18 +3,24 @@
 
 use std::{future::Future, net::SocketAddr};
 
+use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio_stream::{wrappers::TcpListenerStream, StreamExt};
+
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use super::{
-    admin::AdminService, connection::StreamLimiter, health, service::BrokerService,
+    admin::AdminService,
+    admission::{self, Slot, CONNECTION_LOGS},
+    connection::StreamLimiter,
+    health,
+    service::BrokerService,
     wire::SubscribeRoute,
 };
 use crate::{
     broker::Broker,
     config::ServerConfig,
-    metrics::CONTENT_TYPE,
+    metrics::{Metrics, CONTENT_TYPE},
     pb::{admin_server::AdminServer, broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
     shutdown::{Shutdown, ShutdownToken},
 };
@@ -110,10 +116,20 @@ pub async fn run_with_metrics(
     .max_decoding_message_size(config.decode_limit())
     .max_encoding_message_size(config.decode_limit());
     let admin = AdminServer::new(AdminService::new(broker.clone()));
+    let broker_metrics = broker.clone();
     let closing = broker.clone();
     let service = SubscribeRoute::new(service, broker, shutdown.token(), streams);
 
-    let incoming = TcpListenerStream::new(listener).map(|conn| conn.map(LoggedConn::new));
+    let incoming = admission::incoming(
+        listener,
+        config.admission,
+        Arc::clone(broker_metrics.metrics()),
+        shutdown.token(),
+    )
+    .map(move |conn| {
+        let metrics = Arc::clone(broker_metrics.metrics());
+        conn.map(|(stream, slot)| LoggedConn::new(stream, slot, metrics))
+    });
 
     let serve = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
@@ -185,10 +201,13 @@ async fn serve_metrics(listener: TcpListener, broker: Broker, mut shutdown: Shut
 struct LoggedConn {
     inner: tokio::net::TcpStream,
     peer: String,
+    metrics: Arc<Metrics>,
+    /// Held while the connection is open: counts against `--max-connections`.
+    _slot: Slot,
 }
 
 impl LoggedConn {
-    fn new(inner: tokio::net::TcpStream) -> Self {
+    fn new(inner: tokio::net::TcpStream, slot: Slot, metrics: Arc<Metrics>) -> Self {
         // Small messages must not wait for Nagle's algorithm.
         if let Err(e) = inner.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
@@ -196,14 +215,25 @@ impl LoggedConn {
         let peer = inner
             .peer_addr()
             .map_or_else(|_| "unknown".to_string(), |p| p.to_string());
-        tracing::info!(peer = %peer, "connection opened");
-        Self { inner, peer }
+        if CONNECTION_LOGS.allow("connection opened") {
+            tracing::info!(peer = %peer, "connection opened");
+        }
+        metrics.connections.inc();
+        Self {
+            inner,
+            peer,
+            metrics,
+            _slot: slot,
+        }
     }
 }
 
 impl Drop for LoggedConn {
     fn drop(&mut self) {
-        tracing::info!(peer = %self.peer, "connection closed");
+        self.metrics.connections.dec();
+        if CONNECTION_LOGS.allow("connection closed") {
+            tracing::info!(peer = %self.peer, "connection closed");
+        }
     }
 }
 

@@ -78,6 +78,9 @@ impl BrokerService {
 /// The address is cut to 64 characters: it may be anything the client sent.
 pub(crate) fn rejected(method: Method, address: &str, e: impl Into<Status>) -> Status {
     let status = e.into();
+    if !super::admission::REJECTION_LOGS.allow("request rejected") {
+        return status;
+    }
     let shown: String = address.chars().take(64).collect();
     tracing::info!(
         method = ?method,
