@@ -36,11 +36,25 @@ pub enum Command {
     /// Create or delete a named consumer group.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Make a bearer token: prints a fresh random token (256 bits, URL-safe) on its first line,
+    /// then the `[[principal]]` entry (with its SHA-256) to paste into the --auth-file.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Acknowledge messages of a group with an ack wait; prints the sequences that were not
     /// pending (`not pending: ...`), if any.
     Ack(SettleArgs),
     /// Give messages of a group with an ack wait back for redelivery (counts as an attempt).
     Nack(NackArgs),
+}
+
+/// `switchboard token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// A new token for principal NAME.
+    New {
+        /// The principal's name.
+        name: String,
+    },
 }
 
 /// `switchboard group ...`.
@@ -160,6 +174,15 @@ pub struct InspectArgs {
     pub client: ClientArgs,
 }
 
+/// Whether client certificates are required (`--tls-client-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientAuth {
+    /// Every client presents a certificate signed by --tls-client-ca.
+    Required,
+    /// Clients may connect without one and authenticate with a token.
+    Optional,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -184,6 +207,22 @@ pub struct ClientArgs {
     /// in base64) instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// Bearer token sent as `authorization: Bearer TOKEN` (brokers with --auth-file).
+    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// PEM CA bundle to verify an `https://` broker with (default: none; required for TLS).
+    #[arg(long, env = "SWITCHBOARD_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for mTLS (with --key).
+    #[arg(long, env = "SWITCHBOARD_CERT", value_name = "PATH", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, env = "SWITCHBOARD_KEY", value_name = "PATH", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
 }
 
 /// Flags of `switchboard send`.
@@ -413,6 +452,43 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub max_connections: usize,
 
+    /// Principals and their permissions (TOML; see README "Security"). Without it every client
+    /// may do everything. Reloaded on SIGHUP.
+    #[arg(long, env = "SWITCHBOARD_AUTH_FILE", value_name = "PATH")]
+    pub auth_file: Option<std::path::PathBuf>,
+
+    /// Serve TLS with this PEM certificate chain (with --tls-key). Reloaded on SIGHUP.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Require client certificates signed by this PEM CA bundle (mTLS).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_CLIENT_CA",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// With --tls-client-ca: `required` (default), or `optional` so clients without a
+    /// certificate (browsers) may connect and authenticate with a token.
+    #[arg(long, env = "SWITCHBOARD_TLS_CLIENT_AUTH", value_enum, default_value_t = ClientAuth::Required)]
+    pub tls_client_auth: ClientAuth,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -453,6 +529,18 @@ impl ServeArgs {
             admission: crate::config::Admission {
                 handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
                 max_connections: self.max_connections,
+            },
+            security: crate::config::Security {
+                auth_file: self.auth_file.clone(),
+                tls: match (&self.tls_cert, &self.tls_key) {
+                    (Some(cert), Some(key)) => Some(crate::config::TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: self.tls_client_ca.clone(),
+                        client_auth_optional: self.tls_client_auth == ClientAuth::Optional,
+                    }),
+                    _ => None,
+                },
             },
         })
     }

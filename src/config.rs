@@ -1,7 +1,7 @@
 //! Validated configuration. No clap types past this module: `cli` builds these structs and
 //! everything else reads them.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// One mebibyte, in bytes.
 pub const MIB: usize = 1024 * 1024;
@@ -92,6 +92,30 @@ impl Limits {
     }
 }
 
+/// Where TLS material comes from (`--tls-cert`, `--tls-key`, `--tls-client-ca`,
+/// `--tls-client-auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; `None`: no client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// With a client CA: whether clients without a certificate may still connect (and then
+    /// authenticate with a token), as browsers must.
+    pub client_auth_optional: bool,
+}
+
+/// Authentication and TLS (see `grpc::auth`, `grpc::tls`); both off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// `--auth-file`: principals and their permissions (TOML).
+    pub auth_file: Option<PathBuf>,
+    /// `--tls-cert` and friends.
+    pub tls: Option<TlsFiles>,
+}
+
 /// Connection admission (see `grpc::admission`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
@@ -116,6 +140,8 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// Handshake timeout and connection limit (see `grpc::admission`).
     pub admission: Admission,
+    /// Authentication and TLS.
+    pub security: Security,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +156,7 @@ impl Default for ServerConfig {
                 handshake_timeout: Duration::from_secs(10),
                 max_connections: 65_536,
             },
+            security: Security::default(),
         }
     }
 }

@@ -88,6 +88,19 @@ pub enum BrokerError {
         /// Why it was refused.
         error: Box<Self>,
     },
+    /// No or unknown credentials while authentication is on. Maps to `UNAUTHENTICATED`.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// The principal may not do this on this address. Maps to `PERMISSION_DENIED`.
+    #[error("principal {principal:?} may not {action} {address:?}")]
+    PermissionDenied {
+        /// The principal's name.
+        principal: String,
+        /// What it tried (`send to`, `receive from`).
+        action: &'static str,
+        /// The address or pattern.
+        address: String,
+    },
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
@@ -116,6 +129,8 @@ impl BrokerError {
             Self::NotAcknowledged { .. } => tonic::Code::FailedPrecondition,
             Self::ShuttingDown => tonic::Code::Unavailable,
             Self::InBatch { error, .. } => error.code(),
+            Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Self::PermissionDenied { .. } => tonic::Code::PermissionDenied,
         }
     }
 }

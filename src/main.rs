@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::{
-    cli::{Cli, Command, LogFormat, ServeArgs},
+    cli::{self, Cli, Command, LogFormat, ServeArgs},
     client,
     grpc::server,
     shutdown, Broker,
@@ -22,6 +22,21 @@ async fn main() -> ExitCode {
         Command::Addresses(args) => client::addresses(args).await,
         Command::Inspect(args) => client::inspect(args).await,
         Command::Group(command) => client::group(command).await,
+        Command::Token(cli::TokenCommand::New { name }) => {
+            let token = switchboard::grpc::auth::new_token();
+            println!("{token}");
+            println!();
+            println!("[[principal]]");
+            println!("name = {name:?}");
+            println!(
+                "token_sha256 = \"{}\"",
+                switchboard::grpc::auth::token_sha256(&token)
+            );
+            println!("send = []");
+            println!("receive = []");
+            println!("admin = false");
+            Ok(0)
+        }
         Command::Ack(args) => client::ack(args).await,
         Command::Nack(args) => client::nack(args).await,
     };
@@ -63,6 +78,26 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    switchboard::grpc::tls::install_provider();
+    if !addr.ip().is_loopback() {
+        let missing: Vec<&str> = [
+            (config.security.tls.is_none(), "TLS (--tls-cert)"),
+            (
+                config.security.auth_file.is_none(),
+                "authentication (--auth-file)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(m, what)| m.then_some(what))
+        .collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                listen = %addr,
+                missing = %missing.join(", "),
+                "listening on a non-loopback address without TLS or authentication: anyone who can reach the port can read, send and delete"
+            );
+        }
+    }
     let l = &config.limits;
     tracing::info!(
         listen = %addr,

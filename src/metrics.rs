@@ -19,6 +19,7 @@
 //! | `switchboard_retained_messages` / `_bytes` | gauge | what the retention windows hold |
 //! | `switchboard_connections` | gauge | client connections open (admitted past the handshake) |
 //! | `switchboard_connections_rejected_total{reason}` | counter | connections closed at admission: `max_connections`, `handshake_timeout` |
+//! | `switchboard_auth_failures_total{reason}` | counter | calls refused by authentication: `missing`, `unknown` credentials, `denied` Admin |
 //! | `switchboard_rpcs_total{method,code}` | counter | RPCs answered, by gRPC status code (streams: at open) |
 //! | `switchboard_streams_closed_total{method,code}` | counter | Subscribe and SendStream streams ended, by final status (`CANCELLED`: the client went away) |
 //! | `switchboard_rpc_duration_seconds{method}` | histogram | time to answer (streams: to open) |
@@ -110,6 +111,7 @@ pub struct Metrics {
     streams_closed: Family<RpcLabels, Counter>,
     pub(crate) connections: Gauge,
     connections_rejected: Family<ReasonLabels, Counter>,
+    auth_failures: Family<ReasonLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
     /// Per method (in [`Method::ALL`] order): its `OK` counter and its histogram, taken out of
     /// the families once so the common path does no label lookup.
@@ -167,6 +169,7 @@ impl Metrics {
             streams_closed: Family::default(),
             connections: Gauge::default(),
             connections_rejected: Family::default(),
+            auth_failures: Family::default(),
             rpc_seconds: Family::new_with_constructor(|| {
                 // 50 µs to ~100 s.
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
@@ -250,6 +253,11 @@ impl Metrics {
             m.connections_rejected.clone(),
         );
         registry.register(
+            "auth_failures",
+            "Calls refused by authentication or the Admin permission, by reason (missing, unknown, denied)",
+            m.auth_failures.clone(),
+        );
+        registry.register(
             "streams_closed",
             "Subscribe and SendStream streams ended, by method and final gRPC status code",
             m.streams_closed.clone(),
@@ -274,6 +282,14 @@ impl Metrics {
             })
             .collect();
         Self { registry, hot, ..m }
+    }
+
+    /// Records one call refused by authentication (`missing`, `unknown`) or by the Admin
+    /// permission (`denied`).
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Records one connection closed at admission (`max_connections`, `handshake_timeout`).

@@ -12,7 +12,7 @@ use std::{
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
     cli::{
@@ -79,21 +79,73 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 async fn channel(args: &ClientArgs) -> Result<Channel, ClientError> {
-    let endpoint =
-        Endpoint::from_shared(args.server.clone()).map_err(|e| ClientError::BadServer {
-            server: args.server.clone(),
-            reason: chain(&e),
-        })?;
+    let bad = |reason: String| ClientError::BadServer {
+        server: args.server.clone(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(args.server.clone()).map_err(|e| bad(chain(&e)))?;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ClientError::Usage(format!("{}: {e}", p.display())))
+    };
+    if args.server.starts_with("https://") {
+        crate::grpc::tls::install_provider();
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.ca_cert {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(chain(&e)))?;
+    } else if args.ca_cert.is_some() || args.cert.is_some() {
+        return Err(ClientError::Usage(
+            "--ca-cert / --cert need an https:// --server".into(),
+        ));
+    }
     endpoint.connect().await.map_err(|e| ClientError::Connect {
         server: args.server.clone(),
         reason: chain(&e),
     })
 }
 
-async fn connect(args: &ClientArgs) -> Result<BrokerClient<Channel>, ClientError> {
-    Ok(BrokerClient::new(channel(args).await?)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
+/// Adds `authorization: Bearer TOKEN` to every call when `--token` is given.
+#[derive(Debug, Clone)]
+struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Token {
+    fn of(args: &ClientArgs) -> Result<Self, ClientError> {
+        args.token
+            .as_ref()
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ClientError::Usage("--token: not a valid header value".into()))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = BrokerClient<tonic::service::interceptor::InterceptedService<Channel, Token>>;
+
+async fn connect(args: &ClientArgs) -> Result<Client, ClientError> {
+    Ok(
+        BrokerClient::with_interceptor(channel(args).await?, Token::of(args)?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
+    )
 }
 
 /// `switchboard send`: prints the sequence. Returns the exit code.
@@ -464,7 +516,8 @@ fn info_row(a: &pb::AddressInfo) -> String {
 /// # Errors
 /// [`ClientError`] when the broker cannot be reached or refuses.
 pub async fn addresses(args: AddressesArgs) -> Result<u8, ClientError> {
-    let mut admin = AdminClient::new(channel(&args.client).await?);
+    let mut admin =
+        AdminClient::with_interceptor(channel(&args.client).await?, Token::of(&args.client)?);
     let mut out = io::stdout().lock();
     if !args.client.json {
         writeln!(out, "{ADDRESS_HEADER}")?;
@@ -502,7 +555,8 @@ pub async fn addresses(args: AddressesArgs) -> Result<u8, ClientError> {
 /// [`ClientError`] when the broker cannot be reached or refuses (`NOT_FOUND` for an unknown
 /// address).
 pub async fn inspect(args: InspectArgs) -> Result<u8, ClientError> {
-    let mut admin = AdminClient::new(channel(&args.client).await?);
+    let mut admin =
+        AdminClient::with_interceptor(channel(&args.client).await?, Token::of(&args.client)?);
     let r = admin
         .get_address(pb::GetAddressRequest {
             address: args.address,

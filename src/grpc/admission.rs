@@ -1,10 +1,10 @@
 //! Connection admission: which TCP connections reach the gRPC server, and how much they may
 //! log.
 //!
-//! - **Handshake timeout**: a connection must send the 24-byte HTTP/2 client preface within
-//!   `--handshake-timeout-ms` (default 10 s), or it is closed without ever reaching tonic. A
-//!   socket that connects and stays silent otherwise holds memory forever (HTTP/2 keepalive
-//!   only starts after the preface).
+//! - **Handshake timeout**: a connection must send the 24-byte HTTP/2 client preface (with TLS:
+//!   complete the TLS handshake) within `--handshake-timeout-ms` (default 10 s), or it is closed
+//!   without ever reaching tonic. A socket that connects and stays silent otherwise holds
+//!   memory forever (HTTP/2 keepalive only starts after the preface).
 //! - **`--max-connections`** (default 65,536, NATS's default): connections beyond it are
 //!   accepted and closed at once; the open ones keep working. Silent connections waiting for
 //!   their preface count too.
@@ -29,7 +29,29 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::tls::{subject_of, TlsState};
 use crate::{config::Admission, metrics::Metrics, shutdown::ShutdownToken};
+
+/// An admitted connection's byte stream.
+#[derive(Debug)]
+pub(crate) enum Io {
+    /// Plaintext HTTP/2.
+    Plain(TcpStream),
+    /// TLS; the client certificate's subject, if one was presented.
+    Tls(
+        Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        Option<String>,
+    ),
+}
+
+impl Io {
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s, _) => s.get_ref().0,
+        }
+    }
+}
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4), which every gRPC client sends first.
 const PREFACE_BYTES: usize = 24;
@@ -108,9 +130,10 @@ impl Drop for Slot {
 pub(crate) fn incoming(
     listener: TcpListener,
     admission: Admission,
+    tls: Option<TlsState>,
     metrics: Arc<Metrics>,
     mut shutdown: ShutdownToken,
-) -> ReceiverStream<std::io::Result<(TcpStream, Slot)>> {
+) -> ReceiverStream<std::io::Result<(Io, Slot)>> {
     let (tx, rx) = mpsc::channel(128);
     let open = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
@@ -145,19 +168,45 @@ pub(crate) fn incoming(
             let slot = Slot(Arc::clone(&open));
             let tx = tx.clone();
             let metrics = Arc::clone(&metrics);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(admission.handshake_timeout, preface(&stream)).await {
-                    Ok(Ok(())) => {
-                        let _ = tx.send(Ok((stream, slot))).await;
+                let peer = stream
+                    .peer_addr()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let handshake = async {
+                    match &tls {
+                        None => preface(&stream).await.map(|()| Io::Plain(stream)),
+                        Some(tls) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                            let s = acceptor.accept(stream).await?;
+                            let subject = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(subject_of);
+                            Ok(Io::Tls(Box::new(s), subject))
+                        }
                     }
-                    Ok(Err(_)) => {} // closed or failed before the preface
+                };
+                match tokio::time::timeout(admission.handshake_timeout, handshake).await {
+                    Ok(Ok(io)) => {
+                        let _ = tx.send(Ok((io, slot))).await;
+                    }
+                    Ok(Err(e)) => {
+                        // Closed before the preface, or a failed TLS handshake (plaintext
+                        // client, unknown CA, no client certificate where one is required).
+                        if tls.is_some() {
+                            metrics.connection_rejected("tls_handshake");
+                            if CONNECTION_LOGS.allow("tls handshake failed") {
+                                tracing::info!(peer = %peer, error = %e, "TLS handshake failed");
+                            }
+                        }
+                    }
                     Err(_) => {
                         metrics.connection_rejected("handshake_timeout");
                         if CONNECTION_LOGS.allow("handshake timeout") {
-                            let peer = stream
-                                .peer_addr()
-                                .map(|p| p.to_string())
-                                .unwrap_or_default();
                             tracing::info!(peer = %peer, "connection closed: no HTTP/2 preface within --handshake-timeout-ms");
                         }
                     }

@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod connection;
 pub mod health;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod wire;

@@ -11,10 +11,12 @@ use tonic::transport::Server;
 
 use super::{
     admin::AdminService,
-    admission::{self, Slot, CONNECTION_LOGS},
+    admission::{self, Io, Slot, CONNECTION_LOGS},
+    auth::{Auth, AuthLayer, Authority},
     connection::StreamLimiter,
     health,
     service::BrokerService,
+    tls::{PeerInfo, TlsState},
     wire::SubscribeRoute,
 };
 use crate::{
@@ -39,6 +41,9 @@ pub enum ServerError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The auth file or the TLS material could not be loaded.
+    #[error("{0}")]
+    Security(String),
     /// Reflection could not load the descriptor set.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -107,28 +112,62 @@ pub async fn run_with_metrics(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-    let streams = StreamLimiter::new(config.max_streams_per_connection);
-    let service = BrokerServer::new(BrokerService::new(
-        broker.clone(),
+    let authority = Authority::new(
+        config
+            .security
+            .auth_file
+            .as_deref()
+            .map(Auth::load)
+            .transpose()
+            .map_err(ServerError::Security)?,
+    );
+    let tls = config
+        .security
+        .tls
+        .clone()
+        .map(TlsState::new)
+        .transpose()
+        .map_err(ServerError::Security)?;
+    tokio::spawn(reload_on_sighup(
+        config.security.auth_file.clone(),
+        authority.clone(),
+        tls.clone(),
         shutdown.token(),
-        streams.clone(),
-    ))
+    ));
+    let streams = StreamLimiter::new(config.max_streams_per_connection);
+    let service = BrokerServer::new(
+        BrokerService::new(broker.clone(), shutdown.token(), streams.clone())
+            .with_authority(authority.clone()),
+    )
     .max_decoding_message_size(config.decode_limit())
     .max_encoding_message_size(config.decode_limit());
-    let admin = AdminServer::new(AdminService::new(broker.clone()));
+    let admin = AuthLayer::new(
+        AdminServer::new(AdminService::new(broker.clone())),
+        authority.clone(),
+        Arc::clone(broker.metrics()),
+        true,
+    );
     let broker_metrics = broker.clone();
     let closing = broker.clone();
-    let service = SubscribeRoute::new(service, broker, shutdown.token(), streams);
+    let auth_metrics = Arc::clone(broker.metrics());
+    let service = AuthLayer::new(
+        SubscribeRoute::new(service, broker, shutdown.token(), streams)
+            .with_authority(authority.clone()),
+        authority,
+        auth_metrics,
+        false,
+    );
 
     let incoming = admission::incoming(
         listener,
         config.admission,
+        tls,
         Arc::clone(broker_metrics.metrics()),
         shutdown.token(),
     )
     .map(move |conn| {
         let metrics = Arc::clone(broker_metrics.metrics());
-        conn.map(|(stream, slot)| LoggedConn::new(stream, slot, metrics))
+        conn.map(|(io, slot)| LoggedConn::new(io, slot, metrics))
     });
 
     let serve = Server::builder()
@@ -197,31 +236,87 @@ async fn serve_metrics(listener: TcpListener, broker: Broker, mut shutdown: Shut
     }
 }
 
+/// Reloads the auth file and the TLS material on SIGHUP (open streams carry on; a reload that
+/// fails keeps the old material and logs why).
+async fn reload_on_sighup(
+    auth_file: Option<std::path::PathBuf>,
+    authority: Authority,
+    tls: Option<TlsState>,
+    mut shutdown: ShutdownToken,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: no reloads");
+            return;
+        };
+        loop {
+            tokio::select! {
+                r = hup.recv() => if r.is_none() { return },
+                () = shutdown.cancelled() => return,
+            }
+            if let Some(path) = &auth_file {
+                match Auth::load(path) {
+                    Ok(auth) => {
+                        authority.replace(auth);
+                        tracing::info!(path = %path.display(), "auth file reloaded");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "auth file reload failed; the old one stays in force")
+                    }
+                }
+            }
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS reload failed; the old certificate stays in force")
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (auth_file, authority, tls);
+        shutdown.cancelled().await;
+    }
+}
+
+/// The client address of a request, from its connection's [`PeerInfo`].
+pub(crate) fn peer_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
+    extensions.get::<PeerInfo>().and_then(|p| p.remote)
+}
+
 /// A client connection, logged when it opens and when it closes.
 struct LoggedConn {
-    inner: tokio::net::TcpStream,
-    peer: String,
+    io: Io,
+    info: PeerInfo,
     metrics: Arc<Metrics>,
     /// Held while the connection is open: counts against `--max-connections`.
     _slot: Slot,
 }
 
 impl LoggedConn {
-    fn new(inner: tokio::net::TcpStream, slot: Slot, metrics: Arc<Metrics>) -> Self {
+    fn new(io: Io, slot: Slot, metrics: Arc<Metrics>) -> Self {
         // Small messages must not wait for Nagle's algorithm.
-        if let Err(e) = inner.set_nodelay(true) {
+        if let Err(e) = io.tcp().set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let peer = inner
-            .peer_addr()
-            .map_or_else(|_| "unknown".to_string(), |p| p.to_string());
+        let remote = io.tcp().peer_addr().ok();
+        let subject = match &io {
+            Io::Tls(_, subject) => subject.clone(),
+            Io::Plain(_) => None,
+        };
         if CONNECTION_LOGS.allow("connection opened") {
-            tracing::info!(peer = %peer, "connection opened");
+            let peer = remote.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+            tracing::info!(peer = %peer, tls = matches!(io, Io::Tls(..)), "connection opened");
         }
         metrics.connections.inc();
         Self {
-            inner,
-            peer,
+            io,
+            info: PeerInfo { remote, subject },
             metrics,
             _slot: slot,
         }
@@ -232,17 +327,36 @@ impl Drop for LoggedConn {
     fn drop(&mut self) {
         self.metrics.connections.dec();
         if CONNECTION_LOGS.allow("connection closed") {
-            tracing::info!(peer = %self.peer, "connection closed");
+            let peer = self
+                .info
+                .remote
+                .map_or_else(|| "unknown".to_string(), |p| p.to_string());
+            tracing::info!(peer = %peer, "connection closed");
         }
     }
 }
 
 impl tonic::transport::server::Connected for LoggedConn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.info.clone()
     }
+}
+
+macro_rules! io_dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.io {
+            Io::Plain($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Io::Tls($s, _) => {
+                let $s = std::pin::Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
 }
 
 impl tokio::io::AsyncRead for LoggedConn {
@@ -251,7 +365,7 @@ impl tokio::io::AsyncRead for LoggedConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        io_dispatch!(self, s => s.poll_read(cx, buf))
     }
 }
 
@@ -261,7 +375,7 @@ impl tokio::io::AsyncWrite for LoggedConn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        io_dispatch!(self, s => s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -269,24 +383,27 @@ impl tokio::io::AsyncWrite for LoggedConn {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        io_dispatch!(self, s => s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s, _) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        io_dispatch!(self, s => s.poll_flush(cx))
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        io_dispatch!(self, s => s.poll_shutdown(cx))
     }
 }

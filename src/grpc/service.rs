@@ -13,7 +13,12 @@ use std::{
 use futures_util::Stream;
 use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
-use super::connection::{StreamLimiter, StreamPermit};
+use std::sync::Arc;
+
+use super::{
+    auth::{Action, Authority, Principal},
+    connection::{StreamLimiter, StreamPermit},
+};
 use crate::{
     broker::Broker,
     engine::{GroupSettings, Settle},
@@ -31,16 +36,23 @@ pub struct BrokerService {
     broker: Broker,
     shutdown: ShutdownToken,
     streams: StreamLimiter,
+    authority: Authority,
 }
+
+/// The authenticated principal of a call, if authentication is on.
+type Caller = Option<Arc<Principal>>;
 
 impl BrokerService {
     async fn recv_inner(
         &self,
         r: pb::RecvRequest,
         deadline: Option<Duration>,
+        caller: &Caller,
     ) -> Result<Response<pb::RecvResponse>, Status> {
         let reject = |e: BrokerError| rejected(Method::Recv, &r.address, e);
         let address = Address::parse(r.address.as_str()).map_err(reject)?;
+        self.allow(caller, Action::Receive, address.as_str())
+            .map_err(reject)?;
         let group = Group::parse(r.group.as_str()).map_err(reject)?;
         let max = validate::max_messages(r.max_messages).map_err(reject)?;
         let mut wait = validate::wait(r.wait.as_ref()).map_err(reject)?;
@@ -70,7 +82,30 @@ impl BrokerService {
             broker,
             shutdown,
             streams,
+            authority: Authority::default(),
         }
+    }
+
+    /// Checks every call's permission on its address against `authority` (see `auth`).
+    #[must_use]
+    pub fn with_authority(mut self, authority: Authority) -> Self {
+        self.authority = authority;
+        self
+    }
+
+    fn caller<T>(request: &Request<T>) -> Caller {
+        request.extensions().get::<Arc<Principal>>().cloned()
+    }
+
+    /// `action` on `target` for `caller`; passes when authentication is off.
+    fn allow(&self, caller: &Caller, action: Action, target: &str) -> Result<(), BrokerError> {
+        if !self.authority.enabled() {
+            return Ok(());
+        }
+        caller
+            .as_ref()
+            .ok_or(BrokerError::Unauthenticated("missing credentials"))?
+            .check(action, target)
     }
 }
 
@@ -129,12 +164,15 @@ impl BrokerService {
         address: &str,
         group: &str,
         sequences: &[u64],
+        caller: &Caller,
         op: impl FnOnce() -> Result<Settle, BrokerError>,
     ) -> Result<Vec<u64>, Status> {
         let start = Instant::now();
         let reject = |e: BrokerError| rejected(method, address, e);
         let result = (|| {
             let address = Address::parse(address).map_err(reject)?;
+            self.allow(caller, Action::Receive, address.as_str())
+                .map_err(reject)?;
             let group = Group::parse(group).map_err(reject)?;
             let op = op().map_err(reject)?;
             self.broker
@@ -145,8 +183,15 @@ impl BrokerService {
         result
     }
 
-    fn send_one(&self, method: Method, r: pb::SendRequest) -> Result<pb::SendResponse, Status> {
-        if let Err(e) = Address::check(&r.address) {
+    fn send_one(
+        &self,
+        method: Method,
+        r: pb::SendRequest,
+        caller: &Caller,
+    ) -> Result<pb::SendResponse, Status> {
+        if let Err(e) =
+            Address::check(&r.address).and_then(|()| self.allow(caller, Action::Send, &r.address))
+        {
             return Err(rejected(method, &r.address, e));
         }
         let address = Address::checked(r.address);
@@ -172,6 +217,7 @@ impl BrokerService {
 /// when the server shuts down, or with the transport's status if the request stream fails.
 pub struct SendResponses {
     service: BrokerService,
+    caller: Caller,
     inbound: Streaming<pb::SendRequest>,
     cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
     done: bool,
@@ -186,7 +232,7 @@ impl std::fmt::Debug for SendResponses {
 
 impl SendResponses {
     fn respond(&self, r: pb::SendRequest) -> pb::SendResponse {
-        match self.service.send_one(Method::SendStream, r) {
+        match self.service.send_one(Method::SendStream, r, &self.caller) {
             Ok(response) => response,
             Err(e) => pb::SendResponse {
                 sequence: 0,
@@ -262,8 +308,9 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         let start = Instant::now();
+        let caller = Self::caller(&request);
         let r = self
-            .send_one(Method::Send, request.into_inner())
+            .send_one(Method::Send, request.into_inner(), &caller)
             .map(Response::new);
         self.observe(Method::Send, start, &r);
         r
@@ -275,7 +322,10 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<Streaming<pb::SendRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        let permit = match self.streams.acquire(request.remote_addr()) {
+        let permit = match self
+            .streams
+            .acquire(super::server::peer_addr(request.extensions()))
+        {
             Ok(p) => p,
             Err(e) => {
                 let status = rejected(Method::SendStream, "", e);
@@ -286,6 +336,7 @@ impl pb::broker_server::Broker for BrokerService {
         self.observe::<()>(Method::SendStream, Instant::now(), &Ok(()));
         Ok(Response::new(SendResponses {
             _permit: permit,
+            caller: Self::caller(&request),
             service: self.clone(),
             inbound: request.into_inner(),
             cancelled: Box::pin({
@@ -303,8 +354,9 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::RecvResponse>, Status> {
         let start = Instant::now();
         let deadline = client_timeout(request.metadata());
+        let caller = Self::caller(&request);
         let r = request.into_inner();
-        let result = self.recv_inner(r, deadline).await;
+        let result = self.recv_inner(r, deadline, &caller).await;
         self.observe(Method::Recv, start, &result);
         result
     }
@@ -328,10 +380,13 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::CreateGroupRequest>,
     ) -> Result<Response<pb::CreateGroupResponse>, Status> {
         let start = Instant::now();
+        let caller = Self::caller(&request);
         let r = request.into_inner();
         let reject = |e: BrokerError| rejected(Method::CreateGroup, &r.address, e);
         let result = (|| {
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
+            self.allow(&caller, Action::Receive, address.as_str())
+                .map_err(reject)?;
             let group = Group::parse(r.group.as_str()).map_err(reject)?;
             let start = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
             let ack = validate::ack_policy(
@@ -360,10 +415,13 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::SendBatchRequest>,
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let start = Instant::now();
+        let caller = Self::caller(&request);
         let r = request.into_inner();
         let result = (|| {
             let reject = |e: BrokerError| rejected(Method::SendBatch, &r.address, e);
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
+            self.allow(&caller, Action::Send, address.as_str())
+                .map_err(reject)?;
             let messages = r
                 .messages
                 .into_iter()
@@ -390,10 +448,16 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        let caller = Self::caller(&request);
         let r = request.into_inner();
-        let not_pending = self.settle(Method::Ack, &r.address, &r.group, &r.sequences, || {
-            Ok(Settle::Ack)
-        })?;
+        let not_pending = self.settle(
+            Method::Ack,
+            &r.address,
+            &r.group,
+            &r.sequences,
+            &caller,
+            || Ok(Settle::Ack),
+        )?;
         Ok(Response::new(pb::AckResponse { not_pending }))
     }
 
@@ -402,10 +466,16 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
+        let caller = Self::caller(&request);
         let r = request.into_inner();
-        let not_pending = self.settle(Method::Nack, &r.address, &r.group, &r.sequences, || {
-            validate::nack_delay(r.delay.as_ref()).map(Settle::Nack)
-        })?;
+        let not_pending = self.settle(
+            Method::Nack,
+            &r.address,
+            &r.group,
+            &r.sequences,
+            &caller,
+            || validate::nack_delay(r.delay.as_ref()).map(Settle::Nack),
+        )?;
         Ok(Response::new(pb::NackResponse { not_pending }))
     }
 
@@ -414,12 +484,14 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let caller = Self::caller(&request);
         let r = request.into_inner();
         let not_pending = self.settle(
             Method::ExtendLease,
             &r.address,
             &r.group,
             &r.sequences,
+            &caller,
             || Ok(Settle::Extend),
         )?;
         Ok(Response::new(pb::ExtendLeaseResponse { not_pending }))
@@ -431,10 +503,13 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
         let start = Instant::now();
+        let caller = Self::caller(&request);
         let r = request.into_inner();
         let reject = |e: BrokerError| rejected(Method::DeleteGroup, &r.address, e);
         let result = (|| {
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
+            self.allow(&caller, Action::Receive, address.as_str())
+                .map_err(reject)?;
             let group = Group::parse(r.group.as_str()).map_err(reject)?;
             self.broker.delete_group(&address, &group).map_err(reject)?;
             Ok(Response::new(pb::DeleteGroupResponse {}))

@@ -27,9 +27,10 @@ use futures_util::{future::BoxFuture, Stream};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited};
 use prost::Message as _;
-use tonic::{body::Body, server::NamedService, transport::server::TcpConnectInfo, Status};
+use tonic::{body::Body, server::NamedService, Status};
 
 use super::{
+    auth::{Action, Authority, Principal},
     connection::{StreamLimiter, StreamPermit},
     service::rejected,
 };
@@ -207,6 +208,7 @@ pub struct SubscribeRoute<S> {
     broker: Broker,
     shutdown: ShutdownToken,
     streams: StreamLimiter,
+    authority: Authority,
 }
 
 impl<S> SubscribeRoute<S> {
@@ -217,7 +219,15 @@ impl<S> SubscribeRoute<S> {
             broker,
             shutdown,
             streams,
+            authority: Authority::default(),
         }
+    }
+
+    /// Checks each Subscribe's permission to receive from its address or pattern.
+    #[must_use]
+    pub fn with_authority(mut self, authority: Authority) -> Self {
+        self.authority = authority;
+        self
     }
 }
 
@@ -229,12 +239,20 @@ async fn subscribe(
     broker: Broker,
     shutdown: ShutdownToken,
     streams: StreamLimiter,
+    authority: Authority,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, Status> {
-    let peer = request
-        .extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr);
+    let peer = super::server::peer_addr(request.extensions());
+    let caller = request.extensions().get::<Arc<Principal>>().cloned();
+    let allow = |target: &str| -> Result<(), BrokerError> {
+        if !authority.enabled() {
+            return Ok(());
+        }
+        caller
+            .as_ref()
+            .ok_or(BrokerError::Unauthenticated("missing credentials"))?
+            .check(Action::Receive, target)
+    };
     let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
@@ -266,6 +284,7 @@ async fn subscribe(
     let reject = |e: BrokerError| rejected(Method::Subscribe, &r.address, e);
     if Pattern::is_pattern(&r.address) {
         let pattern = Pattern::parse(r.address.as_str()).map_err(reject)?;
+        allow(pattern.as_str()).map_err(reject)?;
         let refuse = |field: &'static str| {
             reject(BrokerError::invalid(
                 field,
@@ -293,6 +312,7 @@ async fn subscribe(
         )));
     }
     let address = Address::parse(r.address.as_str()).map_err(reject)?;
+    allow(address.as_str()).map_err(reject)?;
     let group = Group::parse(r.group.as_str()).map_err(reject)?;
     let start = validate::start(r.start_sequence, r.start_time.as_ref()).map_err(reject)?;
     let permit = streams.acquire(peer).map_err(reject)?;
@@ -340,10 +360,11 @@ where
         if request.uri().path() == SUBSCRIBE_PATH {
             let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
             let streams = self.streams.clone();
+            let authority = self.authority.clone();
             Box::pin(async move {
                 let start = std::time::Instant::now();
                 let metrics = std::sync::Arc::clone(broker.metrics());
-                let r = subscribe(broker, shutdown, streams, request).await;
+                let r = subscribe(broker, shutdown, streams, authority, request).await;
                 let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
                 metrics.observe_rpc(Method::Subscribe, code, start.elapsed());
                 Ok(r.unwrap_or_else(Status::into_http))
