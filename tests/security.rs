@@ -1,0 +1,469 @@
+//! Security over real connections: bearer tokens and per-address permissions, mTLS identities,
+//! TLS refusals, and that failed authentications do not hurt permitted clients. Certificates
+//! are generated here with rcgen.
+
+mod common;
+
+use std::{net::SocketAddr, path::PathBuf, time::Instant};
+
+use common::{step, TestServer};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use switchboard::{
+    config::{Security, ServerConfig, TlsFiles},
+    grpc::auth::{new_token, token_sha256},
+    pb::{
+        admin_client::AdminClient, broker_client::BrokerClient, ListAddressesRequest, RecvRequest,
+        SendRequest, SubscribeRequest,
+    },
+};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    Code, Request, Status,
+};
+
+/// A CA and certificates it signed, as PEM files in a directory of their own.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-sec-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Self { dir };
+        pki.issue("ca", "client", &["billing"]);
+        pki
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+
+    /// (Re)creates `<ca>.pem`, `server.pem`/`server.key` for localhost and 127.0.0.1, and one
+    /// client certificate `<client>-<cn>.pem`/`.key` per common name.
+    fn issue(&self, ca_name: &str, client: &str, cns: &[&str]) {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{ca_name} test CA"));
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        sp.subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        let sk = KeyPair::generate().unwrap();
+        let server = sp.signed_by(&sk, &ca, &ca_key).unwrap();
+        std::fs::write(self.path(&format!("{ca_name}.pem")), ca.pem()).unwrap();
+        std::fs::write(self.path("server.pem"), server.pem()).unwrap();
+        std::fs::write(self.path("server.key"), sk.serialize_pem()).unwrap();
+        for cn in cns {
+            let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+            cp.distinguished_name.push(DnType::CommonName, *cn);
+            let ck = KeyPair::generate().unwrap();
+            let c = cp.signed_by(&ck, &ca, &ca_key).unwrap();
+            std::fs::write(self.path(&format!("{client}-{cn}.pem")), c.pem()).unwrap();
+            std::fs::write(self.path(&format!("{client}-{cn}.key")), ck.serialize_pem()).unwrap();
+        }
+    }
+
+    fn tls(&self, client_ca: bool, optional: bool) -> TlsFiles {
+        TlsFiles {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: client_ca.then(|| self.path("ca.pem")),
+            client_auth_optional: optional,
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+fn write_auth(dir: &std::path::Path, text: &str) -> PathBuf {
+    let p = dir.join("auth.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+async fn server(security: Security) -> TestServer {
+    TestServer::with_config(ServerConfig {
+        security,
+        ..ServerConfig::default()
+    })
+    .await
+}
+
+type Authed = BrokerClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            r.metadata_mut().insert(
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {t}")).unwrap(),
+            );
+        }
+        Ok(r)
+    }
+}
+
+async fn plain(addr: SocketAddr, token: Option<&str>) -> Authed {
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    BrokerClient::with_interceptor(ch, Bearer(token.map(str::to_string)))
+}
+
+async fn tls_channel(
+    addr: SocketAddr,
+    pki: &Pki,
+    ca: &str,
+    client: Option<&str>,
+) -> Result<Channel, tonic::transport::Error> {
+    switchboard::grpc::tls::install_provider();
+    let mut tls = ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(pki.path(&format!("{ca}.pem"))).unwrap(),
+        ));
+    if let Some(c) = client {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(pki.path(&format!("{c}.pem"))).unwrap(),
+            std::fs::read(pki.path(&format!("{c}.key"))).unwrap(),
+        ));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+fn send_req(address: &str) -> SendRequest {
+    SendRequest {
+        address: address.into(),
+        payload: b"x".to_vec().into(),
+        ..Default::default()
+    }
+}
+
+fn recv_req(address: &str) -> RecvRequest {
+    RecvRequest {
+        address: address.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_authenticate_and_permissions_hold_per_address() {
+    let pki = Pki::new("tokens");
+    let (orders, reader) = (new_token(), new_token());
+    let auth = write_auth(
+        &pki.dir,
+        &format!(
+            r#"
+[[principal]]
+name = "orders-service"
+token_sha256 = "{}"
+send = ["orders.>"]
+receive = ["orders.*", "audit.>"]
+
+[[principal]]
+name = "reader"
+token_sha256 = "{}"
+receive = [">"]
+"#,
+            token_sha256(&orders),
+            token_sha256(&reader)
+        ),
+    );
+    let server = server(Security {
+        auth_file: Some(auth),
+        tls: None,
+    })
+    .await;
+    // No token, a wrong token: UNAUTHENTICATED, nothing created.
+    for token in [None, Some("not-a-token")] {
+        let mut c = plain(server.addr, token).await;
+        let e = c.send(send_req("orders.eu")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        let e = c
+            .subscribe(SubscribeRequest {
+                address: "orders.eu".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    assert!(!server.broker.contains("orders.eu"));
+    let mut c = plain(server.addr, Some(&orders)).await;
+    assert_eq!(
+        c.send(send_req("orders.eu"))
+            .await
+            .unwrap()
+            .into_inner()
+            .sequence,
+        1
+    );
+    assert!(c.send(send_req("orders.eu.created")).await.is_ok());
+    for denied in ["orders", "ordersX.y", "billing.x"] {
+        let e = c.send(send_req(denied)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{denied}");
+        assert!(
+            e.message().contains("orders-service")
+                && e.message().contains("send to")
+                && e.message().contains(denied),
+            "{}",
+            e.message()
+        );
+        assert!(
+            !server.broker.contains(denied),
+            "nothing stored for {denied}"
+        );
+    }
+    assert_eq!(
+        c.recv(recv_req("orders.eu"))
+            .await
+            .unwrap()
+            .into_inner()
+            .messages
+            .len(),
+        1
+    );
+    let e = c.recv(recv_req("orders.eu.created")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "`*` is exactly one token");
+    // A Subscribe is refused before any message flows.
+    let e = c
+        .subscribe(SubscribeRequest {
+            address: "billing.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(server.broker.pattern_subscriptions(), 0);
+    // Admin needs admin = true.
+    let ch = Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = AdminClient::with_interceptor(ch, Bearer(Some(orders.clone())));
+    let e = admin
+        .list_addresses(ListAddressesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("orders-service"), "{}", e.message());
+    // receive without send.
+    let mut r = plain(server.addr, Some(&reader)).await;
+    assert!(r.recv(recv_req("anything.at.all")).await.is_ok());
+    assert_eq!(
+        r.send(send_req("anything")).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // Health stays open.
+    let ch = Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.into_inner().status, 1);
+    let m = server.scrape().await;
+    assert!(m.get(r#"switchboard_auth_failures_total{reason="missing"}"#) >= Some(&2.0));
+    assert!(m.get(r#"switchboard_auth_failures_total{reason="unknown"}"#) >= Some(&2.0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_identities_and_tls_refusals() {
+    let pki = Pki::new("mtls");
+    pki.issue("other", "stranger", &["billing"]);
+    // `issue` for "other" rewrote server.pem with another CA: issue ours again last.
+    pki.issue("ca", "client", &["billing", "nobody"]);
+    let auth = write_auth(
+        &pki.dir,
+        r#"
+[[principal]]
+name = "billing"
+client_cert_subject = "CN=billing"
+receive = [">"]
+"#,
+    );
+    let server = server(Security {
+        auth_file: Some(auth),
+        tls: Some(pki.tls(true, false)),
+    })
+    .await;
+    let ch = tls_channel(server.addr, &pki, "ca", Some("client-billing"))
+        .await
+        .unwrap();
+    let mut billing = BrokerClient::new(ch);
+    assert!(billing.recv(recv_req("invoices")).await.is_ok());
+    let e = billing.send(send_req("invoices")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("billing"), "{}", e.message());
+    // A certificate the CA signed for an unknown subject: authenticated by TLS, unknown here.
+    let ch = tls_channel(server.addr, &pki, "ca", Some("client-nobody"))
+        .await
+        .unwrap();
+    let e = BrokerClient::new(ch)
+        .recv(recv_req("invoices"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // No client certificate, a certificate from another CA, a plaintext client: no service.
+    for client in [None, Some("stranger-billing")] {
+        let refused = match tls_channel(server.addr, &pki, "ca", client).await {
+            Err(_) => true,
+            Ok(ch) => BrokerClient::new(ch)
+                .recv(recv_req("invoices"))
+                .await
+                .is_err(),
+        };
+        assert!(refused, "{client:?}");
+    }
+    let plain_refused = match Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(ch) => BrokerClient::new(ch)
+            .recv(recv_req("invoices"))
+            .await
+            .is_err(),
+    };
+    assert!(plain_refused);
+    // A client that trusts another CA refuses the server's certificate.
+    let distrusted = match tls_channel(server.addr, &pki, "other", Some("client-billing")).await {
+        Err(_) => true,
+        Ok(ch) => BrokerClient::new(ch)
+            .recv(recv_req("invoices"))
+            .await
+            .is_err(),
+    };
+    assert!(
+        distrusted,
+        "the server's certificate is not signed by the other CA"
+    );
+    // Nobody else noticed: the permitted client still works.
+    assert!(billing.recv(recv_req("invoices")).await.is_ok());
+    let m = server.scrape().await;
+    assert!(
+        m.get(r#"switchboard_connections_rejected_total{reason="tls_handshake"}"#) >= Some(&2.0)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_auth_lets_a_token_client_in() {
+    let pki = Pki::new("optional");
+    let token = new_token();
+    let auth = write_auth(
+        &pki.dir,
+        &format!(
+            "[[principal]]\nname = \"browser\"\ntoken_sha256 = \"{}\"\nsend = [\"web.>\"]\n",
+            token_sha256(&token)
+        ),
+    );
+    let server = server(Security {
+        auth_file: Some(auth),
+        tls: Some(pki.tls(true, true)),
+    })
+    .await;
+    let ch = tls_channel(server.addr, &pki, "ca", None).await.unwrap();
+    let mut c = BrokerClient::with_interceptor(ch.clone(), Bearer(Some(token)));
+    assert!(c.send(send_req("web.page")).await.is_ok());
+    let e = BrokerClient::new(ch)
+        .send(send_req("web.page"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_do_not_slow_a_permitted_client_more_than_2x() {
+    let pki = Pki::new("flood");
+    let token = new_token();
+    let auth = write_auth(
+        &pki.dir,
+        &format!(
+            "[[principal]]\nname = \"ok\"\ntoken_sha256 = \"{}\"\nsend = [\">\"]\n",
+            token_sha256(&token)
+        ),
+    );
+    let server = server(Security {
+        auth_file: Some(auth),
+        tls: None,
+    })
+    .await;
+    let mut good = plain(server.addr, Some(&token)).await;
+    let timed = |mut c: Authed| async move {
+        let t = Instant::now();
+        for _ in 0..300 {
+            c.send(send_req("flood.ok")).await.unwrap();
+        }
+        t.elapsed()
+    };
+    let _ = timed(good.clone()).await; // warm up
+    let alone = timed(good.clone()).await;
+    // 10,000 failed authentications from another connection, at once.
+    let attacker = plain(server.addr, Some("wrong")).await;
+    let attack = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let mut a = attacker.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..1250 {
+                    let e = a.send(send_req("flood.bad")).await.unwrap_err();
+                    assert_eq!(e.code(), Code::Unauthenticated);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let during = timed(good.clone()).await;
+    step("attack", attack).await.unwrap();
+    eprintln!(
+        "300 permitted sends: {alone:?} alone, {during:?} during 10,000 failed authentications"
+    );
+    assert!(
+        during <= alone * 2 + std::time::Duration::from_millis(50),
+        "{during:?} vs {alone:?}"
+    );
+    assert!(good.send(send_req("flood.ok")).await.is_ok());
+    server.stop().await;
+}
