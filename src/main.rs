@@ -71,6 +71,19 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Refuse to start on a bad auth file or TLS material, before listening.
+    if let Some(path) = &config.security.auth_file {
+        if let Err(e) = switchboard::grpc::auth::Auth::load(path) {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(tls) = &config.security.tls {
+        if let Err(e) = tls.load() {
+            eprintln!("switchboard: TLS: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let (listener, addr) = match server::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -94,9 +94,6 @@ pub async fn run_with_metrics(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let shutdown = Shutdown::new();
-    if let Some(metrics) = metrics {
-        tokio::spawn(serve_metrics(metrics, broker.clone(), shutdown.token()));
-    }
     let token = shutdown.token();
     tokio::spawn(broker.clone().run_reclaimer(shutdown.token()));
 
@@ -128,6 +125,15 @@ pub async fn run_with_metrics(
         .map(TlsState::new)
         .transpose()
         .map_err(ServerError::Security)?;
+    if let Some(metrics) = metrics {
+        tokio::spawn(serve_metrics(
+            metrics,
+            broker.clone(),
+            tls.clone()
+                .map(|tls| (tls, config.admission.handshake_timeout)),
+            shutdown.token(),
+        ));
+    }
     tokio::spawn(reload_on_sighup(
         config.security.auth_file.clone(),
         authority.clone(),
@@ -208,7 +214,12 @@ pub async fn run_with_metrics(
 }
 
 /// Serves `GET /metrics` (OpenMetrics text) until shutdown begins.
-async fn serve_metrics(listener: TcpListener, broker: Broker, mut shutdown: ShutdownToken) {
+async fn serve_metrics(
+    listener: TcpListener,
+    broker: Broker,
+    tls: Option<(TlsState, std::time::Duration)>,
+    mut shutdown: ShutdownToken,
+) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(
@@ -226,11 +237,25 @@ async fn serve_metrics(listener: TcpListener, broker: Broker, mut shutdown: Shut
         .with_state(broker),
     );
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(listen = %addr, "metrics listening");
+        tracing::info!(listen = %addr, tls = tls.is_some(), "metrics listening");
     }
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        }
+        Some((tls, handshake_timeout)) => {
+            let listener = super::tls::TlsListener {
+                inner: listener,
+                tls,
+                handshake_timeout,
+            };
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        }
+    };
     if let Err(e) = served {
         tracing::error!(error = %e, "metrics endpoint failed");
     }

@@ -102,10 +102,14 @@ impl BrokerService {
         if !self.authority.enabled() {
             return Ok(());
         }
-        caller
+        let checked = caller
             .as_ref()
             .ok_or(BrokerError::Unauthenticated("missing credentials"))?
-            .check(action, target)
+            .check(action, target);
+        if checked.is_err() {
+            self.broker.metrics().auth_failure("denied");
+        }
+        checked
     }
 }
 

@@ -79,7 +79,7 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(certs(&self.cert)?, key(&self.key)?)
             .map_err(|e| format!("{}: {e}", self.key.display()))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)
     }
 }
@@ -172,4 +172,41 @@ fn escape(value: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// The metrics endpoint's listener when TLS is on: the broker's own certificate (reloaded with
+/// it). Handshakes run one at a time, each bounded by the handshake timeout; that is enough
+/// for a scrape endpoint.
+#[derive(Debug)]
+pub(crate) struct TlsListener {
+    pub(crate) inner: tokio::net::TcpListener,
+    pub(crate) tls: TlsState,
+    pub(crate) handshake_timeout: std::time::Duration,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.inner.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            // The metrics endpoint speaks HTTP/1.1 only.
+            let mut config = (*self.tls.current()).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await
+            {
+                return (s, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }

@@ -248,10 +248,14 @@ async fn subscribe(
         if !authority.enabled() {
             return Ok(());
         }
-        caller
+        let checked = caller
             .as_ref()
             .ok_or(BrokerError::Unauthenticated("missing credentials"))?
-            .check(Action::Receive, target)
+            .check(Action::Receive, target);
+        if checked.is_err() {
+            broker.metrics().auth_failure("denied");
+        }
+        checked
     };
     let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
         .collect()

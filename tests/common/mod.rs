@@ -5,6 +5,8 @@
 )]
 #![allow(unreachable_pub, reason = "a test-only module shared by test binaries")]
 
+pub mod pki;
+
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use switchboard::{
