@@ -528,3 +528,58 @@ async fn send_lines_batches_and_reports_a_refused_line() {
     assert_eq!(all[1234].payload.as_ref(), b"1235");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_token_and_client_certificate_flags() {
+    use switchboard::{
+        config::{Security, ServerConfig},
+        grpc::auth::{new_token, token_sha256},
+    };
+    let pki = common::pki::Pki::new("cli");
+    let token = new_token();
+    let auth = pki.dir.join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "[[principal]]\nname = \"cli\"\ntoken_sha256 = \"{}\"\nsend = [\"cli.>\"]\n\n[[principal]]\nname = \"billing\"\nclient_cert_subject = \"CN=billing\"\nreceive = [\"cli.>\"]\n",
+            token_sha256(&token)
+        ),
+    )
+    .unwrap();
+    let server = TestServer::with_config(ServerConfig {
+        security: Security {
+            auth_file: Some(auth),
+            tls: Some(pki.tls(true, true)),
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let https = format!("https://{}", server.addr);
+    let ca = pki.path("ca.pem");
+    let mut cmd = switchboard(&server);
+    cmd.env("SWITCHBOARD_SERVER", &https)
+        .env("SWITCHBOARD_TOKEN", &token)
+        .arg("send")
+        .arg("cli.secure")
+        .arg("hello")
+        .arg("--ca-cert")
+        .arg(&ca);
+    assert_eq!(run(cmd).await, (0, "1\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.env("SWITCHBOARD_SERVER", &https)
+        .args(["send", "cli.secure", "no token", "--ca-cert"])
+        .arg(&ca);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    let mut cmd = switchboard(&server);
+    cmd.env("SWITCHBOARD_SERVER", &https)
+        .args(["recv", "cli.secure", "--ca-cert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(pki.path("client-billing.pem"))
+        .arg("--key")
+        .arg(pki.path("client-billing.key"));
+    assert_eq!(run(cmd).await, (0, "1 hello\n".into(), String::new()));
+    server.stop().await;
+}

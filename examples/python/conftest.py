@@ -41,10 +41,10 @@ _generate()
 class Broker:
     """A switchboard process on 127.0.0.1 with a free port, stopped (SIGTERM) at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
         binary = os.environ.get("SWITCHBOARD_BIN", str(ROOT / "target" / "debug" / "switchboard"))
         self.proc = subprocess.Popen(
-            [binary, "serve", "--listen", "127.0.0.1:0"],
+            [binary, "serve", "--listen", "127.0.0.1:0", *extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -69,6 +69,42 @@ class Broker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    """A broker with TLS (certificates made by trustme for 127.0.0.1 and localhost) and an
+    auth file with one principal, "orders-service" (send orders.>, receive orders.*).
+    Yields (broker, ca_pem_path, token)."""
+    import hashlib
+    import secrets
+
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    server_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    for extra in server_cert.cert_chain_pems[1:]:
+        with open(tmp_path / "server.pem", "ab") as f:
+            f.write(extra.bytes())
+    server_cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    token = secrets.token_urlsafe(32)
+    (tmp_path / "auth.toml").write_text(
+        "[[principal]]\n"
+        'name = "orders-service"\n'
+        f'token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+        'send = ["orders.>"]\n'
+        'receive = ["orders.*"]\n'
+    )
+    b = Broker(
+        "--tls-cert", str(tmp_path / "server.pem"),
+        "--tls-key", str(tmp_path / "server.key"),
+        "--auth-file", str(tmp_path / "auth.toml"),
+    )
+    yield b, ca_pem, token
+    assert b.stop() == 0, "broker exits 0 on SIGTERM"
 
 
 @pytest.fixture

@@ -26,8 +26,24 @@ from switchboard.v1 import broker_pb2, broker_pb2_grpc
 class Switchboard:
     """Send, Recv (long-poll, consumer groups) and Subscribe over one gRPC channel."""
 
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+    ) -> None:
+        """Plaintext by default. With `root_certificates` (PEM of the CA that signed the
+        broker's certificate) the channel uses TLS; with `token` every call carries
+        `authorization: Bearer TOKEN` (brokers with --auth-file)."""
+        if root_certificates is not None or token is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            if token is not None:
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.access_token_call_credentials(token)
+                )
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = broker_pb2_grpc.BrokerStub(self.channel)
 
     def close(self) -> None:

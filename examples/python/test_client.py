@@ -88,3 +88,22 @@ def test_batching_publisher_flushes_at_100_messages_or_10_ms(broker):
     messages, _ = sb.recv("py.batched", max_messages=1000)
     assert [m.payload for m in messages] == [b"first"] + [f"m{i}".encode() for i in range(250)]
     sb.close()
+
+
+def test_tls_and_a_bearer_token(secure_broker):
+    broker, ca_pem, token = secure_broker
+    ca = ca_pem.read_bytes()
+    sb = Switchboard(broker.target, root_certificates=ca, token=token)
+    assert sb.send("orders.eu", b"secure") == 1
+    messages, _ = sb.recv("orders.eu")
+    assert [m.payload for m in messages] == [b"secure"]
+    with pytest.raises(grpc.RpcError) as denied:
+        sb.send("billing.x", b"no")
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "orders-service" in denied.value.details()
+    sb.close()
+    anonymous = Switchboard(broker.target, root_certificates=ca)
+    with pytest.raises(grpc.RpcError) as unauth:
+        anonymous.send("orders.eu", b"x")
+    assert unauth.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    anonymous.close()

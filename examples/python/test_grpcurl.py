@@ -37,7 +37,7 @@ def normalise(text: str) -> str:
     return TIME.sub(r'\1"<time>"', text).strip()
 
 
-def run(command: str, target: str, env: dict[str, str] | None = None) -> str:
+def run(command: str, target: str, env: dict[str, str] | None = None, cwd=None) -> str:
     command = command.replace(DEFAULT, target)
     out = subprocess.run(
         ["bash", "-c", command],
@@ -45,6 +45,7 @@ def run(command: str, target: str, env: dict[str, str] | None = None) -> str:
         text=True,
         timeout=30,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     return out.stdout + out.stderr
 
@@ -84,6 +85,15 @@ def test_readme_grpcurl_session_and_subscribe(broker):
     finally:
         sub.terminate()
         sub.wait(timeout=10)
+
+
+def test_readme_tls_and_token_session(secure_broker):
+    broker, ca_pem, token = secure_broker
+    session = block_after("<!-- tls-session")
+    assert len(session) >= 3
+    for command, expected in session:
+        got = run(command, broker.target, {"TOKEN": token}, cwd=ca_pem.parent)
+        assert normalise(got) == normalise("\n".join(expected)), command
 
 
 def test_health_check_and_describe(broker):
