@@ -583,3 +583,35 @@ async fn tls_token_and_client_certificate_flags() {
     assert_eq!(run(cmd).await, (0, "1 hello\n".into(), String::new()));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_new_prints_a_token_and_its_principal_entry() {
+    let out = step(
+        "token new",
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["token", "new", "orders-service"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text.lines().next().unwrap();
+    assert_eq!(token.len(), 43, "256 bits, URL-safe base64");
+    assert!(token
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    let entry = &text[token.len()..];
+    assert!(entry.contains("name = \"orders-service\""), "{entry}");
+    let want = format!(
+        "token_sha256 = \"{}\"",
+        switchboard::grpc::auth::token_sha256(token)
+    );
+    assert!(entry.contains(&want), "{entry}");
+    // The entry parses as an auth file that authenticates the token.
+    let auth = switchboard::grpc::auth::Auth::parse(entry).unwrap();
+    assert_eq!(
+        auth.authenticate(Some(token), None).unwrap().name,
+        "orders-service"
+    );
+}

@@ -59,6 +59,24 @@ impl Pki {
         }
     }
 
+    /// A client certificate for `cn`, signed by a fresh CA `<ca_name>` written beside the
+    /// others, valid only in 2001: long expired.
+    pub fn issue_expired(&self, ca_name: &str, cn: &str) {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+        cp.distinguished_name.push(DnType::CommonName, cn);
+        cp.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        cp.not_after = rcgen::date_time_ymd(2001, 12, 31);
+        let ck = KeyPair::generate().unwrap();
+        let c = cp.signed_by(&ck, &ca, &ca_key).unwrap();
+        std::fs::write(self.path(&format!("{ca_name}.pem")), ca.pem()).unwrap();
+        std::fs::write(self.path(&format!("expired-{cn}.pem")), c.pem()).unwrap();
+        std::fs::write(self.path(&format!("expired-{cn}.key")), ck.serialize_pem()).unwrap();
+    }
+
     pub fn tls(&self, client_ca: bool, optional: bool) -> TlsFiles {
         TlsFiles {
             cert: self.path("server.pem"),
