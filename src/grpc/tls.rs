@@ -2,7 +2,7 @@
 //! reloading on SIGHUP.
 //!
 //! The server's rustls configuration sits behind a lock that each new connection reads once,
-//! so [`TlsFiles::reload`] swaps certificate, key and client CA for new connections while open
+//! so [`TlsState::reload`] swaps certificate, key and client CA for new connections while open
 //! streams carry on. A reload that fails keeps the old material (the caller logs why).
 
 use std::{
