@@ -285,24 +285,29 @@ impl Authority {
     }
 }
 
-/// Checks `action` on `target` for the request's principal; passes when authentication is off.
+/// Checks `action` on `target` for `caller` (the request's principal); passes when
+/// authentication is off. A refusal is counted as `denied`.
 ///
 /// # Errors
 /// `PERMISSION_DENIED` naming the principal, the action and the address; `UNAUTHENTICATED`
 /// when authentication is on and the request carries no principal.
 pub fn authorize(
     authority: &Authority,
-    extensions: &http::Extensions,
+    caller: Option<&Arc<Principal>>,
     action: Action,
     target: &str,
+    metrics: &Metrics,
 ) -> Result<(), BrokerError> {
     if !authority.enabled() {
         return Ok(());
     }
-    let principal = extensions
-        .get::<Arc<Principal>>()
-        .ok_or(BrokerError::Unauthenticated("missing credentials"))?;
-    principal.check(action, target)
+    let checked = caller
+        .ok_or(BrokerError::Unauthenticated("missing credentials"))?
+        .check(action, target);
+    if checked.is_err() {
+        metrics.auth_failure("denied");
+    }
+    checked
 }
 
 /// Wraps a service with authentication; with `admin_only`, the principal must also have

@@ -99,17 +99,13 @@ impl BrokerService {
 
     /// `action` on `target` for `caller`; passes when authentication is off.
     fn allow(&self, caller: &Caller, action: Action, target: &str) -> Result<(), BrokerError> {
-        if !self.authority.enabled() {
-            return Ok(());
-        }
-        let checked = caller
-            .as_ref()
-            .ok_or(BrokerError::Unauthenticated("missing credentials"))?
-            .check(action, target);
-        if checked.is_err() {
-            self.broker.metrics().auth_failure("denied");
-        }
-        checked
+        super::auth::authorize(
+            &self.authority,
+            caller.as_ref(),
+            action,
+            target,
+            self.broker.metrics(),
+        )
     }
 }
 

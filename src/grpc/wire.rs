@@ -30,7 +30,7 @@ use prost::Message as _;
 use tonic::{body::Body, server::NamedService, Status};
 
 use super::{
-    auth::{Action, Authority, Principal},
+    auth::{authorize, Action, Authority, Principal},
     connection::{StreamLimiter, StreamPermit},
     service::rejected,
 };
@@ -244,18 +244,14 @@ async fn subscribe(
 ) -> Result<http::Response<Body>, Status> {
     let peer = super::server::peer_addr(request.extensions());
     let caller = request.extensions().get::<Arc<Principal>>().cloned();
-    let allow = |target: &str| -> Result<(), BrokerError> {
-        if !authority.enabled() {
-            return Ok(());
-        }
-        let checked = caller
-            .as_ref()
-            .ok_or(BrokerError::Unauthenticated("missing credentials"))?
-            .check(Action::Receive, target);
-        if checked.is_err() {
-            broker.metrics().auth_failure("denied");
-        }
-        checked
+    let allow = |target: &str| {
+        authorize(
+            &authority,
+            caller.as_ref(),
+            Action::Receive,
+            target,
+            broker.metrics(),
+        )
     };
     let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
         .collect()
