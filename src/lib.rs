@@ -8,7 +8,9 @@
 //! Arrows point down only: `grpc` → `broker` → `engine`; the leaf modules are shared.
 //! - [`grpc`]: the gRPC face: [`grpc::service`] (`switchboard.v1.Broker`), [`grpc::wire`]
 //!   (zero-copy Subscribe), [`grpc::admin`], [`grpc::health`], [`grpc::connection`] (per-connection
-//!   stream limit), [`grpc::server`] (`bind` + `run` with graceful shutdown).
+//!   stream limit), [`grpc::admission`] (handshake timeout, connection limit, log budget),
+//!   [`grpc::auth`] (tokens, certificate subjects, permissions), [`grpc::tls`] (rustls, reload),
+//!   [`grpc::server`] (`bind` + `run` with graceful shutdown).
 //! - [`broker`]: the core without gRPC: the [`Broker`] handle (Send, Recv, Subscribe, consumer
 //!   groups) and [`broker::Subscription`]s (lag becomes `Dropped`).
 //! - [`engine`]: the storage boundary ([`engine::Engine`], [`engine::Log`]): append, read from a
