@@ -244,7 +244,7 @@ pub struct SendArgs {
     pub message_id: Option<String>,
 
     /// With PAYLOAD `-`: send each line of stdin as one message (without its newline), in
-    /// batches (SendBatch, up to 1,000 lines or 1 MiB of the lines ready at once); prints one
+    /// batches (SendBatch, up to 1,000 lines or 64 KiB of the lines ready at once); prints one
     /// sequence per line. A refused line is reported on stderr and skipped.
     #[arg(long)]
     pub lines: bool,

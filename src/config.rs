@@ -162,14 +162,13 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// tonic's decode limit: the 64 MiB payload ceiling plus room for headers, the address and
-    /// framing, whatever `--max-message-bytes` is, so that every payload up to the ceiling is
-    /// decoded and refused by our own check (`RESOURCE_EXHAUSTED` naming the field and the
-    /// limit). A request above this gets tonic's `OUT_OF_RANGE` ("decoded message length too
-    /// large"). The cost: one request may make the broker buffer up to this many bytes before
-    /// refusing it.
+    /// The largest gRPC request message decoded, in bytes: `--max-message-bytes` plus room for
+    /// headers, the address and framing (96 KiB), so that a payload just over the limit is
+    /// decoded and refused by our own check naming the field. A message declared larger is
+    /// refused from its length prefix, unread (`grpc::frame_limit`), also with
+    /// `RESOURCE_EXHAUSTED`. Also bounds a SendBatch request.
     pub fn decode_limit(&self) -> usize {
-        MAX_MESSAGE_BYTES_CEILING + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
+        self.limits.max_message_bytes + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
     }
 }
 

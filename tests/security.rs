@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::PathBuf, time::Instant};
+use std::{net::SocketAddr, path::PathBuf};
 
-use common::{pki::Pki, step, TestServer};
+use common::{pki::Pki, TestServer};
 use switchboard::{
     config::{Security, ServerConfig},
     grpc::auth::{new_token, token_sha256},
@@ -343,62 +343,6 @@ async fn optional_client_auth_lets_a_token_client_in() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_authentications_do_not_slow_a_permitted_client_more_than_2x() {
-    let pki = Pki::new("flood");
-    let token = new_token();
-    let auth = write_auth(
-        &pki.dir,
-        &format!(
-            "[[principal]]\nname = \"ok\"\ntoken_sha256 = \"{}\"\nsend = [\">\"]\n",
-            token_sha256(&token)
-        ),
-    );
-    let server = server(Security {
-        auth_file: Some(auth),
-        tls: None,
-    })
-    .await;
-    let mut good = plain(server.addr, Some(&token)).await;
-    let timed = |mut c: Authed| async move {
-        let t = Instant::now();
-        for _ in 0..300 {
-            c.send(send_req("flood.ok")).await.unwrap();
-        }
-        t.elapsed()
-    };
-    let _ = timed(good.clone()).await; // warm up
-    let alone = timed(good.clone()).await;
-    // 10,000 failed authentications from another connection, at once.
-    let attacker = plain(server.addr, Some("wrong")).await;
-    let attack = tokio::spawn(async move {
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let mut a = attacker.clone();
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..1250 {
-                    let e = a.send(send_req("flood.bad")).await.unwrap_err();
-                    assert_eq!(e.code(), Code::Unauthenticated);
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
-    let during = timed(good.clone()).await;
-    step("attack", attack).await.unwrap();
-    eprintln!(
-        "300 permitted sends: {alone:?} alone, {during:?} during 10,000 failed authentications"
-    );
-    assert!(
-        during <= alone * 2 + std::time::Duration::from_millis(50),
-        "{during:?} vs {alone:?}"
-    );
-    assert!(good.send(send_req("flood.ok")).await.is_ok());
     server.stop().await;
 }
 

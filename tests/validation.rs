@@ -136,12 +136,17 @@ async fn payload_limit_is_ours_not_tonics() {
         Code::ResourceExhausted,
         &["payload", &limit.to_string(), "--max-message-bytes"],
     );
-    // Far above it (6 MB, and the 64 MiB ceiling itself), still ours, over Send and SendStream.
-    for size in [6_000_000, 64 * 1024 * 1024] {
+    // Far above it (6 MB, the 64 MiB ceiling, beyond it): still ours, refused from the message's
+    // length prefix before it is read. A SendStream cannot skip such a message: it ends.
+    for size in [6_000_000, 64 * 1024 * 1024, 65 * 1024 * 1024] {
         assert_status(
             c.send(send_req("big", vec![0; size], HashMap::new())).await,
             Code::ResourceExhausted,
-            &["payload", &size.to_string(), &limit.to_string()],
+            &[
+                "payload: a message of",
+                "--max-message-bytes",
+                &limit.to_string(),
+            ],
         );
         let mut responses = c
             .send_stream(tokio_stream::iter(vec![send_req(
@@ -152,20 +157,28 @@ async fn payload_limit_is_ours_not_tonics() {
             .await
             .unwrap()
             .into_inner();
-        let r = responses.message().await.unwrap().unwrap();
-        let e = r.error.expect("refused in the stream");
-        assert_eq!(e.code, Code::ResourceExhausted as i32);
-        assert!(e.message.contains("--max-message-bytes"), "{}", e.message);
+        let e = responses.message().await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(
+            e.message().contains("--max-message-bytes"),
+            "{}",
+            e.message()
+        );
     }
-    // Above the ceiling plus headroom: tonic's own OUT_OF_RANGE (documented).
-    assert_status(
-        c.send(send_req("big", vec![0; 65 * 1024 * 1024], HashMap::new()))
-            .await,
-        Code::OutOfRange,
-        &["too large"],
-    );
-    // Nothing stored: the next message gets sequence 2. Exactly the limit is accepted.
-    assert_eq!(send(&mut c, "big", &vec![1; limit]).await, 2);
+    // Just above the limit, within the decode headroom: per message in a SendStream.
+    let mut responses = c
+        .send_stream(tokio_stream::iter(vec![
+            send_req("big", vec![0; limit + 1], HashMap::new()),
+            send_req("big", b"fine".to_vec(), HashMap::new()),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.message().await.unwrap().unwrap();
+    assert_eq!(first.error.unwrap().code, Code::ResourceExhausted as i32);
+    assert_eq!(responses.message().await.unwrap().unwrap().sequence, 2);
+    // Nothing else stored: the next message gets sequence 3. Exactly the limit is accepted.
+    assert_eq!(send(&mut c, "big", &vec![1; limit]).await, 3);
     server.stop().await;
 }
 

@@ -285,8 +285,9 @@ async fn send_lines(args: SendArgs) -> Result<u8, ClientError> {
 
 /// Lines per SendBatch of `send --lines` (the broker's limit).
 const LINES_BATCH: usize = 1000;
-/// Bytes of lines per SendBatch of `send --lines`.
-const LINES_BATCH_BYTES: usize = 1024 * 1024;
+/// Bytes of lines per SendBatch of `send --lines`: within the broker's decode headroom
+/// (96 KiB above --max-message-bytes), whatever its limits.
+const LINES_BATCH_BYTES: usize = 64 * 1024;
 
 /// The index a SendBatch refusal names (`messages[3]: ...`).
 fn refused_index(status: &tonic::Status) -> Option<usize> {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod connection;
+mod frame_limit;
 pub mod health;
 pub mod server;
 pub mod service;

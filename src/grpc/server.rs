@@ -158,7 +158,8 @@ pub async fn run_with_metrics(
     let auth_metrics = Arc::clone(broker.metrics());
     let service = AuthLayer::new(
         SubscribeRoute::new(service, broker, shutdown.token(), streams)
-            .with_authority(authority.clone()),
+            .with_authority(authority.clone())
+            .with_decode_limit(config.decode_limit()),
         authority,
         auth_metrics,
         false,

@@ -205,6 +205,8 @@ impl Drop for SubscribeBody {
 #[derive(Debug, Clone)]
 pub struct SubscribeRoute<S> {
     inner: S,
+    /// Largest request message (see `frame_limit`); 0: no check.
+    decode_limit: usize,
     broker: Broker,
     shutdown: ShutdownToken,
     streams: StreamLimiter,
@@ -216,11 +218,21 @@ impl<S> SubscribeRoute<S> {
     pub fn new(inner: S, broker: Broker, shutdown: ShutdownToken, streams: StreamLimiter) -> Self {
         Self {
             inner,
+            decode_limit: 0,
             broker,
             shutdown,
             streams,
             authority: Authority::default(),
         }
+    }
+
+    /// Refuses request messages declared larger than `limit` bytes from their length prefix,
+    /// with `RESOURCE_EXHAUSTED` (see `frame_limit`); the inner service's decode limit should
+    /// be the same.
+    #[must_use]
+    pub fn with_decode_limit(mut self, limit: usize) -> Self {
+        self.decode_limit = limit;
+        self
     }
 
     /// Checks each Subscribe's permission to receive from its address or pattern.
@@ -370,6 +382,12 @@ where
                 Ok(r.unwrap_or_else(Status::into_http))
             })
         } else {
+            let request = if self.decode_limit > 0 {
+                let (limit, max) = (self.decode_limit, self.broker.limits().max_message_bytes);
+                request.map(|b| Body::new(super::frame_limit::FrameLimit::new(b, limit, max)))
+            } else {
+                request
+            };
             let fut = self.inner.call(request);
             Box::pin(fut)
         }
