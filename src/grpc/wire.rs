@@ -73,39 +73,33 @@ struct SubscribeBody {
     done: bool,
 }
 
+/// What a Subscribe stream reads from: one address, or every address matching a pattern.
+enum Source {
+    Address(Subscription),
+    Pattern(PatternSubscription),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
+        match self {
+            Self::Address(s) => s.next().await,
+            Self::Pattern(s) => s.next().await,
+        }
+    }
+}
+
 impl SubscribeBody {
-    fn new(
-        subscription: Subscription,
-        permit: Option<StreamPermit>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let events = futures_util::stream::unfold(subscription, |mut s| async move {
-            s.next().await.map(|e| (e, s))
-        });
-        Self::from_events(Box::pin(events), permit, metrics)
-    }
-
-    fn pattern(
-        subscription: PatternSubscription,
-        permit: Option<StreamPermit>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let events = futures_util::stream::unfold(subscription, |mut s| async move {
-            s.next().await.map(|e| (e, s))
-        });
-        Self::from_events(Box::pin(events), permit, metrics)
-    }
-
-    fn from_events(
-        events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>>,
-        permit: Option<StreamPermit>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    fn new(source: Source, permit: Option<StreamPermit>, metrics: Arc<Metrics>) -> Self {
+        let events =
+            futures_util::stream::unfold(
+                source,
+                |mut s| async move { s.next().await.map(|e| (e, s)) },
+            );
         Self {
             _permit: permit,
             metrics,
             closed: false,
-            events,
+            events: Box::pin(events),
             queued: VecDeque::new(),
             trailers: None,
             done: false,
@@ -317,8 +311,8 @@ async fn subscribe(
             .subscribe_pattern(pattern, shutdown)
             .map_err(reject)?;
         let metrics = Arc::clone(broker.metrics());
-        return Ok(grpc_response(SubscribeBody::pattern(
-            subscription,
+        return Ok(grpc_response(SubscribeBody::new(
+            Source::Pattern(subscription),
             permit,
             metrics,
         )));
@@ -334,7 +328,7 @@ async fn subscribe(
         .map_err(reject)?;
     let metrics = Arc::clone(broker.metrics());
     Ok(grpc_response(SubscribeBody::new(
-        subscription,
+        Source::Address(subscription),
         permit,
         metrics,
     )))
