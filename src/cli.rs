@@ -183,6 +183,17 @@ pub enum ClientAuth {
     Optional,
 }
 
+/// When the disk engine fsyncs (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// Before a Send (or an Ack, a group change) is answered: nothing acknowledged is ever
+    /// lost, even to a power cut. Concurrent Sends share fsyncs (group commit).
+    Always,
+    /// Every --fsync-interval-ms: faster, but a machine crash or power cut can lose the
+    /// last interval of acknowledged writes (a broker crash alone loses nothing).
+    Interval,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -500,6 +511,33 @@ pub struct ServeArgs {
     /// Milliseconds shutdown waits for open calls to finish before closing connections.
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
+
+    /// Keep messages and consumer groups in this directory (the disk engine): everything
+    /// acknowledged survives a restart, a crash or a power cut. Without it the broker keeps
+    /// everything in memory and loses it on exit. One broker per directory (a LOCK file).
+    #[arg(long, env = "SWITCHBOARD_DATA_DIR", value_name = "PATH")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// With --data-dir: `always` (default) fsyncs before answering; `interval` fsyncs every
+    /// --fsync-interval-ms and can lose that much to a power cut.
+    #[arg(long, env = "SWITCHBOARD_FSYNC", value_enum, default_value_t = Fsync::Always, requires = "data_dir")]
+    pub fsync: Fsync,
+
+    /// With --fsync interval: milliseconds between fsyncs (1 to 60,000).
+    #[arg(long, env = "SWITCHBOARD_FSYNC_INTERVAL_MS", default_value_t = 100)]
+    pub fsync_interval_ms: u64,
+
+    /// With --data-dir: bytes after which an address starts a new segment file; retention
+    /// deletes whole segments (1 MiB to 1 GiB).
+    #[arg(long, env = "SWITCHBOARD_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub segment_bytes: u64,
+
+    /// With --data-dir: start even when a log is corrupt in the middle (not merely cut short
+    /// by a crash, which is always repaired), keeping the records before the corrupt one and
+    /// removing the rest of that address's log. Without it the broker refuses to start and
+    /// names the address, sequence and file.
+    #[arg(long, env = "SWITCHBOARD_REPAIR", requires = "data_dir")]
+    pub repair: bool,
 }
 
 impl ServeArgs {
@@ -520,7 +558,34 @@ impl ServeArgs {
             max_subscribers_per_address: self.max_subscribers_per_address,
         };
         limits.validate()?;
+        if !(1..=60_000).contains(&self.fsync_interval_ms) {
+            return Err(format!(
+                "--fsync-interval-ms: {} is outside 1 to 60000",
+                self.fsync_interval_ms
+            ));
+        }
+        if !(1 << 20..=1 << 30).contains(&self.segment_bytes) {
+            return Err(format!(
+                "--segment-bytes: {} is outside 1048576 (1 MiB) to 1073741824 (1 GiB)",
+                self.segment_bytes
+            ));
+        }
+        let storage = self
+            .data_dir
+            .as_ref()
+            .map(|dir| crate::engine::disk::DiskConfig {
+                dir: dir.clone(),
+                fsync: match self.fsync {
+                    Fsync::Always => crate::engine::disk::FsyncMode::Always,
+                    Fsync::Interval => crate::engine::disk::FsyncMode::Interval(
+                        Duration::from_millis(self.fsync_interval_ms),
+                    ),
+                },
+                segment_bytes: self.segment_bytes,
+                repair: self.repair,
+            });
         Ok(ServerConfig {
+            storage,
             limits,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             max_streams_per_connection: self.max_streams_per_connection,

@@ -142,6 +142,8 @@ pub struct ServerConfig {
     pub admission: Admission,
     /// Authentication and TLS.
     pub security: Security,
+    /// The disk engine's settings (`--data-dir`); `None`: the in-memory engine.
+    pub storage: Option<crate::engine::disk::DiskConfig>,
 }
 
 impl Default for ServerConfig {
@@ -157,6 +159,7 @@ impl Default for ServerConfig {
                 max_connections: 65_536,
             },
             security: Security::default(),
+            storage: None,
         }
     }
 }

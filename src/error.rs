@@ -104,6 +104,10 @@ pub enum BrokerError {
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
+    /// The disk engine could not make a write durable (disk full, I/O error, failed fsync):
+    /// nothing of it is visible or kept. Maps to `UNAVAILABLE`; retrying later may succeed.
+    #[error("storage: {0}")]
+    Storage(String),
 }
 
 impl BrokerError {
@@ -127,7 +131,7 @@ impl BrokerError {
             Self::PastEnd { .. } => tonic::Code::OutOfRange,
             Self::GroupExists { .. } => tonic::Code::AlreadyExists,
             Self::NotAcknowledged { .. } => tonic::Code::FailedPrecondition,
-            Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::ShuttingDown | Self::Storage(_) => tonic::Code::Unavailable,
             Self::InBatch { error, .. } => error.code(),
             Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Self::PermissionDenied { .. } => tonic::Code::PermissionDenied,

@@ -84,6 +84,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // Recover the data directory before listening, so health turns SERVING only when every
+    // address is back.
+    let broker = match &config.storage {
+        None => Broker::new(config.limits.clone()),
+        Some(storage) => match Broker::with_disk(config.limits.clone(), storage) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let (listener, addr) = match server::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -120,6 +132,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         retention_age = %humantime::format_duration(l.retention_age),
         max_retained_bytes = l.max_retained_bytes,
         idle_address_ms = l.idle_address.as_millis(),
+        data_dir = config.storage.as_ref().map(|s| s.dir.display().to_string()),
         "switchboard listening"
     );
     let metrics = match args.metrics_listen {
@@ -132,8 +145,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         None => None,
     };
-    let broker = Broker::new(config.limits.clone());
-    match server::run_with_metrics(listener, metrics, broker, config, shutdown::signal()).await {
+    let engine_handle = broker.clone();
+    let r = server::run_with_metrics(listener, metrics, broker, config, shutdown::signal()).await;
+    // Everything answered is durable already; this writes out what interval mode holds.
+    engine_handle.engine().close();
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

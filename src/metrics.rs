@@ -104,6 +104,12 @@ pub struct Metrics {
     pub(crate) dead_lettered: Counter,
     pub(crate) subscribers: Gauge,
     pub(crate) groups: Gauge,
+    /// Time of each fdatasync by the disk engine's flusher (one per address per flush round).
+    pub(crate) fsync_seconds: Histogram,
+    /// Bytes in the disk engine's files (segments and journals).
+    pub(crate) disk_bytes: Gauge,
+    /// Flush rounds that failed (write or fsync error).
+    pub(crate) storage_errors: Counter,
     addresses: Gauge,
     retained_messages: Gauge,
     retained_bytes: Gauge,
@@ -162,6 +168,10 @@ impl Metrics {
             dead_lettered: Counter::default(),
             subscribers: Gauge::default(),
             groups: Gauge::default(),
+            // 10 µs to ~80 s.
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 23)),
+            disk_bytes: Gauge::default(),
+            storage_errors: Counter::default(),
             addresses: Gauge::default(),
             retained_messages: Gauge::default(),
             retained_bytes: Gauge::default(),
@@ -211,6 +221,21 @@ impl Metrics {
             "messages_dead_lettered",
             "Messages that reached max_deliveries (sent to the dead-letter address, or dropped)",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "fsync_duration_seconds",
+            "Time of each fdatasync of the disk engine (group commit: one per address per flush)",
+            m.fsync_seconds.clone(),
+        );
+        registry.register(
+            "disk_bytes",
+            "Bytes in the disk engine's segment and journal files",
+            m.disk_bytes.clone(),
+        );
+        registry.register(
+            "storage_errors",
+            "Flushes of an address that failed with a write or fsync error (their Sends got UNAVAILABLE)",
+            m.storage_errors.clone(),
         );
         registry.register(
             "addresses",

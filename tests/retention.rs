@@ -119,7 +119,7 @@ proptest! {
             match op {
                 Op::Send { address, len } => {
                     let a = Address::parse(format!("p{address}")).unwrap();
-                    let seq = broker.send(&a, Bytes::from(vec![0; len]), Default::default()).unwrap();
+                    let seq = rt.block_on(broker.send(&a, Bytes::from(vec![0; len]), Default::default())).unwrap();
                     sent[address as usize] += 1;
                     prop_assert_eq!(seq, sent[address as usize]);
                 }

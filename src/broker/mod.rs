@@ -7,6 +7,7 @@
 
 pub mod subscription;
 
+use crate::engine::{disk::DiskConfig, Durable};
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -84,6 +85,25 @@ impl Broker {
         }
     }
 
+    /// A broker on the disk engine in `config.dir` (see [`crate::engine::disk`]): every address
+    /// found there is recovered first.
+    ///
+    /// # Errors
+    /// As [`Engine::disk`]: the directory is locked by another broker, unusable, or holds a
+    /// corrupt log (without `--repair`).
+    pub fn with_disk(limits: Limits, config: &DiskConfig) -> Result<Self, String> {
+        let metrics = Arc::new(Metrics::new());
+        let engine = Engine::disk(&limits, Arc::clone(&metrics), config)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                limits,
+                metrics,
+                next_holder: AtomicU64::new(1),
+            }),
+        })
+    }
+
     /// Begins shutdown: every Send from now on is refused with `UNAVAILABLE`. Call it before
     /// triggering the shutdown token, so that draining subscribers miss nothing acknowledged.
     pub fn begin_shutdown(&self) {
@@ -113,14 +133,19 @@ impl Broker {
     /// 128 bytes overhead) above `--retention-bytes` or `--max-retained-bytes`;
     /// `INVALID_ARGUMENT` for more than 64 headers or an empty header key; `RESOURCE_EXHAUSTED`
     /// when the address does not exist and `--max-addresses` is reached; `UNAVAILABLE` once
-    /// shutdown has begun. Nothing is stored then.
-    pub fn send(
+    /// shutdown has begun; `UNAVAILABLE` ("storage: ...") when the disk engine could not make
+    /// it durable. Nothing is stored then.
+    ///
+    /// In the disk engine this returns once the message is on stable storage (see
+    /// [`Broker::publish_staged`]).
+    pub async fn send(
         &self,
         address: &Address,
         payload: Bytes,
         headers: Headers,
     ) -> Result<u64, BrokerError> {
         self.publish(address, payload, headers, "")
+            .await
             .map(|a| a.sequence)
     }
 
@@ -131,13 +156,31 @@ impl Broker {
     ///
     /// # Errors
     /// As [`Broker::send`], and `INVALID_ARGUMENT` for a `message_id` over 255 bytes.
-    pub fn publish(
+    pub async fn publish(
         &self,
         address: &Address,
         payload: Bytes,
         headers: Headers,
         message_id: &str,
     ) -> Result<Appended, BrokerError> {
+        let (appended, durable) = self.publish_staged(address, payload, headers, message_id)?;
+        durable.wait().await?;
+        Ok(appended)
+    }
+
+    /// [`Broker::publish`] without waiting: the sequence is assigned and, in the disk engine,
+    /// the message is queued for the flusher; answer the client only once the returned
+    /// [`Durable`] resolves `Ok` (SendStream keeps many in flight this way, sharing fsyncs).
+    ///
+    /// # Errors
+    /// As [`Broker::publish`], but for storage errors, which the [`Durable`] reports.
+    pub fn publish_staged(
+        &self,
+        address: &Address,
+        payload: Bytes,
+        headers: Headers,
+        message_id: &str,
+    ) -> Result<(Appended, Durable), BrokerError> {
         let m = self.prepare(payload, headers, message_id)?;
         self.inner.engine.append(
             address,
@@ -158,7 +201,7 @@ impl Broker {
     /// `INVALID_ARGUMENT` for no message or more than 1,000; each message's errors as for
     /// [`Broker::publish`], wrapped in [`BrokerError::InBatch`]; `RESOURCE_EXHAUSTED` when the
     /// batch's bytes exceed `--retention-bytes`; `UNAVAILABLE` once shutdown has begun.
-    pub fn send_batch(
+    pub async fn send_batch(
         &self,
         address: &Address,
         messages: Vec<(Bytes, Headers, String)>,
@@ -193,7 +236,9 @@ impl Broker {
                 limit_name: "--retention-bytes",
             });
         }
-        self.inner.engine.append_batch(address, prepared)
+        let (appended, durable) = self.inner.engine.append_batch(address, prepared)?;
+        durable.wait().await?;
+        Ok(appended)
     }
 
     /// Checks one message and makes it ready to store.
@@ -270,6 +315,7 @@ impl Broker {
                 .engine
                 .take(address, group.as_str(), max, !wait.is_zero())?;
         self.dead_letter(std::mem::take(&mut batch.dead_letters));
+        std::mem::take(&mut batch.durable).wait().await?;
         if !batch.is_empty() || wait.is_zero() {
             return Ok(batch);
         }
@@ -282,6 +328,7 @@ impl Broker {
             log.check_deleted()?;
             let mut batch = log.take(group.as_str(), id, max, 0)?;
             self.dead_letter(std::mem::take(&mut batch.dead_letters));
+            std::mem::take(&mut batch.durable).wait().await?;
             if !batch.is_empty() {
                 return Ok(batch);
             }
@@ -382,7 +429,7 @@ impl Broker {
     /// `INVALID_ARGUMENT` for the default group; `ALREADY_EXISTS` when the group exists with
     /// another start; `OUT_OF_RANGE` for a start past the last sequence + 1;
     /// `RESOURCE_EXHAUSTED` for `--max-addresses`.
-    pub fn create_group(
+    pub async fn create_group(
         &self,
         address: &Address,
         group: &Group,
@@ -402,9 +449,12 @@ impl Broker {
                 ));
             }
         }
-        self.inner
-            .engine
-            .create_group(address, group.as_str(), settings)
+        let (created, next, durable) =
+            self.inner
+                .engine
+                .create_group(address, group.as_str(), settings)?;
+        durable.wait().await?;
+        Ok((created, next))
     }
 
     /// Ack, Nack (with its delay) or ExtendLease of `sequences` (1 to 1,000) of `group`, a
@@ -415,7 +465,7 @@ impl Broker {
     /// # Errors
     /// `INVALID_ARGUMENT` for no sequence or more than 1,000; `FAILED_PRECONDITION` naming the
     /// group when it is the default group, unknown, or has no `ack_wait`.
-    pub fn settle(
+    pub async fn settle(
         &self,
         address: &Address,
         group: &Group,
@@ -436,6 +486,7 @@ impl Broker {
             .engine
             .settle(address.as_str(), group.as_str(), sequences, op)?;
         self.dead_letter(settled.dead_letters);
+        settled.durable.wait().await?;
         Ok(settled.not_pending)
     }
 
@@ -473,9 +524,11 @@ impl Broker {
                     limit_name: "--retention-bytes",
                 })
             } else {
+                // Not awaited: the dead letter is durable with the next flush.
                 self.inner
                     .engine
                     .append(&d.to, d.message.payload.clone(), headers, size, None)
+                    .map(|_| ())
             };
             if let Err(e) = stored {
                 tracing::warn!(
@@ -495,7 +548,7 @@ impl Broker {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for the default group; `NOT_FOUND` for an unknown address or group.
-    pub fn delete_group(&self, address: &Address, group: &Group) -> Result<(), BrokerError> {
+    pub async fn delete_group(&self, address: &Address, group: &Group) -> Result<(), BrokerError> {
         if group.is_default() {
             return Err(BrokerError::invalid(
                 "group",
@@ -504,7 +557,9 @@ impl Broker {
         }
         self.inner
             .engine
-            .delete_group(address.as_str(), group.as_str())
+            .delete_group(address.as_str(), group.as_str())?
+            .wait()
+            .await
     }
 
     /// Subscribers (fan-out and group streams) on `address` now; 0 for an unknown address.

@@ -161,6 +161,12 @@ impl Subscription {
                     match log.take(group.as_str(), *id, 1, *holder) {
                         Ok(mut batch) => {
                             broker.dead_letter(std::mem::take(&mut batch.dead_letters));
+                            // Disk engine: the group's position is durable before the message
+                            // goes out.
+                            if let Err(e) = std::mem::take(&mut batch.durable).wait().await {
+                                *done = true;
+                                return Some(Err(e));
+                            }
                             buffer.extend(batch.messages.into_iter().map(|t| {
                                 let frame = encode_message(&t.message, t.attempt);
                                 (t.message, Some(frame))

@@ -32,9 +32,11 @@ fn append_n(e: &Engine, a: &Address, n: usize) -> Vec<u64> {
         .map(|i| {
             let payload = Bytes::from(format!("m{i}"));
             let size = payload.len() + 128;
-            e.append(a, payload, Default::default(), size, None)
-                .unwrap()
-                .sequence
+            let (appended, durable) = e
+                .append(a, payload, Default::default(), size, None)
+                .unwrap();
+            durable.wait_blocking().unwrap();
+            appended.sequence
         })
         .collect()
 }
@@ -51,6 +53,18 @@ fn drain(log: &Log, cursor: &mut FanoutCursor) -> (u64, Vec<u64>) {
         }
     }
     (dropped, out.iter().map(|(m, _)| m.sequence).collect())
+}
+
+/// CreateGroup, once durable.
+fn create_group(
+    e: &Engine,
+    a: &Address,
+    group: &str,
+    settings: GroupSettings,
+) -> Result<(bool, u64), BrokerError> {
+    let (created, next, durable) = e.create_group(a, group, settings)?;
+    durable.wait_blocking()?;
+    Ok((created, next))
 }
 
 fn at(start: StartAt) -> GroupSettings {
@@ -72,9 +86,7 @@ pub(super) fn history_survives_consumption(make: Make) {
     let (_, _, batch) = e.take(&a, "", 10, false).unwrap();
     assert_eq!(batch.messages.len(), 5);
     assert_eq!(e.counts("c.history")[2], 5, "taken messages stay retained");
-    let (created, next) = e
-        .create_group(&a, "late", at(StartAt::Sequence(1)))
-        .unwrap();
+    let (created, next) = create_group(&e, &a, "late", at(StartAt::Sequence(1))).unwrap();
     assert!(created);
     assert_eq!(next, 1);
     let (_, _, batch) = e.take(&a, "late", 100, false).unwrap();
@@ -144,7 +156,7 @@ pub(super) fn start_past_end_is_refused(make: Make) {
     assert!(err.to_string().contains("22") && err.to_string().contains("20"));
     assert_eq!(e.counts("c.past")[0], 0, "nothing registered");
     assert!(matches!(
-        e.create_group(&a, "g", at(StartAt::Sequence(22))),
+        create_group(&e, &a, "g", at(StartAt::Sequence(22))),
         Err(BrokerError::PastEnd { .. })
     ));
 }
@@ -163,7 +175,7 @@ pub(super) fn start_at_time(make: Make) {
         .unwrap();
     assert_eq!(drain(&log, &mut cursor), (0, seqs(4, 6)));
     log.unsubscribe_fanout(cursor);
-    let (_, next) = e.create_group(&a, "since", at(StartAt::Time(t))).unwrap();
+    let (_, next) = create_group(&e, &a, "since", at(StartAt::Time(t))).unwrap();
     assert_eq!(next, 4);
     // A time after every message: live.
     let later = SystemTime::now() + Duration::from_secs(3600);
@@ -179,50 +191,49 @@ pub(super) fn create_group_is_idempotent(make: Make) {
     let a = addr("c.create");
     append_n(&e, &a, 10);
     assert_eq!(
-        e.create_group(&a, "g", at(StartAt::Sequence(4))).unwrap(),
+        create_group(&e, &a, "g", at(StartAt::Sequence(4))).unwrap(),
         (true, 4)
     );
     assert_eq!(
-        e.create_group(&a, "g", at(StartAt::Sequence(4))).unwrap(),
+        create_group(&e, &a, "g", at(StartAt::Sequence(4))).unwrap(),
         (false, 4)
     );
-    let err = e
-        .create_group(&a, "g", at(StartAt::Sequence(5)))
-        .unwrap_err();
+    let err = create_group(&e, &a, "g", at(StartAt::Sequence(5))).unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
     assert!(err.to_string().contains("start_sequence 4"), "{err}");
     let (_, _, batch) = e.take(&a, "g", 3, false).unwrap();
     assert_eq!(batch.messages[0].message.sequence, 4);
     // The same request after reads: still OK, and reports the group's position now.
     assert_eq!(
-        e.create_group(&a, "g", at(StartAt::Sequence(4))).unwrap(),
+        create_group(&e, &a, "g", at(StartAt::Sequence(4))).unwrap(),
         (false, 7)
     );
     // A group created by its first read started at the end.
     e.take(&a, "implicit", 1, false).unwrap();
     assert_eq!(
-        e.create_group(&a, "implicit", at(StartAt::End)).unwrap(),
+        create_group(&e, &a, "implicit", at(StartAt::End)).unwrap(),
         (false, 11)
     );
-    assert!(e
-        .create_group(&a, "implicit", at(StartAt::Sequence(1)))
-        .is_err());
+    assert!(create_group(&e, &a, "implicit", at(StartAt::Sequence(1))).is_err());
 }
 
 pub(super) fn delete_group_ends_its_readers(make: Make) {
     let e = make(&limits(100));
     let a = addr("c.delete");
     append_n(&e, &a, 4);
-    e.create_group(&a, "g", at(StartAt::Sequence(1))).unwrap();
+    create_group(&e, &a, "g", at(StartAt::Sequence(1))).unwrap();
     let (log, id, batch) = e.take(&a, "g", 1, false).unwrap();
     assert_eq!(batch.messages.len(), 1);
-    e.delete_group("c.delete", "g").unwrap();
+    e.delete_group("c.delete", "g")
+        .unwrap()
+        .wait_blocking()
+        .unwrap();
     assert_eq!(
         log.take("g", id, 1, 0).unwrap_err(),
         BrokerError::GroupDeleted
     );
     // Created again: a new incarnation; the old id still sees it deleted.
-    e.create_group(&a, "g", at(StartAt::Sequence(1))).unwrap();
+    create_group(&e, &a, "g", at(StartAt::Sequence(1))).unwrap();
     assert_eq!(
         log.take("g", id, 1, 0).unwrap_err(),
         BrokerError::GroupDeleted
@@ -303,8 +314,13 @@ pub(super) async fn lease_expiry_redelivers_then_dead_letters(make: Make) {
     let e = make(&limits(100));
     let a = addr("c.lease");
     append_n(&e, &a, 2);
-    e.create_group(&a, "w", acked(Duration::from_secs(10), 2, Some("c.dlq")))
-        .unwrap();
+    create_group(
+        &e,
+        &a,
+        "w",
+        acked(Duration::from_secs(10), 2, Some("c.dlq")),
+    )
+    .unwrap();
     let (log, id, b) = e.take(&a, "w", 10, false).unwrap();
     assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
     assert!(b.next_due.is_some(), "a reader knows when to wake");
@@ -331,8 +347,7 @@ pub(super) async fn released_leases_go_out_at_once(make: Make) {
     let e = make(&limits(100));
     let a = addr("c.release");
     append_n(&e, &a, 3);
-    e.create_group(&a, "w", acked(Duration::from_secs(600), 0, None))
-        .unwrap();
+    create_group(&e, &a, "w", acked(Duration::from_secs(600), 0, None)).unwrap();
     let (log, id) = e.subscribe_group(&a, "w", 10, no_limit).unwrap();
     let b = log.take("w", id, 2, 42).unwrap();
     assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
@@ -350,8 +365,7 @@ pub(super) fn evicted_pending_messages_are_reported_dropped(make: Make) {
     let e = make(&limits(3));
     let a = addr("c.evictpending");
     append_n(&e, &a, 3);
-    e.create_group(&a, "w", acked(Duration::from_secs(600), 0, None))
-        .unwrap();
+    create_group(&e, &a, "w", acked(Duration::from_secs(600), 0, None)).unwrap();
     let (_, _, b) = e.take(&a, "w", 2, false).unwrap();
     assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
     append_n(&e, &a, 3);
@@ -427,3 +441,20 @@ macro_rules! conformance {
 }
 
 conformance!(memory, |l| Engine::memory(l, Arc::new(Metrics::new())));
+
+conformance!(disk, |l| {
+    // Each engine gets a directory of its own; it outlives the test (the engine owns no
+    // handle to remove it), under the system's temporary directory.
+    let dir = tempfile::Builder::new()
+        .prefix("switchboard-conformance-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let config = crate::engine::disk::DiskConfig {
+        dir,
+        fsync: crate::engine::disk::FsyncMode::Always,
+        segment_bytes: crate::engine::disk::DEFAULT_SEGMENT_BYTES,
+        repair: false,
+    };
+    Engine::disk(l, Arc::new(Metrics::new()), &config).unwrap()
+});

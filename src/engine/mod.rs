@@ -24,12 +24,21 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod disk;
 pub mod memory;
 
-use std::{collections::VecDeque, sync::Arc, time::Duration, time::SystemTime};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+    time::SystemTime,
+};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::{
     config::Limits,
@@ -39,6 +48,72 @@ use crate::{
     validate::{Address, Headers, Pattern},
 };
 use memory::{AddressLog, MemoryEngine};
+
+/// Resolves when what an operation wrote is on stable storage: the disk engine's flusher has
+/// written and fsynced it (group commit). In the memory engine it is done at once. A caller
+/// answers its client only after [`Durable::wait`] returns `Ok`.
+#[derive(Debug, Default)]
+#[must_use = "answer the client only once the write is durable"]
+pub struct Durable(Option<oneshot::Receiver<Result<(), String>>>);
+
+impl Durable {
+    /// Nothing to wait for.
+    pub fn done() -> Self {
+        Self(None)
+    }
+
+    pub(crate) fn pending(rx: oneshot::Receiver<Result<(), String>>) -> Self {
+        Self(Some(rx))
+    }
+
+    /// Whether there is nothing to wait for.
+    pub fn is_done(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Polls for durability (for hand-written streams such as SendStream's responses).
+    ///
+    /// # Errors
+    /// [`BrokerError::Storage`] when the write failed: nothing of it is kept.
+    pub fn poll_durable(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {
+        let Some(rx) = self.0.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let r = match Pin::new(rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(Ok(()))) => Ok(()),
+            Poll::Ready(Ok(Err(e))) => Err(BrokerError::Storage(e)),
+            Poll::Ready(Err(_)) => Err(BrokerError::Storage("the flusher stopped".into())),
+        };
+        self.0 = None;
+        Poll::Ready(r)
+    }
+
+    /// Waits until the write is durable.
+    ///
+    /// # Errors
+    /// [`BrokerError::Storage`] when it failed: nothing of it is kept.
+    pub async fn wait(mut self) -> Result<(), BrokerError> {
+        std::future::poll_fn(|cx| self.poll_durable(cx)).await
+    }
+
+    /// [`Durable::wait`] for callers outside an async runtime (tests, tools).
+    ///
+    /// # Errors
+    /// As [`Durable::wait`].
+    pub fn wait_blocking(self) -> Result<(), BrokerError> {
+        let Some(rx) = self.0 else {
+            return Ok(());
+        };
+        // On a thread of its own: blocking inside an async runtime's thread is not allowed.
+        let r = std::thread::scope(|s| s.spawn(|| rx.blocking_recv()).join());
+        match r {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(BrokerError::Storage(e)),
+            _ => Err(BrokerError::Storage("the flusher stopped".into())),
+        }
+    }
+}
 
 /// A message handed to a fan-out subscriber, with its shared wire frame when one exists.
 pub type Delivery = (Arc<Message>, Option<WireFrame>);
@@ -166,6 +241,9 @@ pub struct Batch {
     /// When the group's next lease expires or delayed redelivery falls due, if any: a waiting
     /// reader wakes then as well as on appends.
     pub next_due: Option<tokio::time::Instant>,
+    /// Disk engine: the group's new position and leases are durable once this resolves; hand
+    /// the messages out only then (at most once holds across a crash).
+    pub durable: Durable,
 }
 
 impl Batch {
@@ -183,6 +261,8 @@ pub struct Settled {
     pub not_pending: Vec<u64>,
     /// Messages that reached `max_deliveries` (Nack only).
     pub dead_letters: Vec<DeadLetter>,
+    /// Disk engine: the Acks are durable once this resolves; answer OK only then.
+    pub durable: Durable,
 }
 
 /// The acknowledgement operations.
@@ -213,6 +293,8 @@ pub struct AddressInfo {
     pub subscribers: usize,
     /// Consumer groups, the default group included.
     pub groups: usize,
+    /// Bytes of the address's segment and journal files (0 in the memory engine).
+    pub disk_bytes: u64,
 }
 
 /// What the Admin RPCs report about one consumer group.
@@ -303,6 +385,9 @@ impl PatternFeed {
 pub enum Engine {
     /// Everything in memory; lost on restart.
     Memory(MemoryEngine),
+    /// The same index over segment files and group journals in `--data-dir` (see [`disk`]):
+    /// everything acknowledged survives a crash.
+    Disk(MemoryEngine),
 }
 
 /// A handle to one address of an engine, held by subscriptions and waiting Recv calls while
@@ -319,10 +404,41 @@ impl Engine {
         Self::Memory(MemoryEngine::new(limits, metrics))
     }
 
+    /// The disk engine on `config.dir`: locks the directory, recovers every address in it
+    /// (truncating torn tails) and starts the flusher.
+    ///
+    /// # Errors
+    /// Another broker holds the directory, it cannot be read or written, or a log is corrupt in
+    /// the middle (without `--repair`): a message naming the address, sequence and file.
+    pub fn disk(
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+        config: &disk::DiskConfig,
+    ) -> Result<Self, String> {
+        MemoryEngine::open_disk(limits, metrics, config).map(Self::Disk)
+    }
+
+    /// Bytes in the disk engine's files (0 for the memory engine).
+    pub fn disk_bytes(&self) -> u64 {
+        match self {
+            Self::Memory(_) => 0,
+            Self::Disk(m) => m.disk_bytes(),
+        }
+    }
+
+    /// Stops the disk engine's flusher after what is queued (fsyncing it in interval mode).
+    /// Call it once the server has stopped answering.
+    pub fn close(&self) {
+        match self {
+            Self::Memory(_) => {}
+            Self::Disk(m) => m.close(),
+        }
+    }
+
     /// From now on every append is refused with [`BrokerError::ShuttingDown`].
     pub fn begin_shutdown(&self) {
         match self {
-            Self::Memory(m) => m.begin_shutdown(),
+            Self::Memory(m) | Self::Disk(m) => m.begin_shutdown(),
         }
     }
 
@@ -330,6 +446,9 @@ impl Engine {
     /// pattern subscribers, and wakes the address's waiters. With `message_id`, a Send with
     /// the same id within the dedup window (its message still retained) stores nothing and
     /// returns the first one's sequence as a duplicate.
+    ///
+    /// In the disk engine the message becomes visible, and the returned [`Durable`] resolves,
+    /// once it is on stable storage.
     ///
     /// # Errors
     /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached;
@@ -341,9 +460,11 @@ impl Engine {
         headers: Headers,
         size: usize,
         message_id: Option<&str>,
-    ) -> Result<Appended, BrokerError> {
+    ) -> Result<(Appended, Durable), BrokerError> {
         match self {
-            Self::Memory(m) => m.append(address, payload, headers, size, message_id),
+            Self::Memory(m) | Self::Disk(m) => {
+                m.append(address, payload, headers, size, message_id)
+            }
         }
     }
 
@@ -356,9 +477,9 @@ impl Engine {
         &self,
         address: &Address,
         messages: Vec<NewMessage>,
-    ) -> Result<Vec<Appended>, BrokerError> {
+    ) -> Result<(Vec<Appended>, Durable), BrokerError> {
         match self {
-            Self::Memory(m) => m.append_batch(address, messages),
+            Self::Memory(m) | Self::Disk(m) => m.append_batch(address, messages),
         }
     }
 
@@ -369,7 +490,7 @@ impl Engine {
     /// `RESOURCE_EXHAUSTED` past [`memory::MAX_PATTERN_SUBSCRIPTIONS`].
     pub fn subscribe_pattern(&self, pattern: Pattern) -> Result<PatternFeed, BrokerError> {
         match self {
-            Self::Memory(m) => Ok(PatternFeed {
+            Self::Memory(m) | Self::Disk(m) => Ok(PatternFeed {
                 sub: m.subscribe_pattern(pattern)?,
             }),
         }
@@ -378,14 +499,14 @@ impl Engine {
     /// Pattern subscriptions open now.
     pub fn pattern_count(&self) -> usize {
         match self {
-            Self::Memory(m) => m.pattern_count(),
+            Self::Memory(m) | Self::Disk(m) => m.pattern_count(),
         }
     }
 
     /// Ends a pattern subscription.
     pub fn unsubscribe_pattern(&self, feed: &PatternFeed) {
         match self {
-            Self::Memory(m) => m.unsubscribe_pattern(&feed.sub),
+            Self::Memory(m) | Self::Disk(m) => m.unsubscribe_pattern(&feed.sub),
         }
     }
 
@@ -404,7 +525,7 @@ impl Engine {
         register_waiter: bool,
     ) -> Result<(Log, u64, Batch), BrokerError> {
         match self {
-            Self::Memory(m) => {
+            Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
                     let r = a.take(st, group, None, max, 0);
                     if register_waiter && r.as_ref().is_ok_and(|(_, b)| b.is_empty()) {
@@ -431,7 +552,7 @@ impl Engine {
         full: impl FnOnce() -> BrokerError,
     ) -> Result<(Log, FanoutCursor), BrokerError> {
         match self {
-            Self::Memory(m) => {
+            Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
                     if st.subscribers() >= max_subscribers {
                         return Err(full());
@@ -457,7 +578,7 @@ impl Engine {
         full: impl FnOnce() -> BrokerError,
     ) -> Result<(Log, u64), BrokerError> {
         match self {
-            Self::Memory(m) => {
+            Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
                     if st.subscribers() >= max_subscribers {
                         return Err(full());
@@ -480,9 +601,9 @@ impl Engine {
         address: &Address,
         group: &str,
         settings: GroupSettings,
-    ) -> Result<(bool, u64), BrokerError> {
+    ) -> Result<(bool, u64, Durable), BrokerError> {
         match self {
-            Self::Memory(m) => m.create_group(address, group, settings),
+            Self::Memory(m) | Self::Disk(m) => m.create_group(address, group, settings),
         }
     }
 
@@ -499,7 +620,7 @@ impl Engine {
         op: Settle,
     ) -> Result<Settled, BrokerError> {
         match self {
-            Self::Memory(m) => m.settle(address, group, sequences, op),
+            Self::Memory(m) | Self::Disk(m) => m.settle(address, group, sequences, op),
         }
     }
 
@@ -507,16 +628,16 @@ impl Engine {
     ///
     /// # Errors
     /// `NOT_FOUND` when the address or the group does not exist.
-    pub fn delete_group(&self, address: &str, group: &str) -> Result<(), BrokerError> {
+    pub fn delete_group(&self, address: &str, group: &str) -> Result<Durable, BrokerError> {
         match self {
-            Self::Memory(m) => m.delete_group(address, group),
+            Self::Memory(m) | Self::Disk(m) => m.delete_group(address, group),
         }
     }
 
     /// Deletes an address; returns how many messages were purged, `None` if unknown.
     pub fn delete_address(&self, address: &str) -> Option<usize> {
         match self {
-            Self::Memory(m) => m.delete_address(address),
+            Self::Memory(m) | Self::Disk(m) => m.delete_address(address),
         }
     }
 
@@ -527,7 +648,7 @@ impl Engine {
         with_groups: bool,
     ) -> Option<(AddressInfo, Vec<GroupInfo>)> {
         match self {
-            Self::Memory(m) => m.address_info(address, with_groups),
+            Self::Memory(m) | Self::Disk(m) => m.address_info(address, with_groups),
         }
     }
 
@@ -540,7 +661,7 @@ impl Engine {
         limit: usize,
     ) -> (Vec<AddressInfo>, Option<String>) {
         match self {
-            Self::Memory(m) => m.list_addresses(prefix, after, limit),
+            Self::Memory(m) | Self::Disk(m) => m.list_addresses(prefix, after, limit),
         }
     }
 
@@ -548,7 +669,7 @@ impl Engine {
     /// for an unknown address.
     pub fn counts(&self, address: &str) -> [usize; 4] {
         match self {
-            Self::Memory(m) => [
+            Self::Memory(m) | Self::Disk(m) => [
                 m.snapshot(address, |s| s.subscribers()),
                 m.snapshot(address, |s| s.waiters()),
                 m.snapshot(address, |s| s.retained_messages()),
@@ -560,35 +681,35 @@ impl Engine {
     /// Whether the engine holds `address` now.
     pub fn contains(&self, address: &str) -> bool {
         match self {
-            Self::Memory(m) => m.contains(address),
+            Self::Memory(m) | Self::Disk(m) => m.contains(address),
         }
     }
 
     /// Addresses held now.
     pub fn address_count(&self) -> usize {
         match self {
-            Self::Memory(m) => m.address_count(),
+            Self::Memory(m) | Self::Disk(m) => m.address_count(),
         }
     }
 
     /// Messages retained across all addresses now.
     pub fn total_retained_messages(&self) -> usize {
         match self {
-            Self::Memory(m) => m.total_retained_messages(),
+            Self::Memory(m) | Self::Disk(m) => m.total_retained_messages(),
         }
     }
 
     /// Bytes retained across all addresses now.
     pub fn total_retained_bytes(&self) -> usize {
         match self {
-            Self::Memory(m) => m.total_retained_bytes(),
+            Self::Memory(m) | Self::Disk(m) => m.total_retained_bytes(),
         }
     }
 
     /// One maintenance pass: age eviction, lease expiry, idle reclaim.
     pub fn maintain(&self) -> Maintenance {
         match self {
-            Self::Memory(m) => m.maintain(),
+            Self::Memory(m) | Self::Disk(m) => m.maintain(),
         }
     }
 
@@ -596,14 +717,14 @@ impl Engine {
     /// the allocator can give the memory back.
     pub fn shrink(&self) {
         match self {
-            Self::Memory(m) => m.shrink(),
+            Self::Memory(m) | Self::Disk(m) => m.shrink(),
         }
     }
 
     /// How often [`Engine::maintain`] should run: half the idle period, between 10 ms and 1 s.
     pub fn maintenance_period(&self) -> Duration {
         match self {
-            Self::Memory(m) => {
+            Self::Memory(m) | Self::Disk(m) => {
                 (m.idle_address() / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
             }
         }

@@ -49,6 +49,7 @@ fn to_pb_info(i: AddressInfo) -> pb::AddressInfo {
         last_sequence: i.last_sequence,
         subscribers: u32::try_from(i.subscribers).unwrap_or(u32::MAX),
         groups: u32::try_from(i.groups).unwrap_or(u32::MAX),
+        disk_bytes: i.disk_bytes,
     }
 }
 

@@ -225,6 +225,8 @@ async fn serve_metrics(
         "/metrics",
         axum::routing::get(
             |axum::extract::State(broker): axum::extract::State<Broker>| async move {
+                let disk = i64::try_from(broker.engine().disk_bytes()).unwrap_or(i64::MAX);
+                broker.metrics().disk_bytes.set(disk);
                 (
                     [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
                     broker.metrics().render(

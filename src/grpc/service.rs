@@ -4,6 +4,7 @@
 //! the generated trait's `subscribe` is never reached and answers `UNIMPLEMENTED`.
 
 use std::{
+    collections::VecDeque,
     future::Future,
     pin::Pin,
     task::{Context, Poll},
@@ -19,6 +20,7 @@ use super::{
     auth::{Action, Authority, Principal},
     connection::{StreamLimiter, StreamPermit},
 };
+use crate::engine::Durable;
 use crate::{
     broker::Broker,
     engine::{GroupSettings, Settle},
@@ -158,7 +160,7 @@ fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
 
 impl BrokerService {
     /// Ack, Nack and ExtendLease: validate, settle, list what was not pending.
-    fn settle(
+    async fn settle(
         &self,
         method: Method,
         address: &str,
@@ -169,7 +171,7 @@ impl BrokerService {
     ) -> Result<Vec<u64>, Status> {
         let start = Instant::now();
         let reject = |e: BrokerError| rejected(method, address, e);
-        let result = (|| {
+        let result = async {
             let address = Address::parse(address).map_err(reject)?;
             self.allow(caller, Action::Receive, address.as_str())
                 .map_err(reject)?;
@@ -177,18 +179,21 @@ impl BrokerService {
             let op = op().map_err(reject)?;
             self.broker
                 .settle(&address, &group, sequences, op)
+                .await
                 .map_err(reject)
-        })();
+        }
+        .await;
         self.observe(method, start, &result);
         result
     }
 
+    /// Checks and stages one Send; the response may go out once the [`Durable`] resolves.
     fn send_one(
         &self,
         method: Method,
         r: pb::SendRequest,
         caller: &Caller,
-    ) -> Result<pb::SendResponse, Status> {
+    ) -> Result<(pb::SendResponse, Durable), Status> {
         if let Err(e) =
             Address::check(&r.address).and_then(|()| self.allow(caller, Action::Send, &r.address))
         {
@@ -196,11 +201,14 @@ impl BrokerService {
         }
         let address = Address::checked(r.address);
         self.broker
-            .publish(&address, r.payload, r.headers, &r.message_id)
-            .map(|a| pb::SendResponse {
-                sequence: a.sequence,
-                error: None,
-                duplicate: a.duplicate,
+            .publish_staged(&address, r.payload, r.headers, &r.message_id)
+            .map(|(a, durable)| {
+                let response = pb::SendResponse {
+                    sequence: a.sequence,
+                    error: None,
+                    duplicate: a.duplicate,
+                };
+                (response, durable)
             })
             .map_err(|e| rejected(method, address.as_str(), e))
     }
@@ -215,13 +223,35 @@ impl BrokerService {
 
 /// The stream behind `SendStream`: one response per request, in order; ends with `UNAVAILABLE`
 /// when the server shuts down, or with the transport's status if the request stream fails.
+///
+/// In the disk engine each response waits for its message's fsync; up to
+/// [`SEND_STREAM_IN_FLIGHT`] requests are read ahead meanwhile, so one stream's messages share
+/// fsyncs (group commit) instead of paying one each.
 pub struct SendResponses {
     service: BrokerService,
     caller: Caller,
     inbound: Streaming<pb::SendRequest>,
     cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Responses in request order, each waiting for its write to be durable.
+    in_flight: VecDeque<(pb::SendResponse, Durable)>,
+    /// The client finished sending; end once `in_flight` is answered.
+    inbound_done: bool,
     done: bool,
     _permit: Option<StreamPermit>,
+}
+
+/// Most SendStream requests read ahead of their (durable) responses on one stream.
+pub const SEND_STREAM_IN_FLIGHT: usize = 1024;
+
+fn error_response(e: &Status) -> pb::SendResponse {
+    pb::SendResponse {
+        sequence: 0,
+        duplicate: false,
+        error: Some(pb::SendError {
+            code: e.code() as i32,
+            message: e.message().to_string(),
+        }),
+    }
 }
 
 impl std::fmt::Debug for SendResponses {
@@ -231,18 +261,26 @@ impl std::fmt::Debug for SendResponses {
 }
 
 impl SendResponses {
-    fn respond(&self, r: pb::SendRequest) -> pb::SendResponse {
+    fn respond(&self, r: pb::SendRequest) -> (pb::SendResponse, Durable) {
         match self.service.send_one(Method::SendStream, r, &self.caller) {
-            Ok(response) => response,
-            Err(e) => pb::SendResponse {
-                sequence: 0,
-                duplicate: false,
-                error: Some(pb::SendError {
-                    code: e.code() as i32,
-                    message: e.message().to_string(),
-                }),
-            },
+            Ok(staged) => staged,
+            Err(e) => (error_response(&e), Durable::done()),
         }
+    }
+
+    /// The oldest in-flight response, once its write is durable.
+    fn poll_front(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::SendResponse>> {
+        let Some((_, durable)) = self.in_flight.front_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = std::task::ready!(durable.poll_durable(cx));
+        let Some((response, _)) = self.in_flight.pop_front() else {
+            return Poll::Ready(None);
+        };
+        Poll::Ready(Some(match r {
+            Ok(()) => response,
+            Err(e) => error_response(&rejected(Method::SendStream, "", e)),
+        }))
     }
 }
 
@@ -278,23 +316,43 @@ impl Stream for SendResponses {
             self.end(tonic::Code::Unavailable);
             return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
         }
-        match Pin::new(&mut self.inbound).poll_next(cx) {
-            Poll::Ready(Some(Ok(r))) => Poll::Ready(Some(Ok(self.respond(r)))),
-            Poll::Ready(Some(Err(status))) => {
-                self.end(status.code());
-                Poll::Ready(Some(Err(status)))
+        loop {
+            if let Poll::Ready(Some(response)) = self.poll_front(cx) {
+                return Poll::Ready(Some(Ok(response)));
             }
-            Poll::Ready(None) => {
-                self.end(tonic::Code::Ok);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                // Waiting for the client: also wake when shutdown begins.
-                if self.cancelled.as_mut().poll(cx).is_ready() {
-                    self.end(tonic::Code::Unavailable);
-                    return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
+            if self.inbound_done {
+                if self.in_flight.is_empty() {
+                    self.end(tonic::Code::Ok);
+                    return Poll::Ready(None);
                 }
-                Poll::Pending
+                return Poll::Pending;
+            }
+            if self.in_flight.len() >= SEND_STREAM_IN_FLIGHT {
+                // Backpressure: read no more until the oldest write is durable.
+                return Poll::Pending;
+            }
+            match Pin::new(&mut self.inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(r))) => {
+                    let (response, durable) = self.respond(r);
+                    if durable.is_done() && self.in_flight.is_empty() {
+                        // The memory engine's path: answered at once.
+                        return Poll::Ready(Some(Ok(response)));
+                    }
+                    self.in_flight.push_back((response, durable));
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.end(status.code());
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(None) => self.inbound_done = true,
+                Poll::Pending => {
+                    // Waiting for the client: also wake when shutdown begins.
+                    if self.in_flight.is_empty() && self.cancelled.as_mut().poll(cx).is_ready() {
+                        self.end(tonic::Code::Unavailable);
+                        return Poll::Ready(Some(Err(BrokerError::ShuttingDown.into())));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -309,9 +367,13 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::SendResponse>, Status> {
         let start = Instant::now();
         let caller = Self::caller(&request);
-        let r = self
-            .send_one(Method::Send, request.into_inner(), &caller)
-            .map(Response::new);
+        let r = match self.send_one(Method::Send, request.into_inner(), &caller) {
+            Ok((response, durable)) => match durable.wait().await {
+                Ok(()) => Ok(Response::new(response)),
+                Err(e) => Err(rejected(Method::Send, "", e)),
+            },
+            Err(e) => Err(e),
+        };
         self.observe(Method::Send, start, &r);
         r
     }
@@ -343,6 +405,8 @@ impl pb::broker_server::Broker for BrokerService {
                 let mut token = self.shutdown.clone();
                 async move { token.cancelled().await }
             }),
+            in_flight: VecDeque::new(),
+            inbound_done: false,
             done: false,
         }))
     }
@@ -383,7 +447,7 @@ impl pb::broker_server::Broker for BrokerService {
         let caller = Self::caller(&request);
         let r = request.into_inner();
         let reject = |e: BrokerError| rejected(Method::CreateGroup, &r.address, e);
-        let result = (|| {
+        let result = async {
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
             self.allow(&caller, Action::Receive, address.as_str())
                 .map_err(reject)?;
@@ -399,12 +463,14 @@ impl pb::broker_server::Broker for BrokerService {
             let (created, next_sequence) = self
                 .broker
                 .create_group(&address, &group, GroupSettings { start, ack })
+                .await
                 .map_err(reject)?;
             Ok(Response::new(pb::CreateGroupResponse {
                 created,
                 next_sequence,
             }))
-        })();
+        }
+        .await;
         self.observe(Method::CreateGroup, start, &result);
         result
     }
@@ -417,7 +483,7 @@ impl pb::broker_server::Broker for BrokerService {
         let start = Instant::now();
         let caller = Self::caller(&request);
         let r = request.into_inner();
-        let result = (|| {
+        let result = async {
             let reject = |e: BrokerError| rejected(Method::SendBatch, &r.address, e);
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
             self.allow(&caller, Action::Send, address.as_str())
@@ -427,7 +493,11 @@ impl pb::broker_server::Broker for BrokerService {
                 .into_iter()
                 .map(|m| (m.payload, m.headers, m.message_id))
                 .collect();
-            let appended = self.broker.send_batch(&address, messages).map_err(reject)?;
+            let appended = self
+                .broker
+                .send_batch(&address, messages)
+                .await
+                .map_err(reject)?;
             Ok(Response::new(pb::SendBatchResponse {
                 results: appended
                     .into_iter()
@@ -438,7 +508,8 @@ impl pb::broker_server::Broker for BrokerService {
                     })
                     .collect(),
             }))
-        })();
+        }
+        .await;
         self.observe(Method::SendBatch, start, &result);
         result
     }
@@ -450,14 +521,16 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::AckResponse>, Status> {
         let caller = Self::caller(&request);
         let r = request.into_inner();
-        let not_pending = self.settle(
-            Method::Ack,
-            &r.address,
-            &r.group,
-            &r.sequences,
-            &caller,
-            || Ok(Settle::Ack),
-        )?;
+        let not_pending = self
+            .settle(
+                Method::Ack,
+                &r.address,
+                &r.group,
+                &r.sequences,
+                &caller,
+                || Ok(Settle::Ack),
+            )
+            .await?;
         Ok(Response::new(pb::AckResponse { not_pending }))
     }
 
@@ -468,14 +541,16 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::NackResponse>, Status> {
         let caller = Self::caller(&request);
         let r = request.into_inner();
-        let not_pending = self.settle(
-            Method::Nack,
-            &r.address,
-            &r.group,
-            &r.sequences,
-            &caller,
-            || validate::nack_delay(r.delay.as_ref()).map(Settle::Nack),
-        )?;
+        let not_pending = self
+            .settle(
+                Method::Nack,
+                &r.address,
+                &r.group,
+                &r.sequences,
+                &caller,
+                || validate::nack_delay(r.delay.as_ref()).map(Settle::Nack),
+            )
+            .await?;
         Ok(Response::new(pb::NackResponse { not_pending }))
     }
 
@@ -486,14 +561,16 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
         let caller = Self::caller(&request);
         let r = request.into_inner();
-        let not_pending = self.settle(
-            Method::ExtendLease,
-            &r.address,
-            &r.group,
-            &r.sequences,
-            &caller,
-            || Ok(Settle::Extend),
-        )?;
+        let not_pending = self
+            .settle(
+                Method::ExtendLease,
+                &r.address,
+                &r.group,
+                &r.sequences,
+                &caller,
+                || Ok(Settle::Extend),
+            )
+            .await?;
         Ok(Response::new(pb::ExtendLeaseResponse { not_pending }))
     }
 
@@ -506,14 +583,18 @@ impl pb::broker_server::Broker for BrokerService {
         let caller = Self::caller(&request);
         let r = request.into_inner();
         let reject = |e: BrokerError| rejected(Method::DeleteGroup, &r.address, e);
-        let result = (|| {
+        let result = async {
             let address = Address::parse(r.address.as_str()).map_err(reject)?;
             self.allow(&caller, Action::Receive, address.as_str())
                 .map_err(reject)?;
             let group = Group::parse(r.group.as_str()).map_err(reject)?;
-            self.broker.delete_group(&address, &group).map_err(reject)?;
+            self.broker
+                .delete_group(&address, &group)
+                .await
+                .map_err(reject)?;
             Ok(Response::new(pb::DeleteGroupResponse {}))
-        })();
+        }
+        .await;
         self.observe(Method::DeleteGroup, start, &result);
         result
     }

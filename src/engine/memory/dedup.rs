@@ -42,6 +42,17 @@ impl Dedup {
         self.ids.get(id).copied()
     }
 
+    /// Forgets the ids of messages from `seq` on (their write failed: they were never stored).
+    pub(super) fn forget_from(&mut self, seq: u64) {
+        while self.order.back().is_some_and(|(_, s, _)| *s >= seq) {
+            if let Some((_, s, id)) = self.order.pop_back() {
+                if self.ids.get(&id) == Some(&s) {
+                    self.ids.remove(&id);
+                }
+            }
+        }
+    }
+
     /// Remembers `id` for the message stored as `seq` at `now`.
     pub(super) fn record(&mut self, id: &str, seq: u64, now: Instant) {
         let id: Arc<str> = Arc::from(id);

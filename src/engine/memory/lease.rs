@@ -159,6 +159,22 @@ impl Leases {
         out
     }
 
+    /// Restores a message that was leased `attempts` times and not acknowledged when the broker
+    /// stopped (disk engine start-up): it is ready for redelivery at once, its attempts
+    /// continuing.
+    pub(super) fn restore(&mut self, seq: u64, attempts: u32, now: Instant) {
+        self.pending.insert(
+            seq,
+            Lease {
+                deadline: now,
+                attempts,
+                leased: false,
+                holder: 0,
+            },
+        );
+        self.ready.insert(seq);
+    }
+
     /// Leases a message handed out for the first time.
     pub(super) fn lease_new(&mut self, seq: u64, now: Instant, holder: u64) {
         let deadline = now + self.policy.ack_wait;

@@ -13,6 +13,12 @@
 //! Consumers whose cursor was behind an evicted message learn the exact number lost on their
 //! next read (`dropped` / `Dropped{count}`).
 //!
+//! In the disk engine (`disk`) the same index sits over the address's files: an append is
+//! first *staged* (sequence assigned, in `staged`, invisible) and handed to the flusher; the
+//! flusher makes it visible with [`AddressLog::publish_through`] once it is durable, or drops it
+//! with [`AddressLog::rollback_staged`] if the write failed. Group changes are journaled
+//! ([`GroupEvent`]) and their [`Durable`] returned with the call's result.
+//!
 //! Invariants a change must keep:
 //! - all state is behind one short `parking_lot` mutex per address; it is never held across an
 //!   `.await`, and waiters are woken (`Notify`) after it is released;
@@ -43,8 +49,9 @@ use super::{
 };
 use crate::{
     engine::{
-        AddressInfo, Batch, DeadLetter, Delivery, GroupInfo, GroupSettings, Retention, Settle,
-        Settled, StartAt, Taken,
+        disk::{record::GroupEvent, AddressFiles, DiskLog, Job, Work},
+        AddressInfo, Batch, DeadLetter, Delivery, Durable, GroupInfo, GroupSettings, Retention,
+        Settle, Settled, StartAt, Taken,
     },
     error::BrokerError,
     message::{encode_message, Message, WireFrame},
@@ -117,11 +124,22 @@ pub struct AddressLog {
     closed: AtomicBool,
     /// Set (under the lock) when an operator deletes the address: its subscribers end.
     deleted: AtomicBool,
+    /// The address's files, in the disk engine.
+    disk: Option<DiskLog>,
 }
 
 /// The address's mutable state; see the module docs.
 pub(crate) struct State {
+    /// The sequence after the last visible message.
     next_seq: u64,
+    /// The sequence the next append gets: `next_seq` plus the staged messages.
+    next_assign: u64,
+    /// Disk engine: appended, being written, not yet visible (sequences `next_seq..next_assign`).
+    /// With the time each was accepted (the age bound counts from it).
+    staged: VecDeque<(Arc<Message>, Instant)>,
+    /// Disk engine: moves on when a failed write drops the staged messages, so jobs queued
+    /// behind them fail too.
+    epoch: u64,
     window: VecDeque<Entry>,
     retained_bytes: usize,
     groups: HashMap<Box<str>, Cursor>,
@@ -176,6 +194,9 @@ impl AddressLog {
             name,
             state: Mutex::new(State {
                 next_seq: 1,
+                next_assign: 1,
+                staged: VecDeque::new(),
+                epoch: 0,
                 window: VecDeque::new(),
                 retained_bytes: 0,
                 groups,
@@ -197,7 +218,102 @@ impl AddressLog {
             first_seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
+            disk: None,
         }
+    }
+
+    /// Attaches the address's files (disk engine start-up, after [`Self::restore`]).
+    pub(crate) fn with_disk(mut self, disk: DiskLog) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// The address's files, in the disk engine.
+    pub(crate) fn disk_files(&self) -> Option<&AddressFiles> {
+        self.disk.as_ref().map(|d| &d.files)
+    }
+
+    /// Bytes of the address's files (0 in the memory engine).
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.files.bytes())
+    }
+
+    /// The staging epoch (see [`State::epoch`]).
+    pub(crate) fn staging_epoch(&self) -> u64 {
+        self.state.lock().epoch
+    }
+
+    /// Queues `work` for the flusher (call under the address lock, so the address's jobs queue
+    /// in order); returns its [`Durable`], or [`Durable::done`] in the memory engine.
+    pub(crate) fn submit(self: &Arc<Self>, st: &State, work: Work, wait: bool) -> Durable {
+        let Some(d) = &self.disk else {
+            return Durable::done();
+        };
+        let (tx, rx) = if wait {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        d.store.flusher.submit(Job {
+            log: Arc::clone(self),
+            epoch: st.epoch,
+            work,
+            done: tx,
+        });
+        rx.map_or_else(Durable::done, Durable::pending)
+    }
+
+    /// Journals `events` (disk engine); returns their [`Durable`].
+    fn journal(self: &Arc<Self>, st: &State, events: &[GroupEvent], wait: bool) -> Durable {
+        if self.disk.is_none() || events.is_empty() {
+            return Durable::done();
+        }
+        let mut bytes = Vec::with_capacity(32 * events.len());
+        for e in events {
+            e.encode(&mut bytes);
+        }
+        self.submit(st, Work::Journal(bytes), wait)
+    }
+
+    /// Disk engine: makes the staged messages up to `last` visible (they are durable now),
+    /// wakes readers and records them with the broker-wide budget.
+    pub(crate) fn publish_through(self: &Arc<Self>, last: u64) {
+        let mut st = self.state.lock();
+        let mut published = Vec::new();
+        while st.staged.front().is_some_and(|(m, _)| m.sequence <= last) {
+            if let Some((m, accepted)) = st.staged.pop_front() {
+                published.push(m.sequence);
+                self.commit(&mut st, m, accepted);
+            }
+        }
+        let first = st.first();
+        drop(st);
+        if let Some(d) = &self.disk {
+            d.files.drop_below(first);
+        }
+        if !published.is_empty() {
+            self.notify.notify_waiters();
+            for seq in published {
+                self.budget.record(self, seq);
+            }
+        }
+    }
+
+    /// Disk engine: a write failed; drops every staged message (none was acknowledged) so the
+    /// next append reuses their sequences, and fails the jobs queued behind them.
+    pub(crate) fn rollback_staged(&self) {
+        let mut st = self.state.lock();
+        st.staged.clear();
+        let next = st.next_seq;
+        st.dedup.forget_from(next);
+        st.next_assign = next;
+        st.epoch += 1;
+    }
+
+    /// Whether `sequence` is staged (written, not yet durable).
+    pub(crate) fn is_staged(st: &State, sequence: u64) -> bool {
+        sequence >= st.next_seq
     }
 
     /// Whether `sequence` is still in the window (lock-free, may be momentarily stale).
@@ -265,7 +381,37 @@ impl AddressLog {
         message_id: Option<&str>,
     ) -> Arc<Message> {
         let now = Instant::now();
+        let message = Arc::new(Message {
+            address: Arc::clone(&self.name),
+            sequence: st.next_assign,
+            payload,
+            headers,
+            sent_at: SystemTime::now(),
+            size,
+        });
+        st.next_assign += 1;
+        if let (Some(id), Some(_)) = (message_id, self.dedup_window) {
+            st.dedup.record(id, message.sequence, now);
+        }
+        if self.disk.is_some() {
+            st.staged.push_back((Arc::clone(&message), now));
+        } else {
+            self.commit(st, Arc::clone(&message), now);
+        }
+        message
+    }
+
+    /// Puts `message` (the next sequence) into the window: evicts what the address's bounds
+    /// require, charges the budget, hands it to pattern subscribers.
+    fn commit(&self, st: &mut State, message: Arc<Message>, now: Instant) {
+        self.metrics.sent.inc();
+        self.place(st, message, now);
+    }
+
+    /// [`Self::commit`] without counting the message as sent (start-up recovery).
+    fn place(&self, st: &mut State, message: Arc<Message>, now: Instant) {
         self.evict_aged(st, now);
+        let size = message.size;
         let mut evicted = 0;
         while !st.window.is_empty()
             && (st.window.len() >= self.retention.messages
@@ -277,19 +423,12 @@ impl AddressLog {
         if evicted > 0 {
             self.metrics.evicted.inc_by(evicted);
         }
-        self.metrics.sent.inc();
-        let message = Arc::new(Message {
-            address: Arc::clone(&self.name),
-            sequence: st.next_seq,
-            payload,
-            headers,
-            sent_at: SystemTime::now(),
-            size,
-        });
-        st.next_seq += 1;
+        st.next_seq = message.sequence + 1;
         st.retained_bytes += size;
+        // Under the address lock, so each pattern subscriber sees this address in order.
+        st.patterns.deliver(&self.name, &message);
         st.window.push_back(Entry {
-            message: Arc::clone(&message),
+            message,
             appended: now,
             pending_subscribers: st.fanout,
             frame: None,
@@ -297,12 +436,6 @@ impl AddressLog {
         st.last_active = now;
         self.budget.charge(self.age_queue, size);
         self.sync_first(st);
-        if let (Some(id), Some(_)) = (message_id, self.dedup_window) {
-            st.dedup.record(id, message.sequence, now);
-        }
-        // Under the address lock, so each pattern subscriber sees this address in order.
-        st.patterns.deliver(&self.name, &message);
-        message
     }
 
     /// Evicts every entry up to and including `sequence`: the broker-wide byte bound's "discard
@@ -397,7 +530,7 @@ impl AddressLog {
     /// redeliveries go first, and new messages only while `max_ack_pending` allows. Returns the
     /// group's id with the batch.
     pub(crate) fn take(
-        &self,
+        self: &Arc<Self>,
         st: &mut State,
         group: &str,
         expect: Option<u64>,
@@ -439,6 +572,9 @@ impl AddressLog {
             window.get(i).filter(|_| seq >= first)
         };
         let mut batch = Batch::default();
+        let journaling = self.disk.is_some();
+        let mut events = Vec::new();
+        let from = cursor.next;
         match cursor.leases.as_deref_mut() {
             None => {
                 let start = usize::try_from(cursor.next - first).unwrap_or(usize::MAX);
@@ -462,6 +598,12 @@ impl AddressLog {
                     &dead,
                     &mut batch.dead_letters,
                 );
+                if journaling && !dead.is_empty() {
+                    events.push(GroupEvent::Done {
+                        group: group.to_string(),
+                        sequences: dead.iter().map(|d| d.0).collect(),
+                    });
+                }
                 let again = leases.redeliver(now, max, holder);
                 self.metrics.redelivered.inc_by(again.len() as u64);
                 for (seq, attempt) in again {
@@ -482,7 +624,20 @@ impl AddressLog {
                     cursor.next += 1;
                 }
                 batch.next_due = leases.next_due();
+                if journaling {
+                    events.extend(batch.messages.iter().map(|t| GroupEvent::Lease {
+                        group: group.to_string(),
+                        sequence: t.message.sequence,
+                        attempt: t.attempt,
+                    }));
+                }
             }
+        }
+        if journaling && cursor.next != from {
+            events.push(GroupEvent::Position {
+                group: group.to_string(),
+                next: cursor.next,
+            });
         }
         batch.dropped = std::mem::take(&mut cursor.dropped);
         let id = cursor.id;
@@ -491,6 +646,8 @@ impl AddressLog {
             self.metrics.dropped.inc_by(batch.dropped);
         }
         *last_active = now;
+        // At most once holds across a crash: the position is durable before the messages go.
+        batch.durable = self.journal(st, &events, true);
         Ok((id, batch))
     }
 
@@ -500,7 +657,7 @@ impl AddressLog {
     /// [`BrokerError::NotAcknowledged`] (`FAILED_PRECONDITION`) when the group is the default
     /// group, unknown, or has no `ack_wait`.
     pub(crate) fn settle(
-        &self,
+        self: &Arc<Self>,
         st: &mut State,
         group: &str,
         sequences: &[u64],
@@ -528,11 +685,20 @@ impl AddressLog {
         let mut out = Settled::default();
         let mut dead = Vec::new();
         let mut acked = 0;
+        let mut done = Vec::new();
         for &seq in sequences {
             match leases.settle(seq, op, now) {
-                Outcome::Settled => acked += u64::from(op == Settle::Ack),
+                Outcome::Settled => {
+                    if op == Settle::Ack {
+                        acked += 1;
+                        done.push(seq);
+                    }
+                }
                 Outcome::NotPending => out.not_pending.push(seq),
-                Outcome::DeadLetter(n) => dead.push((seq, n)),
+                Outcome::DeadLetter(n) => {
+                    dead.push((seq, n));
+                    done.push(seq);
+                }
             }
         }
         self.metrics.acked.inc_by(acked);
@@ -546,6 +712,14 @@ impl AddressLog {
             &mut out.dead_letters,
         );
         st.last_active = now;
+        if !done.is_empty() {
+            let event = GroupEvent::Done {
+                group: group.to_string(),
+                sequences: done,
+            };
+            // An Ack that returned OK is on disk: the message is not delivered again.
+            out.durable = self.journal(st, &[event], true);
+        }
         Ok(out)
     }
 
@@ -571,11 +745,11 @@ impl AddressLog {
     /// [`BrokerError::GroupExists`] when it exists with other settings;
     /// [`BrokerError::PastEnd`] for a start beyond the last sequence + 1.
     pub(crate) fn create_group(
-        &self,
+        self: &Arc<Self>,
         st: &mut State,
         group: &str,
         settings: GroupSettings,
-    ) -> Result<(bool, u64), BrokerError> {
+    ) -> Result<(bool, u64, Durable), BrokerError> {
         self.evict_aged(st, Instant::now());
         let first = st.first();
         if let Some(c) = st.groups.get_mut(group) {
@@ -588,15 +762,33 @@ impl AddressLog {
                 });
             }
             // Asked for explicitly now: it is kept like a created group from here on.
-            c.created = Some(existing);
-            return Ok((false, c.next.max(first)));
+            let fresh = c.created.is_none();
+            c.created = Some(existing.clone());
+            let next = c.next.max(first);
+            let durable = if fresh {
+                let event = GroupEvent::Create {
+                    group: group.to_string(),
+                    settings: existing,
+                    next,
+                };
+                self.journal(st, &[event], true)
+            } else {
+                Durable::done()
+            };
+            return Ok((false, next, durable));
         }
         let next = Self::position(st, settings.start)?;
         self.metrics.groups.inc();
+        let event = GroupEvent::Create {
+            group: group.to_string(),
+            settings: settings.clone(),
+            next,
+        };
         let cursor = Self::new_group(st, next, Some(settings), false);
         st.groups.insert(Box::from(group), cursor);
         st.last_active = Instant::now();
-        Ok((true, next.max(first)))
+        let durable = self.journal(st, &[event], true);
+        Ok((true, next.max(first), durable))
     }
 
     /// DeleteGroup: forgets a named group. The caller wakes waiters after unlocking, so that
@@ -604,7 +796,11 @@ impl AddressLog {
     ///
     /// # Errors
     /// [`BrokerError::NoSuchGroup`] when the address has no such group.
-    pub(crate) fn delete_group(&self, st: &mut State, group: &str) -> Result<(), BrokerError> {
+    pub(crate) fn delete_group(
+        self: &Arc<Self>,
+        st: &mut State,
+        group: &str,
+    ) -> Result<Durable, BrokerError> {
         if st.groups.remove(group).is_none() {
             return Err(BrokerError::NoSuchGroup {
                 address: self.name.to_string(),
@@ -613,7 +809,10 @@ impl AddressLog {
         }
         self.metrics.groups.dec();
         st.last_active = Instant::now();
-        Ok(())
+        let event = GroupEvent::Delete {
+            group: group.to_string(),
+        };
+        Ok(self.journal(st, &[event], true))
     }
 
     /// Registers a fan-out subscriber starting at `start`; returns its cursor (the first
@@ -753,13 +952,14 @@ impl AddressLog {
     /// the due leases of groups with acknowledgements (so a message on its last delivery is
     /// dead-lettered even if nobody reads the group again). Returns how many messages aged out,
     /// and the dead letters to send on.
-    pub(crate) fn sweep(&self, dead_letters: &mut Vec<DeadLetter>) -> usize {
+    pub(crate) fn sweep(self: &Arc<Self>, dead_letters: &mut Vec<DeadLetter>) -> usize {
         let now = Instant::now();
         let mut st = self.state.lock();
         let aged = self.evict_aged(&mut st, now);
         let first = st.first();
         let State { groups, window, .. } = &mut *st;
         let mut ready = false;
+        let mut events = Vec::new();
         for (name, cursor) in groups.iter_mut() {
             let Some(leases) = cursor.leases.as_deref_mut() else {
                 continue;
@@ -769,8 +969,18 @@ impl AddressLog {
             ready |= leases.has_ready();
             let to = leases.policy.dead_letter.clone();
             self.dead_letters(window, first, name, to.as_ref(), &dead, dead_letters);
+            if self.disk.is_some() && !dead.is_empty() {
+                events.push(GroupEvent::Done {
+                    group: name.to_string(),
+                    sequences: dead.iter().map(|d| d.0).collect(),
+                });
+            }
         }
+        let _ = self.journal(&st, &events, false);
         drop(st);
+        if let Some(d) = &self.disk {
+            d.files.drop_below(first);
+        }
         if ready {
             // Readers waiting for room or for a redelivery.
             self.notify.notify_waiters();
@@ -792,6 +1002,7 @@ impl AddressLog {
             .values()
             .any(|c| c.created.is_some() || (c.used && (c.dropped > 0 || c.next < st.next_seq)));
         let idle_now = st.window.is_empty()
+            && st.staged.is_empty()
             && st.subscribers == 0
             && st.waiters == 0
             && !owes_report
@@ -800,6 +1011,9 @@ impl AddressLog {
             st.closed = true;
             self.closed.store(true, Ordering::Release);
             self.metrics.groups.dec_by(gauge(st.groups.len()));
+            if let Some(d) = &self.disk {
+                d.files.remove(d.store.trash());
+            }
         }
         idle_now
     }
@@ -819,7 +1033,12 @@ impl AddressLog {
         // Free what the address held beyond its messages (window capacity, groups, ids):
         // handles to it may live on for a while (age entries, subscribers ending).
         st.window = VecDeque::new();
+        st.staged.clear();
+        st.epoch += 1;
         st.dedup = Dedup::default();
+        if let Some(d) = &self.disk {
+            d.files.remove(d.store.trash());
+        }
         st.closed = true;
         self.closed.store(true, Ordering::Release);
         self.deleted.store(true, Ordering::Release);
@@ -858,6 +1077,7 @@ impl AddressLog {
             last_sequence: st.next_seq - 1,
             subscribers: st.subscribers,
             groups: st.groups.len(),
+            disk_bytes: self.disk_bytes(),
         };
         let mut groups = Vec::new();
         if with_groups {
@@ -915,5 +1135,161 @@ impl State {
     /// Bytes the window holds, as charged against the bounds.
     pub(crate) fn retained_bytes(&self) -> usize {
         self.retained_bytes
+    }
+}
+
+/// A group as its journal describes it (disk engine start-up).
+struct JournaledGroup {
+    created: Option<GroupSettings>,
+    next: u64,
+    leases: std::collections::BTreeMap<u64, u32>,
+}
+
+impl AddressLog {
+    /// Disk engine start-up: rebuilds the address from what recovery read (its messages in
+    /// order, the sequence after the last, its journal's events), applying the retention
+    /// bounds as if the messages had just been appended at their `sent_at`. Returns the
+    /// sequences now retained (for the broker-wide budget) and the journal compacted to one
+    /// record per group plus one per pending lease.
+    pub(crate) fn restore(
+        &self,
+        messages: Vec<crate::engine::disk::record::StoredMessage>,
+        next_seq: u64,
+        events: Vec<GroupEvent>,
+    ) -> (Vec<u64>, Vec<u8>) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut st = self.state.lock();
+        let start = messages.first().map_or(next_seq, |m| m.sequence);
+        st.next_seq = start;
+        st.next_assign = start;
+        for m in messages {
+            let age = wall.duration_since(m.sent_at).unwrap_or_default();
+            let appended = now.checked_sub(age).unwrap_or(now);
+            let size = m.payload.len()
+                + crate::validate::headers(&m.headers).unwrap_or(0)
+                + crate::config::MESSAGE_OVERHEAD_BYTES;
+            if let (Some(id), Some(window)) = (&m.message_id, self.dedup_window) {
+                if age < window {
+                    st.dedup.record(id, m.sequence, appended);
+                }
+            }
+            let message = Arc::new(Message {
+                address: Arc::clone(&self.name),
+                sequence: m.sequence,
+                payload: m.payload,
+                headers: m.headers,
+                sent_at: m.sent_at,
+                size,
+            });
+            self.place(&mut st, message, appended);
+        }
+        st.next_seq = next_seq;
+        st.next_assign = next_seq;
+        self.evict_aged(&mut st, now);
+        self.sync_first(&st);
+        let first = st.first();
+
+        let mut groups: Vec<(String, JournaledGroup)> = Vec::new();
+        for e in events {
+            let find = |groups: &mut Vec<(String, JournaledGroup)>, g: &str| {
+                groups.iter().position(|(n, _)| n == g)
+            };
+            match e {
+                GroupEvent::Create {
+                    group,
+                    settings,
+                    next,
+                } => {
+                    if let Some(i) = find(&mut groups, &group) {
+                        groups.remove(i);
+                    }
+                    groups.push((
+                        group,
+                        JournaledGroup {
+                            created: Some(settings),
+                            next,
+                            leases: Default::default(),
+                        },
+                    ));
+                }
+                GroupEvent::Delete { group } => {
+                    if let Some(i) = find(&mut groups, &group) {
+                        groups.remove(i);
+                    }
+                }
+                GroupEvent::Position { group, next } => match find(&mut groups, &group) {
+                    Some(i) => groups[i].1.next = next,
+                    None => groups.push((
+                        group,
+                        JournaledGroup {
+                            created: None,
+                            next,
+                            leases: Default::default(),
+                        },
+                    )),
+                },
+                GroupEvent::Lease {
+                    group,
+                    sequence,
+                    attempt,
+                } => {
+                    if let Some(i) = find(&mut groups, &group) {
+                        groups[i].1.leases.insert(sequence, attempt);
+                    }
+                }
+                GroupEvent::Done { group, sequences } => {
+                    if let Some(i) = find(&mut groups, &group) {
+                        for s in sequences {
+                            groups[i].1.leases.remove(&s);
+                        }
+                    }
+                }
+            }
+        }
+        let mut journal = Vec::new();
+        for (name, g) in groups {
+            let mut cursor = if name.is_empty() {
+                match st.groups.remove("") {
+                    Some(mut c) => {
+                        c.next = g.next;
+                        c.used = true;
+                        c
+                    }
+                    None => continue,
+                }
+            } else {
+                self.metrics.groups.inc();
+                Self::new_group(&mut st, g.next, g.created.clone(), true)
+            };
+            match &g.created {
+                Some(settings) => GroupEvent::Create {
+                    group: name.clone(),
+                    settings: settings.clone(),
+                    next: g.next,
+                }
+                .encode(&mut journal),
+                None => GroupEvent::Position {
+                    group: name.clone(),
+                    next: g.next,
+                }
+                .encode(&mut journal),
+            }
+            if let Some(leases) = cursor.leases.as_deref_mut() {
+                for (&seq, &attempt) in g.leases.range(first..) {
+                    leases.restore(seq, attempt, now);
+                    GroupEvent::Lease {
+                        group: name.clone(),
+                        sequence: seq,
+                        attempt,
+                    }
+                    .encode(&mut journal);
+                }
+            }
+            st.groups.insert(Box::from(name.as_str()), cursor);
+        }
+        st.last_active = now;
+        let retained = st.window.iter().map(|e| e.message.sequence).collect();
+        (retained, journal)
     }
 }

@@ -34,7 +34,8 @@ use log::State;
 use patterns::{PatternIndex, PatternSub};
 
 use super::{
-    AddressInfo, Appended, DeadLetter, GroupInfo, GroupSettings, Maintenance, NewMessage,
+    disk::{self, AddressFiles, DiskConfig, DiskLog, Store, Work},
+    AddressInfo, Appended, DeadLetter, Durable, GroupInfo, GroupSettings, Maintenance, NewMessage,
     Retention, Settle, Settled,
 };
 use crate::{
@@ -63,6 +64,8 @@ pub struct MemoryEngine {
     /// Set when shutdown begins: appends are refused from then on.
     closing: AtomicBool,
     hasher: RandomState,
+    /// The data directory, in the disk engine.
+    store: Option<Arc<Store>>,
 }
 
 impl Drop for MemoryEngine {
@@ -87,6 +90,90 @@ impl MemoryEngine {
             address_count: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             hasher: RandomState::new(),
+            store: None,
+        }
+    }
+
+    /// The disk engine: this index over the files in `config.dir`, every address in it
+    /// recovered (see [`disk`]).
+    pub(crate) fn open_disk(
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+        config: &DiskConfig,
+    ) -> Result<Self, String> {
+        let (store, found) = Store::open(config, Arc::clone(&metrics))?;
+        let mut engine = Self::new(limits, metrics);
+        let store = Arc::new(store);
+        engine.store = Some(Arc::clone(&store));
+        let (mut messages, mut bytes, mut cut) = (0usize, 0u64, 0u64);
+        for r in found {
+            let Ok(name) = Address::parse(&r.name) else {
+                tracing::warn!(dir = %r.dir.display(), "storage: skipping a directory whose address name is not valid");
+                continue;
+            };
+            messages += r.messages.len();
+            cut += r.cut;
+            let journal_len;
+            let address = {
+                let log = engine.new_log(&name, None);
+                let (retained, journal) = log.restore(r.messages, r.next_seq, r.events);
+                // Compacted: one record per group and per pending lease.
+                disk::replace_journal(&r.dir, &journal).map_err(|e| {
+                    format!("{}: cannot rewrite the group journal: {e}", r.dir.display())
+                })?;
+                journal_len = journal.len() as u64;
+                (log, retained)
+            };
+            let files = AddressFiles::recovered(r.dir, name.as_str(), r.segments, journal_len);
+            bytes += files.bytes();
+            let log = Arc::new(address.0.with_disk(DiskLog {
+                files,
+                store: Arc::clone(&store),
+            }));
+            engine.address_count.fetch_add(1, Ordering::AcqRel);
+            engine
+                .addresses
+                .insert(Box::from(name.as_str()), Arc::clone(&log));
+            for seq in address.1 {
+                engine.budget.record(&log, seq);
+            }
+        }
+        tracing::info!(
+            addresses = engine.addresses.len(),
+            messages,
+            disk_bytes = bytes,
+            torn_bytes_cut = cut,
+            "storage: recovered the data directory"
+        );
+        Ok(engine)
+    }
+
+    /// A new address log (not yet in the map).
+    fn new_log(&self, name: &Address, disk: Option<DiskLog>) -> AddressLog {
+        let queue =
+            usize::try_from(self.hasher.hash_one(name.as_str())).unwrap_or(0) % budget::AGE_QUEUES;
+        let log = AddressLog::new(
+            Arc::from(name.as_str()),
+            Arc::clone(&self.budget),
+            queue,
+            Arc::clone(&self.metrics),
+            self.retention,
+            self.dedup_window,
+            Arc::clone(&self.patterns),
+        );
+        match disk {
+            Some(d) => log.with_disk(d),
+            None => log,
+        }
+    }
+
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.addresses.iter().map(|a| a.value().disk_bytes()).sum()
+    }
+
+    pub(crate) fn close(&self) {
+        if let Some(s) = &self.store {
+            s.flusher.stop();
         }
     }
 
@@ -115,17 +202,11 @@ impl MemoryEngine {
                         flag: "--max-addresses",
                     });
                 }
-                let queue = usize::try_from(self.hasher.hash_one(name.as_str())).unwrap_or(0)
-                    % budget::AGE_QUEUES;
-                let address = Arc::new(AddressLog::new(
-                    Arc::from(name.as_str()),
-                    Arc::clone(&self.budget),
-                    queue,
-                    Arc::clone(&self.metrics),
-                    self.retention,
-                    self.dedup_window,
-                    Arc::clone(&self.patterns),
-                ));
+                let disk = self.store.as_ref().map(|store| DiskLog {
+                    files: AddressFiles::new(store.address_dir(name.as_str()), name.as_str()),
+                    store: Arc::clone(store),
+                });
+                let address = Arc::new(self.new_log(name, disk));
                 e.insert(Arc::clone(&address));
                 Ok(address)
             }
@@ -161,7 +242,7 @@ impl MemoryEngine {
         headers: Headers,
         size: usize,
         message_id: Option<&str>,
-    ) -> Result<Appended, BrokerError> {
+    ) -> Result<(Appended, Durable), BrokerError> {
         let (address, appended) = self.with_address(address, |a, st| {
             // Checked under the address lock: a subscriber that drains after shutdown began
             // (under the same lock) sees every message accepted before it.
@@ -169,37 +250,61 @@ impl MemoryEngine {
                 return Err(BrokerError::ShuttingDown);
             }
             if let Some(sequence) = message_id.and_then(|id| a.duplicate_of(st, id)) {
-                return Ok(Appended {
+                // A duplicate of a message still being written answers once that write is.
+                let durable = if AddressLog::is_staged(st, sequence) {
+                    a.submit(st, Work::Marker, true)
+                } else {
+                    Durable::done()
+                };
+                let dup = Appended {
                     sequence,
                     duplicate: true,
-                });
+                };
+                return Ok((dup, durable));
             }
-            Ok(Appended {
-                sequence: a.append(st, payload, headers, size, message_id).sequence,
+            let m = a.append(st, payload, headers, size, message_id);
+            let sequence = m.sequence;
+            let durable = if self.store.is_some() {
+                a.submit(
+                    st,
+                    Work::Messages(vec![(m, message_id.map(Box::from))]),
+                    true,
+                )
+            } else {
+                Durable::done()
+            };
+            let new = Appended {
+                sequence,
                 duplicate: false,
-            })
+            };
+            Ok((new, durable))
         })?;
-        let appended = appended?;
-        if !appended.duplicate {
+        let (appended, durable) = appended?;
+        // The disk engine wakes readers and charges the budget when the message is durable.
+        if !appended.duplicate && self.store.is_none() {
             address.notify.notify_waiters();
             self.budget.record(&address, appended.sequence);
         }
-        Ok(appended)
+        Ok((appended, durable))
     }
 
     pub(crate) fn append_batch(
         &self,
         address: &Address,
         messages: Vec<NewMessage>,
-    ) -> Result<Vec<Appended>, BrokerError> {
+    ) -> Result<(Vec<Appended>, Durable), BrokerError> {
+        let disk = self.store.is_some();
         let (address, appended) = self.with_address(address, |a, st| {
             if self.closing.load(Ordering::SeqCst) {
                 return Err(BrokerError::ShuttingDown);
             }
             let mut out = Vec::with_capacity(messages.len());
+            let mut written = Vec::new();
+            let mut staged_duplicate = false;
             for m in messages {
                 let id = m.message_id.as_deref();
                 if let Some(sequence) = id.and_then(|id| a.duplicate_of(st, id)) {
+                    staged_duplicate |= AddressLog::is_staged(st, sequence);
                     out.push(Appended {
                         sequence,
                         duplicate: true,
@@ -211,17 +316,32 @@ impl MemoryEngine {
                     sequence: stored.sequence,
                     duplicate: false,
                 });
+                if disk {
+                    written.push((stored, m.message_id.map(String::into_boxed_str)));
+                }
             }
-            Ok(out)
+            // One write and one fsync for the whole batch; a job queued after a duplicate's
+            // write completes after it.
+            let durable = if !written.is_empty() {
+                a.submit(st, Work::Messages(written), true)
+            } else if staged_duplicate {
+                a.submit(st, Work::Marker, true)
+            } else {
+                Durable::done()
+            };
+            Ok((out, durable))
         })?;
-        let appended = appended?;
+        let (appended, durable) = appended?;
+        if disk {
+            return Ok((appended, durable));
+        }
         if appended.iter().any(|a| !a.duplicate) {
             address.notify.notify_waiters();
             for a in appended.iter().filter(|a| !a.duplicate) {
                 self.budget.record(&address, a.sequence);
             }
         }
-        Ok(appended)
+        Ok((appended, durable))
     }
 
     pub(crate) fn subscribe_pattern(
@@ -251,7 +371,7 @@ impl MemoryEngine {
         address: &Address,
         group: &str,
         settings: GroupSettings,
-    ) -> Result<(bool, u64), BrokerError> {
+    ) -> Result<(bool, u64, Durable), BrokerError> {
         self.with_address(address, |a, st| a.create_group(st, group, settings))?
             .1
     }
@@ -280,7 +400,7 @@ impl MemoryEngine {
         r
     }
 
-    pub(crate) fn delete_group(&self, address: &str, group: &str) -> Result<(), BrokerError> {
+    pub(crate) fn delete_group(&self, address: &str, group: &str) -> Result<Durable, BrokerError> {
         let a = self
             .find(address)
             .ok_or_else(|| BrokerError::NoSuchAddress(address.to_string()))?;
@@ -351,9 +471,15 @@ impl MemoryEngine {
     }
 
     pub(crate) fn delete_address(&self, address: &str) -> Option<usize> {
-        let (_, a) = self.addresses.remove(address)?;
+        // Deleted under the map's shard lock, so a new address of the same name cannot
+        // begin writing into the directory before it is gone.
+        let mut purged = None;
+        self.addresses.remove_if(address, |_, a| {
+            purged = Some(a.delete());
+            true
+        })?;
         self.address_count.fetch_sub(1, Ordering::AcqRel);
-        Some(a.delete())
+        purged
     }
 
     /// One maintenance pass: evicts messages past `--retention-age` and expires due leases on
