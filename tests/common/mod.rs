@@ -230,6 +230,12 @@ impl BrokerProcess {
     /// Starts the binary with `serve --listen 127.0.0.1:0` plus `args`, and waits for the
     /// start-up line that says where it listens.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_logged(args).await.0
+    }
+
+    /// [`BrokerProcess::start`], also returning the log lines printed before the start-up line
+    /// (recovery's reports, with `--data-dir`).
+    pub async fn start_logged(args: &[&str]) -> (Self, Vec<String>) {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -241,11 +247,12 @@ impl BrokerProcess {
             .expect("start switchboard serve");
         let stderr = child.stderr.take().expect("stderr piped");
         let mut logs = tokio::io::BufReader::new(stderr).lines();
+        let mut early = Vec::new();
         let addr = loop {
             let line = step("start line", logs.next_line())
                 .await
                 .expect("read stderr")
-                .expect("broker exited before listening");
+                .unwrap_or_else(|| panic!("broker exited before listening: {early:#?}"));
             if let Some(rest) = line.split("listen=").nth(1) {
                 break rest
                     .split_whitespace()
@@ -253,8 +260,9 @@ impl BrokerProcess {
                     .unwrap_or_default()
                     .to_string();
             }
+            early.push(line);
         };
-        Self { child, addr, logs }
+        (Self { child, addr, logs }, early)
     }
 }
 

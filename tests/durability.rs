@@ -1,0 +1,732 @@
+//! The disk engine (`--data-dir`) with the real binary: kill -9 at a random moment loses nothing
+//! acknowledged; torn tails are cut, corruption in the middle refuses to start without
+//! `--repair`; a full disk refuses Sends with UNAVAILABLE and recovers; one broker per directory.
+//!
+//! The crash test runs `SWITCHBOARD_CRASH_ROUNDS` rounds (3 by default; `scripts/crash` runs 20).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{sigterm, step, BrokerProcess};
+use rand::Rng;
+use switchboard::pb::{
+    admin_client::AdminClient, broker_client::BrokerClient, subscribe_response::Event, AckRequest,
+    CreateGroupRequest, GetAddressRequest, RecvRequest, SendRequest, SubscribeRequest,
+};
+use tonic::transport::Channel;
+
+async fn client(addr: &str) -> BrokerClient<Channel> {
+    step("connect", BrokerClient::connect(format!("http://{addr}")))
+        .await
+        .expect("connect")
+}
+
+async fn admin(addr: &str) -> AdminClient<Channel> {
+    step("connect", AdminClient::connect(format!("http://{addr}")))
+        .await
+        .expect("connect")
+}
+
+async fn start(dir: &Path, extra: &[&str]) -> (BrokerProcess, Vec<String>) {
+    let mut args = vec!["--data-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    BrokerProcess::start_logged(&args).await
+}
+
+/// Every retained message of `address`, read with a Subscribe from sequence 1 up to its last
+/// sequence: sequence → payload.
+async fn read_all(addr: &str, address: &str) -> BTreeMap<u64, Vec<u8>> {
+    let info = step(
+        "get address",
+        admin(addr).await.get_address(GetAddressRequest {
+            address: address.into(),
+        }),
+    )
+    .await;
+    let info = match info {
+        Err(s) if s.code() == tonic::Code::NotFound => return BTreeMap::new(),
+        r => r.unwrap().into_inner().address.unwrap(),
+    };
+    let mut out = BTreeMap::new();
+    if info.last_sequence == 0 {
+        return out;
+    }
+    let mut stream = step(
+        "subscribe",
+        client(addr).await.subscribe(SubscribeRequest {
+            address: address.into(),
+            start_sequence: 1,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    while out.len() < info.retained_messages as usize {
+        let r = step("replay", stream.message())
+            .await
+            .unwrap()
+            .expect("stream open");
+        if let Some(Event::Message(m)) = r.event {
+            out.insert(m.sequence, m.payload.to_vec());
+        }
+    }
+    assert_eq!(
+        out.keys().next_back().copied(),
+        Some(info.last_sequence),
+        "replay reaches the last sequence"
+    );
+    out
+}
+
+fn kill9(p: &mut BrokerProcess) {
+    p.child.start_kill().expect("SIGKILL the broker");
+}
+
+/// What clients were told before the kill.
+#[derive(Default)]
+struct Acknowledged {
+    /// Sends answered OK: sequence → payload.
+    sent: BTreeMap<u64, Vec<u8>>,
+    /// Group messages received (leased), with the delivery attempt they came with.
+    leased: BTreeMap<u64, u32>,
+    /// Acks answered OK.
+    acked: BTreeSet<u64>,
+    /// Acks sent (answered or not: an Ack cut off by the kill may or may not have landed).
+    ack_sent: BTreeSet<u64>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_a_random_moment_loses_nothing_acknowledged() {
+    let rounds: usize = std::env::var("SWITCHBOARD_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let address = "crash.jobs";
+    // Every sequence ever acknowledged, across rounds, with its payload: never reused.
+    let mut ever: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for round in 0..rounds {
+        let (mut broker, _) = start(dir.path(), &[]).await;
+        let addr = broker.addr.clone();
+        if round == 0 {
+            step(
+                "create group",
+                client(&addr).await.create_group(CreateGroupRequest {
+                    address: address.into(),
+                    group: "workers".into(),
+                    start_sequence: 1,
+                    ack_wait: Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    }),
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap();
+        }
+        let seen = Arc::new(Mutex::new(Acknowledged::default()));
+        let mut tasks = Vec::new();
+        // A SendStream flood.
+        {
+            let seen = Arc::clone(&seen);
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = client(&addr).await;
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                let mut payloads = Vec::new();
+                for i in 0..20_000u32 {
+                    payloads.push(format!("r{round}-stream-{i}").into_bytes());
+                }
+                let feed = payloads.clone();
+                tokio::spawn(async move {
+                    for p in feed {
+                        let req = SendRequest {
+                            address: "crash.jobs".into(),
+                            payload: p.into(),
+                            ..Default::default()
+                        };
+                        if tx.send(req).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let Ok(resp) = c
+                    .send_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                else {
+                    return;
+                };
+                let mut resp = resp.into_inner();
+                let mut i = 0;
+                while let Ok(Some(r)) = resp.message().await {
+                    if r.error.is_none() {
+                        seen.lock()
+                            .unwrap()
+                            .sent
+                            .insert(r.sequence, payloads[i].clone());
+                    }
+                    i += 1;
+                }
+            }));
+        }
+        // Unary Sends, 8 in flight.
+        for w in 0..8 {
+            let seen = Arc::clone(&seen);
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = client(&addr).await;
+                for i in 0..5_000u32 {
+                    let payload = format!("r{round}-unary{w}-{i}").into_bytes();
+                    let r = c
+                        .send(SendRequest {
+                            address: "crash.jobs".into(),
+                            payload: payload.clone().into(),
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => {
+                            seen.lock()
+                                .unwrap()
+                                .sent
+                                .insert(r.into_inner().sequence, payload);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        // A worker: receives, acknowledges every other message, leaves the rest leased.
+        {
+            let seen = Arc::clone(&seen);
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = client(&addr).await;
+                for _ in 0..10_000 {
+                    let Ok(r) = c
+                        .recv(RecvRequest {
+                            address: "crash.jobs".into(),
+                            group: "workers".into(),
+                            max_messages: 16,
+                            wait: Some(prost_types::Duration {
+                                seconds: 1,
+                                nanos: 0,
+                            }),
+                        })
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut to_ack = Vec::new();
+                    {
+                        let mut s = seen.lock().unwrap();
+                        for m in r.into_inner().messages {
+                            s.leased.insert(m.sequence, m.delivery_attempt);
+                            if m.sequence % 2 == 0 {
+                                to_ack.push(m.sequence);
+                            }
+                        }
+                    }
+                    if to_ack.is_empty() {
+                        continue;
+                    }
+                    seen.lock().unwrap().ack_sent.extend(to_ack.iter().copied());
+                    let ok = c
+                        .ack(AckRequest {
+                            address: "crash.jobs".into(),
+                            group: "workers".into(),
+                            sequences: to_ack.clone(),
+                        })
+                        .await;
+                    match ok {
+                        Ok(r) if r.get_ref().not_pending.is_empty() => {
+                            seen.lock().unwrap().acked.extend(to_ack);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        let delay = rand::thread_rng().gen_range(100..600);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        kill9(&mut broker);
+        step("broker dies", broker.child.wait()).await.unwrap();
+        for t in tasks {
+            step("client task ends", t).await.unwrap();
+        }
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+
+        // Restart on the same directory.
+        let (broker, _) = start(dir.path(), &[]).await;
+        let addr = broker.addr.clone();
+        let stored = read_all(&addr, address).await;
+        // Dense from 1 (nothing evicted at these volumes).
+        assert_eq!(
+            stored.keys().copied().collect::<Vec<_>>(),
+            (1..=stored.len() as u64).collect::<Vec<_>>(),
+            "round {round}: sequences are dense"
+        );
+        for (seq, payload) in seen.sent.iter().chain(ever.iter()) {
+            assert_eq!(
+                stored.get(seq),
+                Some(payload),
+                "round {round}: acknowledged sequence {seq} is present and byte-identical"
+            );
+        }
+        assert!(
+            !seen.sent.is_empty(),
+            "round {round}: some Sends were answered before the kill"
+        );
+        ever.extend(seen.sent.clone());
+
+        // The group resumes: everything not acknowledged comes again (leased ones with their
+        // attempts continuing), nothing acknowledged does.
+        let mut c = client(&addr).await;
+        let mut again: HashMap<u64, u32> = HashMap::new();
+        loop {
+            let r = step(
+                "drain group",
+                c.recv(RecvRequest {
+                    address: address.into(),
+                    group: "workers".into(),
+                    max_messages: 1000,
+                    wait: None,
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+            if r.messages.is_empty() {
+                break;
+            }
+            let seqs: Vec<u64> = r.messages.iter().map(|m| m.sequence).collect();
+            for m in r.messages {
+                assert!(
+                    again.insert(m.sequence, m.delivery_attempt).is_none(),
+                    "round {round}: {} delivered twice in one drain",
+                    m.sequence
+                );
+            }
+            step(
+                "ack drained",
+                c.ack(AckRequest {
+                    address: address.into(),
+                    group: "workers".into(),
+                    sequences: seqs,
+                }),
+            )
+            .await
+            .unwrap();
+        }
+        for seq in &seen.acked {
+            assert!(
+                !again.contains_key(seq),
+                "round {round}: acknowledged {seq} was delivered again"
+            );
+        }
+        for (seq, attempt) in &seen.leased {
+            if seen.ack_sent.contains(seq) {
+                continue;
+            }
+            let after = again.get(seq).copied();
+            assert!(
+                after.is_some_and(|a| a > *attempt),
+                "round {round}: leased {seq} (attempt {attempt}) is redelivered with a later attempt, got {after:?}"
+            );
+        }
+        for seq in seen.sent.keys() {
+            if !seen.leased.contains_key(seq) {
+                assert!(
+                    again.contains_key(seq),
+                    "round {round}: acknowledged Send {seq} reaches the group"
+                );
+            }
+        }
+        eprintln!(
+            "round {round}: killed after {delay} ms; {} Sends acknowledged, {} leased, {} acked, {} stored in all",
+            seen.sent.len(),
+            seen.leased.len(),
+            seen.acked.len(),
+            stored.len()
+        );
+        let mut broker = broker;
+        sigterm(&broker.child);
+        let status = step("clean exit", broker.child.wait()).await.unwrap();
+        assert!(status.success(), "SIGTERM exits 0");
+    }
+}
+
+/// The address's only segment file.
+fn segment_of(dir: &Path) -> PathBuf {
+    let mut segs: Vec<PathBuf> = walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 1, "one segment: {segs:?}");
+    segs.remove(0)
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Starts a broker, sends `n` messages `m1..mn` to `address`, stops it cleanly; returns the
+/// byte offset where each record ends in the segment.
+async fn fill(dir: &Path, address: &str, n: usize) -> Vec<u64> {
+    let (mut broker, _) = start(dir, &[]).await;
+    let mut c = client(&broker.addr).await;
+    let mut ends = Vec::new();
+    for i in 1..=n {
+        let seq = step(
+            "send",
+            c.send(SendRequest {
+                address: address.into(),
+                payload: format!("m{i}").into_bytes().into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .sequence;
+        assert_eq!(seq, i as u64);
+        ends.push(std::fs::metadata(segment_of(dir)).unwrap().len());
+    }
+    sigterm(&broker.child);
+    assert!(step("exit", broker.child.wait()).await.unwrap().success());
+    ends
+}
+
+fn expected(n: usize) -> BTreeMap<u64, Vec<u8>> {
+    (1..=n)
+        .map(|i| (i as u64, format!("m{i}").into_bytes()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_cut_and_the_rest_served() {
+    // Cut mid-record: the last record is gone, the rest served, the next Send takes its place.
+    let dir = tempfile::tempdir().unwrap();
+    let ends = fill(dir.path(), "torn.cut", 10).await;
+    let seg = segment_of(dir.path());
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(ends[9] - 5).unwrap();
+    drop(f);
+    let (broker, early) = start(dir.path(), &[]).await;
+    let cut = ends[9] - 5 - ends[8];
+    assert!(
+        early
+            .iter()
+            .any(|l| l.contains("torn tail truncated") && l.contains(&format!("bytes={cut}"))),
+        "recovery logs the {cut} bytes cut: {early:#?}"
+    );
+    assert_eq!(read_all(&broker.addr, "torn.cut").await, expected(9));
+    let next = client(&broker.addr)
+        .await
+        .send(SendRequest {
+            address: "torn.cut".into(),
+            payload: b"m10 again".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sequence;
+    assert_eq!(next, 10);
+    drop(broker);
+
+    // A flipped byte in the last record: the same.
+    let dir = tempfile::tempdir().unwrap();
+    let ends = fill(dir.path(), "torn.flip", 10).await;
+    let seg = segment_of(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = usize::try_from(ends[9]).unwrap() - 1;
+    bytes[at] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (broker, early) = start(dir.path(), &[]).await;
+    assert!(
+        early.iter().any(|l| l.contains("torn tail truncated")),
+        "{early:#?}"
+    );
+    assert_eq!(read_all(&broker.addr, "torn.flip").await, expected(9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_in_the_middle_refuses_to_start_without_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let ends = fill(dir.path(), "mid.flip", 10).await;
+    let seg = segment_of(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // The last byte of record 5 (its payload).
+    let at = usize::try_from(ends[4]).unwrap() - 1;
+    bytes[at] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let out = step(
+        "refused start",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refuses to start: {stderr}");
+    for needle in [
+        "\"mid.flip\"",
+        "sequence 5",
+        seg.file_name().unwrap().to_str().unwrap(),
+        "--repair",
+    ] {
+        assert!(stderr.contains(needle), "names {needle}: {stderr}");
+    }
+    assert!(!stderr.contains("switchboard listening"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "nothing is cut without --repair"
+    );
+
+    let (broker, early) = start(dir.path(), &["--repair"]).await;
+    assert!(early.iter().any(|l| l.contains("--repair")), "{early:#?}");
+    assert_eq!(read_all(&broker.addr, "mid.flip").await, expected(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_directory_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = start(dir.path(), &[]).await;
+    let out = step(
+        "second broker",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let pid = first.child.id().unwrap();
+    assert!(
+        stderr.contains(&format!("another broker (pid {pid})")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]).await;
+    let mut broker = broker;
+    let metrics_addr = loop {
+        let line = step("metrics line", broker.logs.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        if line.contains("metrics listening") {
+            break line
+                .split("listen=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    let c = client(&broker.addr).await;
+    let sends = 512;
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..sends / 64 {
+                c.send(SendRequest {
+                    address: "gc.x".into(),
+                    payload: format!("{w}-{i}").into_bytes().into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        step("senders", t).await.unwrap();
+    }
+    let body = reqwest_lite(&metrics_addr).await;
+    let fsyncs: f64 = body
+        .lines()
+        .find(|l| l.starts_with("switchboard_fsync_duration_seconds_count"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("fsync histogram count");
+    eprintln!("{sends} concurrent Sends, {fsyncs} fsyncs");
+    assert!(
+        fsyncs >= 1.0 && fsyncs < f64::from(sends),
+        "{sends} Sends share fsyncs: {fsyncs}"
+    );
+}
+
+/// GET /metrics over plain HTTP/1.0.
+async fn reqwest_lite(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    step("metrics", s.read_to_string(&mut body)).await.unwrap();
+    body
+}
+
+/// A small filesystem of our own: a tmpfs with `size=`, unmounted on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a small tmpfs and needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_sends_with_unavailable_and_recovers() {
+    let fs = SmallFs::mount("2m");
+    let data = fs.dir.path().join("data");
+    let (broker, _) = start(&data, &[]).await;
+    let mut c = client(&broker.addr).await;
+    // A subscriber from the start sees exactly what was acknowledged.
+    let mut watch = c
+        .subscribe(SubscribeRequest {
+            address: "full.x".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let payload = vec![7u8; 64 * 1024];
+    let mut acked = Vec::new();
+    let refusal = loop {
+        assert!(acked.len() < 64, "2 MiB fills within 64 Sends of 64 KiB");
+        match c
+            .send(SendRequest {
+                address: "full.x".into(),
+                payload: payload.clone().into(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => acked.push(r.into_inner().sequence),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refusal.code(), tonic::Code::Unavailable, "{refusal:?}");
+    assert!(
+        refusal.message().starts_with("storage:"),
+        "{}",
+        refusal.message()
+    );
+    // Refused again while full; reads keep working.
+    let again = c
+        .send(SendRequest {
+            address: "full.x".into(),
+            payload: payload.clone().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unavailable);
+    let stored = read_all(&broker.addr, "full.x").await;
+    assert_eq!(stored.keys().copied().collect::<Vec<_>>(), acked);
+
+    // Space returns (another address's files are deleted): Sends succeed again, continuing
+    // the sequence right after the last acknowledged one.
+    let last = *acked.last().unwrap();
+    admin(&broker.addr)
+        .await
+        .delete_address(switchboard::pb::DeleteAddressRequest {
+            address: "full.x".into(),
+        })
+        .await
+        .unwrap();
+    let mut c2 = client(&broker.addr).await;
+    let seq = c2
+        .send(SendRequest {
+            address: "full.y".into(),
+            payload: payload.clone().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Sends succeed once space returns")
+        .into_inner()
+        .sequence;
+    assert_eq!(seq, 1);
+
+    // The subscriber saw exactly the acknowledged messages, none of the refused ones, then
+    // the deletion.
+    let mut seen = Vec::new();
+    loop {
+        match step("watch", watch.message()).await {
+            Ok(Some(r)) => {
+                if let Some(Event::Message(m)) = r.event {
+                    seen.push(m.sequence);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    assert_eq!(seen, acked);
+    assert!(last >= 2);
+
+    // And after a restart the new address is there, the deleted one gone.
+    let mut broker = broker;
+    sigterm(&broker.child);
+    assert!(step("exit", broker.child.wait()).await.unwrap().success());
+    let (broker, _) = start(&data, &[]).await;
+    assert_eq!(read_all(&broker.addr, "full.y").await.len(), 1);
+    assert!(read_all(&broker.addr, "full.x").await.is_empty());
+}
