@@ -68,7 +68,7 @@ async fn read_all(addr: &str, address: &str) -> BTreeMap<u64, Vec<u8>> {
     .await
     .unwrap()
     .into_inner();
-    while out.len() < info.retained_messages as usize {
+    while (out.len() as u64) < info.retained_messages {
         let r = step("replay", stream.message())
             .await
             .unwrap()
@@ -709,14 +709,9 @@ async fn a_full_disk_refuses_sends_with_unavailable_and_recovers() {
     // The subscriber saw exactly the acknowledged messages, none of the refused ones, then
     // the deletion.
     let mut seen = Vec::new();
-    loop {
-        match step("watch", watch.message()).await {
-            Ok(Some(r)) => {
-                if let Some(Event::Message(m)) = r.event {
-                    seen.push(m.sequence);
-                }
-            }
-            Ok(None) | Err(_) => break,
+    while let Ok(Some(r)) = step("watch", watch.message()).await {
+        if let Some(Event::Message(m)) = r.event {
+            seen.push(m.sequence);
         }
     }
     assert_eq!(seen, acked);
