@@ -13,6 +13,7 @@
 //! (memory per idle address and per idle subscriber). See BENCHMARKS.md.
 
 mod ceiling;
+mod disk;
 mod soak;
 
 use std::{
@@ -50,7 +51,8 @@ struct Args {
     /// The broker binary; default: `switchboard` beside this executable.
     #[arg(long)]
     broker_bin: Option<PathBuf>,
-    /// Only these workloads (W1..W6; W1a, W1b, W1c for one W1 variant), comma-separated.
+    /// Only these workloads (W1..W9; W1a, W1b, W1c for one W1 variant), comma-separated. W9 is
+    /// the disk engine (`--data-dir` in a scratch directory under $TMPDIR).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs of each W1/W2 figure (broker and ceiling alternating); the median is printed.
@@ -122,8 +124,14 @@ struct Server {
 
 impl Server {
     async fn broker(bin: &PathBuf) -> Res<Self> {
+        Self::broker_with(bin, &[]).await
+    }
+
+    /// The broker with extra `serve` flags (`--data-dir ...`).
+    async fn broker_with(bin: &PathBuf, extra: &[&str]) -> Res<Self> {
         let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "switchboard=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -906,6 +914,9 @@ async fn main() -> Res<()> {
             ceiling: Some(median(&mut without)),
         });
     }
+    if wants(&args, "W9") {
+        disk::run(&bin, s, args.quick, repeat, &mut emit).await?;
+    }
     if wants(&args, "W8") {
         // SendBatch (batches of 100) against SendStream, both 1 -> 1 128 B delivered,
         // alternated on fresh brokers of this binary.
@@ -1029,7 +1040,7 @@ fn targets(rows: &[Row]) {
     let ratio = |id: &str| get(id).and_then(Row::ratio);
     let broker = |id: &str| get(id).map(|r| r.broker);
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
-    let checks: [(&str, Option<f64>, &str, f64); 13] = [
+    let checks: [(&str, Option<f64>, &str, f64); 17] = [
         (
             "unary Send 64 in flight / ceiling",
             ratio("W1b"),
@@ -1075,6 +1086,20 @@ fn targets(rows: &[Row]) {
             ratio("W8"),
             ">=",
             1.5,
+        ),
+        ("disk SendStream / memory", ratio("W9.stream"), ">=", 0.3),
+        ("disk unary x64 / memory", ratio("W9.unary64"), ">=", 0.5),
+        (
+            "disk unary x64 / group-commit ceiling",
+            ratio("W9.ceiling"),
+            ">=",
+            0.6,
+        ),
+        (
+            "seconds to start on ~1 GiB",
+            broker("W9.recovery"),
+            "<",
+            5.0,
         ),
         ("bytes per idle address", broker("W6.address"), "<", 2048.0),
         (
