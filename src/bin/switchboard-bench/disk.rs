@@ -307,7 +307,7 @@ pub(crate) async fn run(
     let memory_replay = replay(&memory_broker, "bench.replay", replay_n).await?;
     drop(memory_broker);
     drop(c);
-    drop(broker); // SIGKILL: everything acknowledged is on disk already
+    broker.kill().await?; // SIGKILL: everything acknowledged is on disk already
     let t = Instant::now();
     let broker = Server::broker_with(bin, &flags).await?;
     let secs = t.elapsed().as_secs_f64();

@@ -170,6 +170,12 @@ impl Server {
         Ok(kib * 1024)
     }
 
+    /// SIGKILLs the process and waits until it is gone (its data directory's lock released).
+    async fn kill(mut self) -> Res<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
     async fn client(&self) -> Res<BrokerClient<Channel>> {
         client(self.addr).await
     }

@@ -81,6 +81,8 @@ pub struct AddressFiles {
     oldest_end: AtomicU64,
     /// Set when an fsync failed: before the next write, the files are reopened and verified.
     poisoned: AtomicBool,
+    /// Where [`AddressFiles::remove`] moved the files, until [`AddressFiles::purge`].
+    trashed: Mutex<Option<PathBuf>>,
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -108,6 +110,7 @@ impl AddressFiles {
             bytes: AtomicU64::new(0),
             oldest_end: AtomicU64::new(u64::MAX),
             poisoned: AtomicBool::new(false),
+            trashed: Mutex::new(None),
         }
     }
 
@@ -422,7 +425,8 @@ impl AddressFiles {
     }
 
     /// Removes the address's files (DeleteAddress, idle reclaim): the directory is renamed
-    /// into `trash` at once (so a new address of the same name starts clean), then deleted.
+    /// into `trash` at once (so a new address of the same name starts clean), then deleted by
+    /// [`AddressFiles::purge`] once the caller holds no lock.
     pub fn remove(&self, trash: &Path) {
         let mut w = self.writer.lock();
         w.removed = true;
@@ -447,15 +451,21 @@ impl AddressFiles {
             Ok(())
         });
         match moved {
-            Ok(()) => {
-                if let Err(e) = fs::remove_dir_all(&to) {
-                    tracing::warn!(path = %to.display(), error = %e, "storage: could not remove a deleted address's files");
-                }
-            }
+            Ok(()) => *self.trashed.lock() = Some(to),
             Err(e) => {
                 tracing::error!(dir = %self.dir.display(), error = %e, "storage: could not remove a deleted address's files");
             }
         }
         self.bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Deletes the files [`AddressFiles::remove`] moved to the trash (call it outside locks:
+    /// a large address takes a while). What is left is removed at the next start.
+    pub fn purge(&self) {
+        if let Some(path) = self.trashed.lock().take() {
+            if let Err(e) = fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "storage: could not remove a deleted address's files");
+            }
+        }
     }
 }

@@ -474,11 +474,14 @@ impl MemoryEngine {
         // Deleted under the map's shard lock, so a new address of the same name cannot
         // begin writing into the directory before it is gone.
         let mut purged = None;
-        self.addresses.remove_if(address, |_, a| {
+        let (_, a) = self.addresses.remove_if(address, |_, a| {
             purged = Some(a.delete());
             true
         })?;
         self.address_count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(files) = a.disk_files() {
+            files.purge();
+        }
         purged
     }
 
@@ -504,12 +507,14 @@ impl MemoryEngine {
             .filter(|name| {
                 let removed = self
                     .addresses
-                    .remove_if(name.as_ref(), |_, a| a.close_if_idle(self.idle_address))
-                    .is_some();
-                if removed {
+                    .remove_if(name.as_ref(), |_, a| a.close_if_idle(self.idle_address));
+                if let Some((_, a)) = &removed {
                     self.address_count.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(files) = a.disk_files() {
+                        files.purge();
+                    }
                 }
-                removed
+                removed.is_some()
             })
             .count();
         Maintenance {
