@@ -376,6 +376,22 @@ async fn sigkill_at_a_random_moment_loses_nothing_acknowledged() {
     }
 }
 
+/// Starts the broker on `dir` expecting it to refuse; returns its stderr.
+async fn refused_start(dir: &Path) -> String {
+    let out = step(
+        "refused start",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "refuses to start: {stderr}");
+    stderr
+}
+
 /// The address's only segment file.
 fn segment_of(dir: &Path) -> PathBuf {
     let mut segs: Vec<PathBuf> = walk(dir)
@@ -504,17 +520,7 @@ async fn corruption_in_the_middle_refuses_to_start_without_repair() {
     bytes[at] ^= 0x01;
     std::fs::write(&seg, &bytes).unwrap();
 
-    let out = step(
-        "refused start",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .output(),
-    )
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "refuses to start: {stderr}");
+    let stderr = refused_start(dir.path()).await;
     for needle in [
         "\"mid.flip\"",
         "sequence 5",
@@ -539,17 +545,7 @@ async fn corruption_in_the_middle_refuses_to_start_without_repair() {
 async fn a_second_broker_on_the_same_directory_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let (first, _) = start(dir.path(), &[]).await;
-    let out = step(
-        "second broker",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .output(),
-    )
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused_start(dir.path()).await;
     let pid = first.child.id().unwrap();
     assert!(
         stderr.contains(&format!("another broker (pid {pid})")),
@@ -560,24 +556,8 @@ async fn a_second_broker_on_the_same_directory_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_share_fsyncs() {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, _) = start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]).await;
-    let mut broker = broker;
-    let metrics_addr = loop {
-        let line = step("metrics line", broker.logs.next_line())
-            .await
-            .unwrap()
-            .unwrap();
-        if line.contains("metrics listening") {
-            break line
-                .split("listen=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-        }
-    };
+    let (mut broker, _) = start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]).await;
+    let metrics_addr = broker.metrics_addr().await;
     let c = client(&broker.addr).await;
     let sends = 512;
     let mut tasks = Vec::new();

@@ -58,11 +58,7 @@ async fn an_auth_file_with_a_syntax_error_refuses_to_start_with_the_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_certificate_while_a_stream_stays_open() {
     let pki = Pki::new("rotate");
-    let BrokerProcess {
-        child,
-        addr,
-        mut logs,
-    } = BrokerProcess::start(&[
+    let mut broker = BrokerProcess::start(&[
         "--tls-cert",
         pki.path("server.pem").to_str().unwrap(),
         "--tls-key",
@@ -71,23 +67,12 @@ async fn sighup_rotates_the_certificate_while_a_stream_stays_open() {
         "127.0.0.1:0",
     ])
     .await;
-    // The metrics endpoint's address, from its start-up line.
-    let metrics_addr = loop {
-        let line = step("metrics line", logs.next_line())
-            .await
-            .unwrap()
-            .unwrap();
-        if line.contains("metrics listening") {
-            break line
-                .split("listen=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-        }
-    };
+    let metrics_addr = broker.metrics_addr().await;
+    let BrokerProcess {
+        child,
+        addr,
+        mut logs,
+    } = broker;
     let old_ca = std::fs::read(pki.path("ca.pem")).unwrap();
     let mut c = tls_client(&addr, old_ca.clone()).await;
     let mut stream = step(

@@ -266,6 +266,28 @@ impl BrokerProcess {
     }
 }
 
+impl BrokerProcess {
+    /// The metrics endpoint's address, from its start-up line (started with
+    /// `--metrics-listen 127.0.0.1:0`).
+    pub async fn metrics_addr(&mut self) -> String {
+        loop {
+            let line = step("metrics line", self.logs.next_line())
+                .await
+                .expect("read stderr")
+                .expect("broker exited before its metrics line");
+            if line.contains("metrics listening") {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    return rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                }
+            }
+        }
+    }
+}
+
 /// Sends SIGTERM to a child process of ours, by its PID.
 pub fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("still running").to_string();
