@@ -532,6 +532,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
 
+    /// With --data-dir: bytes past which an address's consumer-group journal (positions,
+    /// leases, acks) is rewritten as a snapshot of its groups (4 KiB to 1 GiB).
+    #[arg(long, env = "SWITCHBOARD_JOURNAL_COMPACT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub journal_compact_bytes: u64,
+
     /// With --data-dir: start even when a log is corrupt in the middle (not merely cut short
     /// by a crash, which is always repaired), keeping the records before the corrupt one and
     /// removing the rest of that address's log. Without it the broker refuses to start and
@@ -570,6 +575,12 @@ impl ServeArgs {
                 self.segment_bytes
             ));
         }
+        if !(4096..=1 << 30).contains(&self.journal_compact_bytes) {
+            return Err(format!(
+                "--journal-compact-bytes: {} is outside 4096 to 1073741824 (1 GiB)",
+                self.journal_compact_bytes
+            ));
+        }
         let storage = self
             .data_dir
             .as_ref()
@@ -583,6 +594,7 @@ impl ServeArgs {
                 },
                 segment_bytes: self.segment_bytes,
                 repair: self.repair,
+                journal_compact_bytes: self.journal_compact_bytes,
             });
         Ok(ServerConfig {
             storage,

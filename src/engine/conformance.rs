@@ -455,6 +455,7 @@ conformance!(disk, |l| {
         fsync: crate::engine::disk::FsyncMode::Always,
         segment_bytes: crate::engine::disk::DEFAULT_SEGMENT_BYTES,
         repair: false,
+        journal_compact_bytes: crate::engine::disk::DEFAULT_JOURNAL_COMPACT_BYTES,
     };
     Engine::disk(l, Arc::new(Metrics::new()), &config).unwrap()
 });

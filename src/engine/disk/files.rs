@@ -168,6 +168,32 @@ impl AddressFiles {
         Ok(())
     }
 
+    /// Bytes of the group journal.
+    pub fn journal_len(&self) -> u64 {
+        self.writer.lock().journal_len
+    }
+
+    /// Replaces the group journal with `records` (compaction): written to a temporary file,
+    /// fsynced, renamed over the journal, directory fsynced. A crash at any point leaves either
+    /// the old journal or the new one.
+    ///
+    /// # Errors
+    /// The I/O error; the old journal stays in use.
+    pub fn replace_journal(&self, records: &[u8]) -> io::Result<()> {
+        let mut w = self.writer.lock();
+        self.make_dir(&mut w)?;
+        super::replace_journal(&self.dir, records)?;
+        let old = w.journal_len;
+        w.journal = None;
+        w.journal_len = records.len() as u64;
+        w.dirty_journal = false;
+        self.bytes
+            .fetch_sub(old.min(self.bytes()), Ordering::Relaxed);
+        self.bytes
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Where the files are now.
     pub fn mark(&self) -> Mark {
         let w = self.writer.lock();

@@ -93,6 +93,7 @@ impl Flusher {
     pub fn start(
         mode: FsyncMode,
         segment_bytes: u64,
+        journal_compact_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
@@ -102,7 +103,7 @@ impl Flusher {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("switchboard-flusher".into())
-            .spawn(move || run(&s, mode, segment_bytes, &metrics))?;
+            .spawn(move || run(&s, mode, segment_bytes, journal_compact_bytes, &metrics))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -150,7 +151,13 @@ fn answer(jobs: Vec<Job>, r: &Result<(), String>) {
     }
 }
 
-fn run(shared: &Shared, mode: FsyncMode, segment_bytes: u64, metrics: &Metrics) {
+fn run(
+    shared: &Shared,
+    mode: FsyncMode,
+    segment_bytes: u64,
+    journal_compact_bytes: u64,
+    metrics: &Metrics,
+) {
     let mut buf = Vec::with_capacity(1 << 20);
     // Interval mode: addresses written since the last fsync.
     let mut dirty: Vec<Arc<AddressLog>> = Vec::new();
@@ -231,6 +238,7 @@ fn run(shared: &Shared, mode: FsyncMode, segment_bytes: u64, metrics: &Metrics) 
                         g.log.publish_through(last);
                     }
                     answer(g.jobs, &Ok(()));
+                    compact(&g.log, journal_compact_bytes);
                 }
                 Some(e) => {
                     metrics.storage_errors.inc();
@@ -259,6 +267,28 @@ fn run(shared: &Shared, mode: FsyncMode, segment_bytes: u64, metrics: &Metrics) 
     for log in dirty {
         if let Some(files) = log.disk_files() {
             let _ = files.sync();
+        }
+    }
+}
+
+/// Rewrites the address's group journal as a snapshot of its groups once it passes
+/// `limit` bytes. Between rounds, so no write to it is in progress; events queued before the
+/// snapshot and written after it replay to the same state (see `AddressLog::journal_snapshot`).
+fn compact(log: &Arc<AddressLog>, limit: u64) {
+    let Some(files) = log.disk_files() else {
+        return;
+    };
+    let before = files.journal_len();
+    if before <= limit {
+        return;
+    }
+    let snapshot = log.compacted_journal();
+    match files.replace_journal(&snapshot) {
+        Ok(()) => {
+            tracing::debug!(address = %log.name, before, after = snapshot.len(), "storage: group journal compacted");
+        }
+        Err(e) => {
+            tracing::warn!(address = %log.name, error = %e, "storage: group journal compaction failed; the journal keeps growing until it succeeds");
         }
     }
 }

@@ -42,6 +42,9 @@ use crate::metrics::Metrics;
 /// Default segment size: a new segment begins once the last one holds this many bytes.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Default size past which a group journal is compacted (bytes).
+pub const DEFAULT_JOURNAL_COMPACT_BYTES: u64 = 16 * 1024 * 1024;
+
 /// How the disk engine is set up (`--data-dir`, `--fsync`, `--repair`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -53,6 +56,8 @@ pub struct DiskConfig {
     pub segment_bytes: u64,
     /// Start even if a log is corrupt in the middle, keeping what precedes the bad record.
     pub repair: bool,
+    /// Bytes past which an address's group journal is rewritten as a snapshot of its groups.
+    pub journal_compact_bytes: u64,
 }
 
 /// An open data directory: its lock and the flusher.
@@ -135,8 +140,13 @@ impl Store {
                 }
             }
         }
-        let flusher = Flusher::start(cfg.fsync, cfg.segment_bytes, metrics)
-            .map_err(|e| format!("cannot start the flusher thread: {e}"))?;
+        let flusher = Flusher::start(
+            cfg.fsync,
+            cfg.segment_bytes,
+            cfg.journal_compact_bytes,
+            metrics,
+        )
+        .map_err(|e| format!("cannot start the flusher thread: {e}"))?;
         Ok((
             Self {
                 addresses,

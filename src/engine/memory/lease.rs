@@ -175,6 +175,12 @@ impl Leases {
         self.ready.insert(seq);
     }
 
+    /// The pending messages (sequence, deliveries so far), lowest sequence first, for the disk
+    /// engine's journal.
+    pub(super) fn attempts(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.pending.iter().map(|(&s, l)| (s, l.attempts))
+    }
+
     /// Leases a message handed out for the first time.
     pub(super) fn lease_new(&mut self, seq: u64, now: Instant, holder: u64) {
         let deadline = now + self.policy.ack_wait;

@@ -1146,6 +1146,54 @@ struct JournaledGroup {
 }
 
 impl AddressLog {
+    /// The group journal compacted to the groups' state now: per group one Create (a group
+    /// CreateGroup made) or Position (one made by its first read), plus one Lease per pending
+    /// message. Replaying the events queued before it on top of it gives the same state, so the
+    /// flusher may compact while such events are still queued.
+    fn journal_snapshot(st: &State) -> Vec<u8> {
+        let first = st.first();
+        let mut journal = Vec::new();
+        let mut names: Vec<&Box<str>> = st.groups.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(c) = st.groups.get(name) else {
+                continue;
+            };
+            let group = name.to_string();
+            match &c.created {
+                Some(settings) => GroupEvent::Create {
+                    group: group.clone(),
+                    settings: settings.clone(),
+                    next: c.next,
+                }
+                .encode(&mut journal),
+                None if c.used => GroupEvent::Position {
+                    group: group.clone(),
+                    next: c.next,
+                }
+                .encode(&mut journal),
+                None => continue,
+            }
+            if let Some(leases) = c.leases.as_deref() {
+                for (sequence, attempt) in leases.attempts().filter(|(s, _)| *s >= first) {
+                    GroupEvent::Lease {
+                        group: group.clone(),
+                        sequence,
+                        attempt,
+                    }
+                    .encode(&mut journal);
+                }
+            }
+        }
+        journal
+    }
+
+    /// Disk engine: the journal compacted to the groups' state now (see
+    /// [`Self::journal_snapshot`]).
+    pub(crate) fn compacted_journal(&self) -> Vec<u8> {
+        Self::journal_snapshot(&self.state.lock())
+    }
+
     /// Disk engine start-up: rebuilds the address from what recovery read (its messages in
     /// order, the sequence after the last, its journal's events), applying the retention
     /// bounds as if the messages had just been appended at their `sent_at`. Returns the
@@ -1247,7 +1295,6 @@ impl AddressLog {
                 }
             }
         }
-        let mut journal = Vec::new();
         for (name, g) in groups {
             let mut cursor = if name.is_empty() {
                 match st.groups.remove("") {
@@ -1262,32 +1309,14 @@ impl AddressLog {
                 self.metrics.groups.inc();
                 Self::new_group(&mut st, g.next, g.created.clone(), true)
             };
-            match &g.created {
-                Some(settings) => GroupEvent::Create {
-                    group: name.clone(),
-                    settings: settings.clone(),
-                    next: g.next,
-                }
-                .encode(&mut journal),
-                None => GroupEvent::Position {
-                    group: name.clone(),
-                    next: g.next,
-                }
-                .encode(&mut journal),
-            }
             if let Some(leases) = cursor.leases.as_deref_mut() {
                 for (&seq, &attempt) in g.leases.range(first..) {
                     leases.restore(seq, attempt, now);
-                    GroupEvent::Lease {
-                        group: name.clone(),
-                        sequence: seq,
-                        attempt,
-                    }
-                    .encode(&mut journal);
                 }
             }
             st.groups.insert(Box::from(name.as_str()), cursor);
         }
+        let journal = Self::journal_snapshot(&st);
         st.last_active = now;
         let retained = st.window.iter().map(|e| e.message.sequence).collect();
         (retained, journal)
