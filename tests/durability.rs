@@ -993,3 +993,113 @@ async fn the_group_journal_is_compacted_while_running_and_still_recovers() {
     assert!(fresh.is_empty(), "nothing new was sent: {fresh:?}");
     assert_eq!(send_id(&mut c, "compact.x", "next", "").await.0, 2_001);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_survive_sigkill_and_last_deliveries_are_dead_lettered_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, _) = start(dir.path(), &[]).await;
+    let mut c = client(&broker.addr).await;
+    step(
+        "create",
+        c.create_group(CreateGroupRequest {
+            address: "dl.src".into(),
+            group: "g".into(),
+            start_sequence: 1,
+            ack_wait: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            max_deliveries: 1,
+            dead_letter_address: "dl.q".into(),
+            max_ack_pending: 100,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    for i in 1..=3 {
+        send_id(&mut c, "dl.src", &format!("m{i}"), "").await;
+    }
+    assert_eq!(recv_seqs(&mut c, "dl.src", "g", 10).await, vec![1, 2, 3]);
+    step(
+        "ack 1",
+        c.ack(AckRequest {
+            address: "dl.src".into(),
+            group: "g".into(),
+            sequences: vec![1],
+        }),
+    )
+    .await
+    .unwrap();
+    // A Nack on the last allowed delivery dead-letters 2 at once.
+    step(
+        "nack 2",
+        c.nack(switchboard::pb::NackRequest {
+            address: "dl.src".into(),
+            group: "g".into(),
+            sequences: vec![2],
+            delay: None,
+        }),
+    )
+    .await
+    .unwrap();
+    let dlq_header = |m: &switchboard::pb::Message| {
+        m.headers
+            .get("switchboard-dead-letter-sequence")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let first = step(
+        "dead letter",
+        c.recv(RecvRequest {
+            address: "dl.q".into(),
+            group: String::new(),
+            max_messages: 10,
+            wait: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .messages;
+    assert_eq!(first.iter().map(dlq_header).collect::<Vec<_>>(), vec!["2"]);
+    kill9(&mut broker);
+    step("dies", broker.child.wait()).await.unwrap();
+
+    let (broker, _) = start(dir.path(), &[]).await;
+    let mut c = client(&broker.addr).await;
+    // 3 was out on its last allowed delivery when the broker died: its lease counts as
+    // expired, so it is dead-lettered, not delivered a second time; 1 was acknowledged.
+    assert!(recv_seqs(&mut c, "dl.src", "g", 10).await.is_empty());
+    let stored = read_all(&broker.addr, "dl.q").await;
+    assert_eq!(
+        stored.get(&1).map(Vec::as_slice),
+        Some(&b"m2"[..]),
+        "the dead letter of 2 survived"
+    );
+    let after = step(
+        "dead letters after restart",
+        c.recv(RecvRequest {
+            address: "dl.q".into(),
+            group: String::new(),
+            max_messages: 10,
+            wait: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .messages;
+    let seqs: Vec<String> = after.iter().map(dlq_header).collect();
+    assert!(
+        seqs.contains(&"3".to_string()),
+        "3 is dead-lettered after the restart: {seqs:?}"
+    );
+    assert!(!seqs.contains(&"1".to_string()), "{seqs:?}");
+}

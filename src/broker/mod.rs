@@ -490,9 +490,49 @@ impl Broker {
         Ok(settled.not_pending)
     }
 
+    /// Disk engine: once the dead letter `d` is durable, journals its original as finished
+    /// with, so a crash in between delivers the original again rather than losing both.
+    fn finish_dead_letter(&self, d: &DeadLetter, durable: Durable) {
+        if durable.is_done() {
+            return;
+        }
+        let broker = self.clone();
+        let (address, group, sequence) = (
+            Arc::clone(&d.message.address),
+            d.group.clone(),
+            d.message.sequence,
+        );
+        let finish = async move {
+            match durable.wait().await {
+                Ok(()) => broker
+                    .inner
+                    .engine
+                    .journal_done(&address, &group, vec![sequence]),
+                Err(e) => tracing::warn!(
+                    address = %address,
+                    group = %group,
+                    sequence,
+                    error = %e,
+                    "dead letter not stored; the message is delivered again after a restart"
+                ),
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(finish);
+            }
+            Err(_) => tracing::warn!(
+                sequence,
+                "dead letter outside a runtime: its original is delivered again after a restart"
+            ),
+        }
+    }
+
     /// Sends dead-lettered messages on to their dead-letter addresses: payload and headers
     /// unchanged, plus the four `switchboard-dead-letter-*` headers. A dead letter that cannot
-    /// be stored (shutdown, a limit) is logged and counted as lost.
+    /// be stored (shutdown, a limit) is logged and counted as lost; in the disk engine its
+    /// original is delivered again after a restart instead (at least once into the
+    /// dead-letter address).
     pub(crate) fn dead_letter(&self, letters: Vec<DeadLetter>) {
         for d in letters {
             let mut headers = d.message.headers.clone();
@@ -524,11 +564,10 @@ impl Broker {
                     limit_name: "--retention-bytes",
                 })
             } else {
-                // Not awaited: the dead letter is durable with the next flush.
                 self.inner
                     .engine
                     .append(&d.to, d.message.payload.clone(), headers, size, None)
-                    .map(|_| ())
+                    .map(|(_, durable)| self.finish_dead_letter(&d, durable))
             };
             if let Err(e) = stored {
                 tracing::warn!(

@@ -624,6 +624,16 @@ impl Engine {
         }
     }
 
+    /// Disk engine: records that `sequences` of `group` on `address` are finished with, once
+    /// their dead letters are durable (a crash before then delivers them again, so a dead
+    /// letter is never lost). Nothing in the memory engine.
+    pub fn journal_done(&self, address: &str, group: &str, sequences: Vec<u64>) {
+        match self {
+            Self::Memory(_) => {}
+            Self::Disk(m) => m.journal_done(address, group, sequences),
+        }
+    }
+
     /// Deletes a named group; its waiting Recv calls and streams end with `NOT_FOUND`.
     ///
     /// # Errors

@@ -160,19 +160,20 @@ impl Leases {
     }
 
     /// Restores a message that was leased `attempts` times and not acknowledged when the broker
-    /// stopped (disk engine start-up): it is ready for redelivery at once, its attempts
-    /// continuing.
+    /// stopped (disk engine start-up): its lease counts as expired now, so the next read
+    /// redelivers it with its attempts continuing, or dead-letters it if that was its last
+    /// allowed delivery.
     pub(super) fn restore(&mut self, seq: u64, attempts: u32, now: Instant) {
         self.pending.insert(
             seq,
             Lease {
                 deadline: now,
                 attempts,
-                leased: false,
+                leased: true,
                 holder: 0,
             },
         );
-        self.ready.insert(seq);
+        self.due(now);
     }
 
     /// The pending messages (sequence, deliveries so far), lowest sequence first, for the disk

@@ -276,6 +276,20 @@ impl AddressLog {
         self.submit(st, Work::Journal(bytes), wait)
     }
 
+    /// Disk engine: journals that `sequences` of `group` are finished with (their dead letters
+    /// are durable now). Not waited for: until it is on disk a crash redelivers them.
+    pub(crate) fn journal_done(self: &Arc<Self>, group: &str, sequences: Vec<u64>) {
+        let st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        let event = GroupEvent::Done {
+            group: group.to_string(),
+            sequences,
+        };
+        let _ = self.journal(&st, &[event], false);
+    }
+
     /// Disk engine: makes the staged messages up to `last` visible (they are durable now),
     /// wakes readers and records them with the broker-wide budget.
     pub(crate) fn publish_through(self: &Arc<Self>, last: u64) {
@@ -598,7 +612,10 @@ impl AddressLog {
                     &dead,
                     &mut batch.dead_letters,
                 );
-                if journaling && !dead.is_empty() {
+                // With a dead-letter address, the broker journals Done once the dead letter is
+                // durable (`Broker::dead_letter`); a crash before that redelivers instead of
+                // losing it.
+                if journaling && !dead.is_empty() && to.is_none() {
                     events.push(GroupEvent::Done {
                         group: group.to_string(),
                         sequences: dead.iter().map(|d| d.0).collect(),
@@ -697,7 +714,10 @@ impl AddressLog {
                 Outcome::NotPending => out.not_pending.push(seq),
                 Outcome::DeadLetter(n) => {
                     dead.push((seq, n));
-                    done.push(seq);
+                    // With a dead-letter address: journaled once the dead letter is durable.
+                    if leases.policy.dead_letter.is_none() {
+                        done.push(seq);
+                    }
                 }
             }
         }
@@ -969,7 +989,7 @@ impl AddressLog {
             ready |= leases.has_ready();
             let to = leases.policy.dead_letter.clone();
             self.dead_letters(window, first, name, to.as_ref(), &dead, dead_letters);
-            if self.disk.is_some() && !dead.is_empty() {
+            if self.disk.is_some() && !dead.is_empty() && to.is_none() {
                 events.push(GroupEvent::Done {
                     group: name.to_string(),
                     sequences: dead.iter().map(|d| d.0).collect(),

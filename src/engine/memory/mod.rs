@@ -400,6 +400,12 @@ impl MemoryEngine {
         r
     }
 
+    pub(crate) fn journal_done(&self, address: &str, group: &str, sequences: Vec<u64>) {
+        if let Some(a) = self.find(address) {
+            a.journal_done(group, sequences);
+        }
+    }
+
     pub(crate) fn delete_group(&self, address: &str, group: &str) -> Result<Durable, BrokerError> {
         let a = self
             .find(address)
