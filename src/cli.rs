@@ -532,6 +532,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
 
+    /// With --data-dir: bytes of retained messages kept in memory with their payload and
+    /// headers (payload + headers + 128 per message); older messages are read back from their
+    /// segments when a replay, a lagging subscriber or a redelivery needs them. Each retained
+    /// message still costs about 200 bytes of index in memory.
+    #[arg(long, env = "SWITCHBOARD_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub cache_bytes: usize,
+
     /// With --data-dir: bytes past which an address's consumer-group journal (positions,
     /// leases, acks) is rewritten as a snapshot of its groups (4 KiB to 1 GiB).
     #[arg(long, env = "SWITCHBOARD_JOURNAL_COMPACT_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -595,6 +602,7 @@ impl ServeArgs {
                 segment_bytes: self.segment_bytes,
                 repair: self.repair,
                 journal_compact_bytes: self.journal_compact_bytes,
+                cache_bytes: self.cache_bytes,
             });
         Ok(ServerConfig {
             storage,

@@ -1103,3 +1103,89 @@ async fn dead_letters_survive_sigkill_and_last_deliveries_are_dead_lettered_afte
     );
     assert!(!seqs.contains(&"1".to_string()), "{seqs:?}");
 }
+
+/// `VmRSS` / `VmHWM` of a process, in bytes.
+fn vm(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_cache_keeps_rss_below_the_data_and_reads_the_rest_back() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--cache-bytes",
+        "8388608",
+        "--max-retained-bytes",
+        "536870912",
+    ];
+    let (mut broker, _) = start(dir.path(), &flags).await;
+    let c = client(&broker.addr).await;
+    // 240 MiB in 1 MiB messages over 4 addresses, each payload telling its address and index.
+    let payload = |a: usize, i: usize| {
+        let mut p = vec![u8::try_from(i % 251).unwrap(); MIB];
+        p[..8].copy_from_slice(&(a * 1000 + i).to_le_bytes());
+        p
+    };
+    for a in 0..4 {
+        let reqs: Vec<SendRequest> = (0..60)
+            .map(|i| SendRequest {
+                address: format!("cache.{a}"),
+                payload: payload(a, i).into(),
+                ..Default::default()
+            })
+            .collect();
+        let mut c = c.clone();
+        let mut acks = step("send stream", c.send_stream(tokio_stream::iter(reqs)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while let Some(r) = step("ack", acks.message()).await.unwrap() {
+            assert!(r.error.is_none(), "{:?}", r.error);
+            n += 1;
+        }
+        assert_eq!(n, 60);
+    }
+    let pid = broker.child.id().unwrap();
+    let rss = vm(pid, "VmRSS:");
+    eprintln!(
+        "RSS after 240 MiB sent with an 8 MiB cache: {} MiB",
+        rss >> 20
+    );
+    assert!(
+        rss < 160 << 20,
+        "RSS {} MiB stays well below the 240 MiB sent",
+        rss >> 20
+    );
+    // Everything reads back from the segments, byte-identical.
+    for a in [0, 3] {
+        let all = read_all(&broker.addr, &format!("cache.{a}")).await;
+        assert_eq!(all.len(), 60);
+        for (seq, p) in &all {
+            assert!(
+                *p == payload(a, usize::try_from(*seq).unwrap() - 1),
+                "cache.{a} #{seq}"
+            );
+        }
+    }
+    kill9(&mut broker);
+    step("dies", broker.child.wait()).await.unwrap();
+    // Recovery reads every record but keeps only the cache's worth of payloads.
+    let (broker, _) = start(dir.path(), &flags).await;
+    let rss = vm(broker.child.id().unwrap(), "VmRSS:");
+    eprintln!(
+        "RSS after recovering 240 MiB with an 8 MiB cache: {} MiB",
+        rss >> 20
+    );
+    assert!(rss < 160 << 20, "RSS {} MiB after recovery", rss >> 20);
+    let all = read_all(&broker.addr, "cache.2").await;
+    assert_eq!(all.get(&60), Some(&payload(2, 59)));
+}

@@ -456,6 +456,8 @@ conformance!(disk, |l| {
         segment_bytes: crate::engine::disk::DEFAULT_SEGMENT_BYTES,
         repair: false,
         journal_compact_bytes: crate::engine::disk::DEFAULT_JOURNAL_COMPACT_BYTES,
+        // Nothing cached: every read goes back to the segments.
+        cache_bytes: 0,
     };
     Engine::disk(l, Arc::new(Metrics::new()), &config).unwrap()
 });

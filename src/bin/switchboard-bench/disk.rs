@@ -6,7 +6,10 @@
 //! - the group-commit ceiling: one flusher thread appending 128-byte records for 64 writer
 //!   threads, one `write` + one `fdatasync` per batch (what the broker's flusher does, with no
 //!   broker around it);
-//! - recovery: seconds from start to listening on ~1 GiB of data, and the RSS then.
+//! - recovery: seconds from start to listening on ~1 GiB of data, and the RSS then (with the
+//!   default 256 MiB `--cache-bytes`);
+//! - replay after the restart, cached and with `--cache-bytes 0` (every message read back from
+//!   its segment), against the same replay on a memory broker.
 
 use std::{
     io::Write,
@@ -333,6 +336,18 @@ pub(crate) async fn run(
         "replay after restart / memory replay",
         "msgs/s",
         disk_replay,
+        Some(memory_replay),
+    ));
+    // The same replay with nothing cached: every message read back from its segment.
+    broker.kill().await?;
+    let cold_flags = [flags[0], flags[1], flags[2], flags[3], "--cache-bytes", "0"];
+    let broker = Server::broker_with(bin, &cold_flags).await?;
+    let cold = replay(&broker, "bench.replay", replay_n).await?;
+    emit(row(
+        "W9.replay.cold",
+        "replay, cache 0 (from disk) / memory",
+        "msgs/s",
+        cold,
         Some(memory_replay),
     ));
     Ok(())

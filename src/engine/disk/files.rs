@@ -23,6 +23,8 @@ use std::{
 
 use parking_lot::Mutex;
 
+use super::record::{decode_message, read_frame, Bad, StoredMessage, FRAME_BYTES, MAX_BODY_BYTES};
+
 /// The name of the file that holds the address's name.
 pub const NAME_FILE: &str = "address";
 /// The name of the group journal.
@@ -215,7 +217,7 @@ impl AddressFiles {
         first: u64,
         last: u64,
         segment_bytes: u64,
-    ) -> io::Result<()> {
+    ) -> io::Result<(u64, u64)> {
         let mut w = self.writer.lock();
         self.make_dir(&mut w)?;
         let roll = match w.segments.back() {
@@ -250,15 +252,39 @@ impl AddressFiles {
         let Writer {
             active, segments, ..
         } = &mut *w;
-        if let (Some(file), Some(seg)) = (active.as_mut(), segments.back_mut()) {
-            file.write_all(records)?;
-            seg.len += records.len() as u64;
-            seg.last = last;
-        }
+        let (Some(file), Some(seg)) = (active.as_mut(), segments.back_mut()) else {
+            return Err(io::Error::other("no segment to write to"));
+        };
+        let at = (seg.first, seg.len);
+        file.write_all(records)?;
+        seg.len += records.len() as u64;
+        seg.last = last;
         w.dirty_segment = true;
         self.bytes
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(at)
+    }
+
+    /// Reads back the message whose record starts at `offset` in the segment beginning at
+    /// `segment` (a message that left the cache). Needs no lock: records are never rewritten,
+    /// and a segment is removed only once its messages are no longer retained.
+    ///
+    /// # Errors
+    /// The I/O error, or a record that fails its CRC or does not parse.
+    pub fn read_message(&self, segment: u64, offset: u64) -> io::Result<StoredMessage> {
+        use std::os::unix::fs::FileExt;
+        let f = File::open(self.dir.join(segment_name(segment)))?;
+        let mut head = [0u8; FRAME_BYTES];
+        f.read_exact_at(&mut head, offset)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len > MAX_BODY_BYTES {
+            return Err(io::Error::other("record length out of range"));
+        }
+        let mut frame = vec![0u8; FRAME_BYTES + len];
+        f.read_exact_at(&mut frame, offset)?;
+        let bad = |b: Bad| io::Error::other(b.describe());
+        let (body, _) = read_frame(&frame, 0).map_err(bad)?;
+        decode_message(body).map_err(bad)
     }
 
     /// Appends encoded journal records.

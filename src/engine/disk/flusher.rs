@@ -29,7 +29,11 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use super::record;
-use crate::{engine::memory::AddressLog, message::Message, metrics::Metrics};
+use crate::{
+    engine::memory::{AddressLog, Loc},
+    message::Message,
+    metrics::Metrics,
+};
 
 /// When the flusher fsyncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,8 @@ struct Group {
     log: Arc<AddressLog>,
     jobs: Vec<Job>,
     last_seq: Option<u64>,
+    /// Where each written message's record is, in order.
+    locs: Vec<Loc>,
     mark: Option<super::files::Mark>,
     error: Option<String>,
 }
@@ -196,6 +202,7 @@ fn run(
                     log: Arc::clone(&job.log),
                     jobs: vec![job],
                     last_seq: None,
+                    locs: Vec::new(),
                     mark: None,
                     error: None,
                 }),
@@ -235,7 +242,7 @@ fn run(
             match g.error {
                 None => {
                     if let Some(last) = g.last_seq {
-                        g.log.publish_through(last);
+                        g.log.publish_through(last, &g.locs);
                     }
                     answer(g.jobs, &Ok(()));
                     compact(&g.log, journal_compact_bytes);
@@ -321,15 +328,20 @@ fn write_group(g: &mut Group, buf: &mut Vec<u8>, segment_bytes: u64) {
                     continue;
                 };
                 buf.clear();
+                let mut offsets = Vec::with_capacity(ms.len());
                 for (m, id) in ms {
+                    offsets.push(buf.len() as u64);
                     record::encode_message(buf, m, id.as_deref());
                 }
                 let r =
                     files.append_messages(buf, first.0.sequence, last.0.sequence, segment_bytes);
-                if r.is_ok() {
+                r.map(|(segment, start)| {
                     g.last_seq = Some(last.0.sequence);
-                }
-                r
+                    g.locs.extend(offsets.iter().map(|o| Loc {
+                        segment,
+                        offset: start + o,
+                    }));
+                })
             }
             Work::Journal(bytes) => files.append_journal(bytes),
             Work::Marker => Ok(()),
@@ -347,5 +359,6 @@ fn write_group(g: &mut Group, buf: &mut Vec<u8>, segment_bytes: u64) {
         files.rollback(mark);
         g.log.rollback_staged();
         g.last_seq = None;
+        g.locs.clear();
     }
 }

@@ -19,6 +19,7 @@
 //! `--fsync always`); a sequence, once acknowledged, is never reused; a failed write or fsync
 //! fails its Sends and everything queued behind them on that address.
 
+pub mod cache;
 pub mod files;
 pub mod flusher;
 pub mod record;
@@ -33,6 +34,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
+pub use cache::Cache;
 pub use files::AddressFiles;
 pub use flusher::{Flusher, FsyncMode, Job, Work};
 pub use recovery::Recovered;
@@ -41,6 +43,9 @@ use crate::metrics::Metrics;
 
 /// Default segment size: a new segment begins once the last one holds this many bytes.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Default message cache (bytes).
+pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Default size past which a group journal is compacted (bytes).
 pub const DEFAULT_JOURNAL_COMPACT_BYTES: u64 = 16 * 1024 * 1024;
@@ -58,6 +63,8 @@ pub struct DiskConfig {
     pub repair: bool,
     /// Bytes past which an address's group journal is rewritten as a snapshot of its groups.
     pub journal_compact_bytes: u64,
+    /// Bytes of retained messages kept in memory with their payload (see [`cache`]).
+    pub cache_bytes: usize,
 }
 
 /// An open data directory: its lock and the flusher.
@@ -67,6 +74,8 @@ pub struct Store {
     trash: PathBuf,
     /// The flusher thread's queue.
     pub flusher: Flusher,
+    /// Which messages keep their payload in memory.
+    pub cache: Cache,
     _lock: File,
 }
 
@@ -152,6 +161,7 @@ impl Store {
                 addresses,
                 trash,
                 flusher,
+                cache: Cache::new(cfg.cache_bytes),
                 _lock: lock,
             },
             found,

@@ -13,6 +13,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::engine::memory::Loc;
+
 use super::{
     files::{Segment, JOURNAL_FILE, NAME_FILE, SEGMENT_EXT},
     record::{self, GroupEvent, StoredMessage},
@@ -25,8 +27,8 @@ pub struct Recovered {
     pub name: String,
     /// Its directory.
     pub dir: PathBuf,
-    /// Its messages, in sequence order.
-    pub messages: Vec<StoredMessage>,
+    /// Its messages, in sequence order, each with where its record is.
+    pub messages: Vec<(StoredMessage, Loc)>,
     /// The sequence the next message gets.
     pub next_seq: u64,
     /// Its segments, oldest first.
@@ -116,7 +118,11 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
             });
             match parsed {
                 Ok((m, next)) => {
-                    r.messages.push(m);
+                    let loc = Loc {
+                        segment: *first,
+                        offset: pos as u64,
+                    };
+                    r.messages.push((m, loc));
                     expected += 1;
                     pos = next;
                 }

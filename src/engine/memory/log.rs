@@ -59,8 +59,25 @@ use crate::{
     validate::Headers,
 };
 
+/// Where a message's record is, in the disk engine: its segment (by first sequence) and the
+/// byte offset of its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    /// The segment's first sequence (its file name).
+    pub segment: u64,
+    /// Byte offset of the record's frame in the segment.
+    pub offset: u64,
+}
+
 struct Entry {
+    /// The message; with `hollow`, a stand-in without payload and headers (sequence, time and
+    /// size are right), the rest being in the segment at `loc`.
     message: Arc<Message>,
+    /// Disk engine: where the record is.
+    loc: Option<Loc>,
+    /// Disk engine: the payload and headers left the cache (`--cache-bytes`); readers load
+    /// them from `loc`.
+    hollow: bool,
     /// When it was appended (monotonic), for the age bound.
     appended: Instant,
     /// Fan-out subscribers registered at append time that have not yet been handed it.
@@ -292,13 +309,15 @@ impl AddressLog {
 
     /// Disk engine: makes the staged messages up to `last` visible (they are durable now),
     /// wakes readers and records them with the broker-wide budget.
-    pub(crate) fn publish_through(self: &Arc<Self>, last: u64) {
+    /// `locs` gives each one's record, in order.
+    pub(crate) fn publish_through(self: &Arc<Self>, last: u64, locs: &[Loc]) {
         let mut st = self.state.lock();
         let mut published = Vec::new();
+        let mut locs = locs.iter().copied();
         while st.staged.front().is_some_and(|(m, _)| m.sequence <= last) {
             if let Some((m, accepted)) = st.staged.pop_front() {
-                published.push(m.sequence);
-                self.commit(&mut st, m, accepted);
+                published.push((m.sequence, m.size));
+                self.commit(&mut st, m, accepted, locs.next());
             }
         }
         let first = st.first();
@@ -308,8 +327,69 @@ impl AddressLog {
         }
         if !published.is_empty() {
             self.notify.notify_waiters();
-            for seq in published {
+            for &(seq, _) in &published {
                 self.budget.record(self, seq);
+            }
+            if let Some(d) = &self.disk {
+                for (seq, size) in published {
+                    d.store.cache.admit(self, seq, size);
+                }
+            }
+        }
+    }
+
+    /// Disk engine: drops `sequence`'s payload and headers from memory (the cache's oldest);
+    /// readers load them from its segment from now on.
+    pub(crate) fn hollow(&self, sequence: u64) {
+        let mut st = self.state.lock();
+        let first = st.first();
+        let Some(i) = sequence
+            .checked_sub(first)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        if let Some(e) = st.window.get_mut(i) {
+            if e.loc.is_none() || e.hollow {
+                return;
+            }
+            e.message = Arc::new(Message {
+                address: Arc::clone(&e.message.address),
+                sequence: e.message.sequence,
+                payload: Bytes::new(),
+                headers: Headers::new(),
+                sent_at: e.message.sent_at,
+                size: e.message.size,
+            });
+            e.hollow = true;
+            e.frame = None;
+        }
+    }
+
+    /// The message of `e`, loaded from its segment if it left the cache.
+    ///
+    /// # Errors
+    /// The read failed (logged); the caller stops at this message and tries again later.
+    fn load(&self, e: &Entry) -> Result<Arc<Message>, ()> {
+        let (true, Some(loc), Some(d)) = (e.hollow, e.loc, &self.disk) else {
+            return Ok(Arc::clone(&e.message));
+        };
+        match d.files.read_message(loc.segment, loc.offset) {
+            Ok(m) if m.sequence == e.message.sequence => Ok(Arc::new(Message {
+                address: Arc::clone(&self.name),
+                sequence: m.sequence,
+                payload: m.payload,
+                headers: m.headers,
+                sent_at: m.sent_at,
+                size: e.message.size,
+            })),
+            Ok(m) => {
+                tracing::error!(address = %self.name, sequence = e.message.sequence, found = m.sequence, "storage: the record at the message's offset holds another sequence");
+                Err(())
+            }
+            Err(err) => {
+                tracing::error!(address = %self.name, sequence = e.message.sequence, error = %err, "storage: cannot read a message back from its segment");
+                Err(())
             }
         }
     }
@@ -410,20 +490,20 @@ impl AddressLog {
         if self.disk.is_some() {
             st.staged.push_back((Arc::clone(&message), now));
         } else {
-            self.commit(st, Arc::clone(&message), now);
+            self.commit(st, Arc::clone(&message), now, None);
         }
         message
     }
 
     /// Puts `message` (the next sequence) into the window: evicts what the address's bounds
     /// require, charges the budget, hands it to pattern subscribers.
-    fn commit(&self, st: &mut State, message: Arc<Message>, now: Instant) {
+    fn commit(&self, st: &mut State, message: Arc<Message>, now: Instant, loc: Option<Loc>) {
         self.metrics.sent.inc();
-        self.place(st, message, now);
+        self.place(st, message, now, loc);
     }
 
     /// [`Self::commit`] without counting the message as sent (start-up recovery).
-    fn place(&self, st: &mut State, message: Arc<Message>, now: Instant) {
+    fn place(&self, st: &mut State, message: Arc<Message>, now: Instant, loc: Option<Loc>) {
         self.evict_aged(st, now);
         let size = message.size;
         let mut evicted = 0;
@@ -443,6 +523,8 @@ impl AddressLog {
         st.patterns.deliver(&self.name, &message);
         st.window.push_back(Entry {
             message,
+            loc,
+            hollow: false,
             appended: now,
             pending_subscribers: st.fanout,
             frame: None,
@@ -525,9 +607,13 @@ impl AddressLog {
         let Some(to) = to else { return };
         for &(seq, deliveries) in dead {
             let i = usize::try_from(seq.saturating_sub(first)).unwrap_or(usize::MAX);
-            if let Some(e) = window.get(i).filter(|_| seq >= first) {
+            let loaded = window
+                .get(i)
+                .filter(|_| seq >= first)
+                .and_then(|e| self.load(e).ok());
+            if let Some(message) = loaded {
                 out.push(DeadLetter {
-                    message: Arc::clone(&e.message),
+                    message,
                     group: group.to_string(),
                     deliveries,
                     to: to.clone(),
@@ -592,12 +678,14 @@ impl AddressLog {
         match cursor.leases.as_deref_mut() {
             None => {
                 let start = usize::try_from(cursor.next - first).unwrap_or(usize::MAX);
-                batch
-                    .messages
-                    .extend(window.iter().skip(start).take(max).map(|e| Taken {
-                        message: Arc::clone(&e.message),
+                for e in window.iter().skip(start).take(max) {
+                    // A message that cannot be read back stops the batch; it is tried again.
+                    let Ok(message) = self.load(e) else { break };
+                    batch.messages.push(Taken {
+                        message,
                         attempt: 0,
-                    }));
+                    });
+                }
                 cursor.next += batch.messages.len() as u64;
             }
             Some(leases) => {
@@ -624,18 +712,17 @@ impl AddressLog {
                 let again = leases.redeliver(now, max, holder);
                 self.metrics.redelivered.inc_by(again.len() as u64);
                 for (seq, attempt) in again {
-                    if let Some(e) = entry(seq) {
-                        batch.messages.push(Taken {
-                            message: Arc::clone(&e.message),
-                            attempt,
-                        });
+                    if let Some(message) = entry(seq).and_then(|e| self.load(e).ok()) {
+                        batch.messages.push(Taken { message, attempt });
                     }
                 }
                 while batch.messages.len() < max && leases.has_room() && cursor.next < *next_seq {
-                    let Some(e) = entry(cursor.next) else { break };
+                    let Some(Ok(message)) = entry(cursor.next).map(|e| self.load(e)) else {
+                        break;
+                    };
                     leases.lease_new(cursor.next, now, holder);
                     batch.messages.push(Taken {
-                        message: Arc::clone(&e.message),
+                        message,
                         attempt: 1,
                     });
                     cursor.next += 1;
@@ -895,6 +982,16 @@ impl AddressLog {
         let start = usize::try_from(*cursor - first).unwrap_or(usize::MAX);
         let before = out.len();
         for e in st.window.iter_mut().skip(start).take(max) {
+            if e.hollow {
+                // Out of the cache: read back for this subscriber alone (no shared frame, so
+                // the payload does not come back into memory for the others).
+                let Ok(message) = self.load(e) else { break };
+                if e.message.sequence >= registered {
+                    e.pending_subscribers = e.pending_subscribers.saturating_sub(1);
+                }
+                out.push_back((message, None));
+                continue;
+            }
             if e.message.sequence < registered {
                 // History from before this subscriber registered (replay): it was not counted
                 // in the entry, so it takes a shared frame if one exists and otherwise encodes
@@ -1221,17 +1318,17 @@ impl AddressLog {
     /// record per group plus one per pending lease.
     pub(crate) fn restore(
         &self,
-        messages: Vec<crate::engine::disk::record::StoredMessage>,
+        messages: Vec<(crate::engine::disk::record::StoredMessage, Loc)>,
         next_seq: u64,
         events: Vec<GroupEvent>,
-    ) -> (Vec<u64>, Vec<u8>) {
+    ) -> (Vec<(u64, usize)>, Vec<u8>) {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut st = self.state.lock();
-        let start = messages.first().map_or(next_seq, |m| m.sequence);
+        let start = messages.first().map_or(next_seq, |m| m.0.sequence);
         st.next_seq = start;
         st.next_assign = start;
-        for m in messages {
+        for (m, loc) in messages {
             let age = wall.duration_since(m.sent_at).unwrap_or_default();
             let appended = now.checked_sub(age).unwrap_or(now);
             let size = m.payload.len()
@@ -1250,7 +1347,7 @@ impl AddressLog {
                 sent_at: m.sent_at,
                 size,
             });
-            self.place(&mut st, message, appended);
+            self.place(&mut st, message, appended, Some(loc));
         }
         st.next_seq = next_seq;
         st.next_assign = next_seq;
@@ -1338,7 +1435,11 @@ impl AddressLog {
         }
         let journal = Self::journal_snapshot(&st);
         st.last_active = now;
-        let retained = st.window.iter().map(|e| e.message.sequence).collect();
+        let retained = st
+            .window
+            .iter()
+            .map(|e| (e.message.sequence, e.message.size))
+            .collect();
         (retained, journal)
     }
 }

@@ -29,6 +29,7 @@ use dashmap::{mapref::entry::Entry, DashMap};
 
 pub use budget::Budget;
 pub use log::AddressLog;
+pub use log::Loc;
 use log::State;
 
 use patterns::{PatternIndex, PatternSub};
@@ -72,6 +73,9 @@ impl Drop for MemoryEngine {
     fn drop(&mut self) {
         // Age entries hold addresses, which hold the budget: break the cycle.
         self.budget.clear();
+        if let Some(s) = &self.store {
+            s.cache.clear();
+        }
     }
 }
 
@@ -134,8 +138,9 @@ impl MemoryEngine {
             engine
                 .addresses
                 .insert(Box::from(name.as_str()), Arc::clone(&log));
-            for seq in address.1 {
+            for (seq, size) in address.1 {
                 engine.budget.record(&log, seq);
+                store.cache.admit(&log, seq, size);
             }
         }
         tracing::info!(
