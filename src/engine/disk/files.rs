@@ -18,7 +18,10 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use parking_lot::Mutex;
@@ -85,6 +88,8 @@ pub struct AddressFiles {
     poisoned: AtomicBool,
     /// Where [`AddressFiles::remove`] moved the files, until [`AddressFiles::purge`].
     trashed: Mutex<Option<PathBuf>>,
+    /// The segment last read back (messages out of the cache), kept open for the next read.
+    reader: Mutex<Option<(u64, Arc<File>)>>,
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -113,6 +118,7 @@ impl AddressFiles {
             oldest_end: AtomicU64::new(u64::MAX),
             poisoned: AtomicBool::new(false),
             trashed: Mutex::new(None),
+            reader: Mutex::new(None),
         }
     }
 
@@ -273,7 +279,17 @@ impl AddressFiles {
     /// The I/O error, or a record that fails its CRC or does not parse.
     pub fn read_message(&self, segment: u64, offset: u64) -> io::Result<StoredMessage> {
         use std::os::unix::fs::FileExt;
-        let f = File::open(self.dir.join(segment_name(segment)))?;
+        let f = {
+            let mut reader = self.reader.lock();
+            match &*reader {
+                Some((s, f)) if *s == segment => Arc::clone(f),
+                _ => {
+                    let f = Arc::new(File::open(self.dir.join(segment_name(segment)))?);
+                    *reader = Some((segment, Arc::clone(&f)));
+                    f
+                }
+            }
+        };
         let mut head = [0u8; FRAME_BYTES];
         f.read_exact_at(&mut head, offset)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
@@ -348,6 +364,8 @@ impl AddressFiles {
     /// Cuts the files back to `mark` after a failed write or fsync: segments started since are
     /// removed, the last segment and the journal truncated.
     pub fn rollback(&self, mark: Mark) {
+        // A segment may go (or come back under the same name): no stale reader.
+        *self.reader.lock() = None;
         let mut w = self.writer.lock();
         if w.removed {
             return;
@@ -459,6 +477,7 @@ impl AddressFiles {
         if self.oldest_end.load(Ordering::Acquire) >= first {
             return;
         }
+        *self.reader.lock() = None;
         let mut w = self.writer.lock();
         while w.segments.len() > 1 && w.segments.front().is_some_and(|s| s.last < first) {
             if let Some(s) = w.segments.pop_front() {
@@ -480,6 +499,8 @@ impl AddressFiles {
     /// into `trash` at once (so a new address of the same name starts clean), then deleted by
     /// [`AddressFiles::purge`] once the caller holds no lock.
     pub fn remove(&self, trash: &Path) {
+        // A segment may go (or come back under the same name): no stale reader.
+        *self.reader.lock() = None;
         let mut w = self.writer.lock();
         w.removed = true;
         w.active = None;

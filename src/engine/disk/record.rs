@@ -205,8 +205,10 @@ pub struct StoredMessage {
     pub message_id: Option<String>,
     /// Its headers.
     pub headers: Headers,
-    /// Its payload (copied out of the read buffer).
+    /// Its payload (copied out of the read buffer); empty from [`decode_message_index`].
     pub payload: Bytes,
+    /// Bytes charged to retention: payload + headers + 128.
+    pub size: usize,
 }
 
 /// Parses a message body.
@@ -214,6 +216,19 @@ pub struct StoredMessage {
 /// # Errors
 /// [`Bad::Malformed`] when it is not a well-formed message record.
 pub fn decode_message(body: &[u8]) -> Result<StoredMessage, Bad> {
+    decode(body, true)
+}
+
+/// [`decode_message`] without copying the payload (start-up builds an index-only entry; the
+/// payload is read back from the segment when needed).
+///
+/// # Errors
+/// As [`decode_message`].
+pub fn decode_message_index(body: &[u8]) -> Result<StoredMessage, Bad> {
+    decode(body, false)
+}
+
+fn decode(body: &[u8], with_payload: bool) -> Result<StoredMessage, Bad> {
     let mut r = Reader { b: body, at: 0 };
     if r.u8()? != KIND_MESSAGE {
         return Err(Bad::Malformed);
@@ -222,19 +237,29 @@ pub fn decode_message(body: &[u8]) -> Result<StoredMessage, Bad> {
     let sent_at = UNIX_EPOCH + Duration::from_nanos(r.u64()?);
     let id = r.str16()?;
     let n = r.u16()?;
-    let mut headers = Headers::with_capacity(usize::from(n));
+    let mut headers = Headers::new();
+    let mut header_bytes = 0;
     for _ in 0..n {
-        let k = r.str16()?.to_string();
+        let k = r.str16()?;
         let v = std::str::from_utf8(r.bytes32()?).map_err(|_| Bad::Malformed)?;
-        headers.insert(k, v.to_string());
+        header_bytes += k.len() + v.len();
+        if with_payload {
+            headers.insert(k.to_string(), v.to_string());
+        }
     }
-    let payload = Bytes::copy_from_slice(r.bytes32()?);
+    let raw = r.bytes32()?;
+    let payload = if with_payload {
+        Bytes::copy_from_slice(raw)
+    } else {
+        Bytes::new()
+    };
     Ok(StoredMessage {
         sequence,
         sent_at,
         message_id: (!id.is_empty()).then(|| id.to_string()),
         headers,
         payload,
+        size: raw.len() + header_bytes + crate::config::MESSAGE_OVERHEAD_BYTES,
     })
 }
 

@@ -109,7 +109,7 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
         let mut pos = 0;
         while pos < buf.len() {
             let parsed = record::read_frame(&buf, pos).and_then(|(body, next)| {
-                let m = record::decode_message(body)?;
+                let m = record::decode_message_index(body)?;
                 if m.sequence == expected {
                     Ok((m, next))
                 } else {

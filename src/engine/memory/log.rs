@@ -1321,7 +1321,7 @@ impl AddressLog {
         messages: Vec<(crate::engine::disk::record::StoredMessage, Loc)>,
         next_seq: u64,
         events: Vec<GroupEvent>,
-    ) -> (Vec<(u64, usize)>, Vec<u8>) {
+    ) -> (Vec<u64>, Vec<u8>) {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut st = self.state.lock();
@@ -1331,9 +1331,7 @@ impl AddressLog {
         for (m, loc) in messages {
             let age = wall.duration_since(m.sent_at).unwrap_or_default();
             let appended = now.checked_sub(age).unwrap_or(now);
-            let size = m.payload.len()
-                + crate::validate::headers(&m.headers).unwrap_or(0)
-                + crate::config::MESSAGE_OVERHEAD_BYTES;
+            let size = m.size;
             if let (Some(id), Some(window)) = (&m.message_id, self.dedup_window) {
                 if age < window {
                     st.dedup.record(id, m.sequence, appended);
@@ -1347,7 +1345,12 @@ impl AddressLog {
                 sent_at: m.sent_at,
                 size,
             });
+            // Index only: the payload is read back from the segment when needed (and new
+            // messages fill the cache).
             self.place(&mut st, message, appended, Some(loc));
+            if let Some(e) = st.window.back_mut() {
+                e.hollow = true;
+            }
         }
         st.next_seq = next_seq;
         st.next_assign = next_seq;
@@ -1435,11 +1438,7 @@ impl AddressLog {
         }
         let journal = Self::journal_snapshot(&st);
         st.last_active = now;
-        let retained = st
-            .window
-            .iter()
-            .map(|e| (e.message.sequence, e.message.size))
-            .collect();
+        let retained = st.window.iter().map(|e| e.message.sequence).collect();
         (retained, journal)
     }
 }

@@ -138,9 +138,8 @@ impl MemoryEngine {
             engine
                 .addresses
                 .insert(Box::from(name.as_str()), Arc::clone(&log));
-            for (seq, size) in address.1 {
+            for seq in address.1 {
                 engine.budget.record(&log, seq);
-                store.cache.admit(&log, seq, size);
             }
         }
         tracing::info!(
