@@ -500,9 +500,32 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_TLS_CLIENT_AUTH", value_enum, default_value_t = ClientAuth::Required)]
     pub tls_client_auth: ClientAuth,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
-    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR")]
+    /// Serve HTTP on ADDR (off unless given): the web console at http://ADDR/, Prometheus
+    /// metrics at http://ADDR/metrics, and the gRPC services over gRPC-Web for the console's
+    /// own calls (HTTPS with the broker's certificate when --tls-cert is set). Bind it to
+    /// loopback or put it behind --auth-file: the console can send, read and delete.
+    #[arg(long, env = "SWITCHBOARD_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// The older name of --http-listen, still accepted (the same listener: console, metrics).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_METRICS_LISTEN",
+        value_name = "ADDR",
+        conflicts_with = "http_listen"
+    )]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Let web pages from ORIGIN (`https://app.example.com`, `http://127.0.0.1:3000`: scheme,
+    /// host and port, no path) call the gRPC port with gRPC-Web. Repeatable, or comma-separated
+    /// in the environment variable; none by default (the console on --http-listen needs none).
+    #[arg(
+        long = "cors-origin",
+        env = "SWITCHBOARD_CORS_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
 
     /// Log format on stderr (`RUST_LOG` sets the level; default `switchboard=info`).
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -553,6 +576,11 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The HTTP listener's address: `--http-listen`, or its older name `--metrics-listen`.
+    pub fn http_listen(&self) -> Option<SocketAddr> {
+        self.http_listen.or(self.metrics_listen)
+    }
+
     /// The validated server configuration.
     ///
     /// # Errors
@@ -604,8 +632,14 @@ impl ServeArgs {
                 journal_compact_bytes: self.journal_compact_bytes,
                 cache_bytes: self.cache_bytes,
             });
+        let cors_origins = self
+            .cors_origins
+            .iter()
+            .map(|o| crate::grpc::web::parse_origin(o))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ServerConfig {
             storage,
+            cors_origins,
             limits,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             max_streams_per_connection: self.max_streams_per_connection,

@@ -144,6 +144,9 @@ pub struct ServerConfig {
     pub security: Security,
     /// The disk engine's settings (`--data-dir`); `None`: the in-memory engine.
     pub storage: Option<crate::engine::disk::DiskConfig>,
+    /// Origins whose pages may call the gRPC port with gRPC-Web (`--cors-origin`, exact
+    /// matches, see `grpc::web::parse_origin`); empty: none.
+    pub cors_origins: Vec<http::HeaderValue>,
 }
 
 impl Default for ServerConfig {
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             },
             security: Security::default(),
             storage: None,
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -135,18 +135,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
         data_dir = config.storage.as_ref().map(|s| s.dir.display().to_string()),
         "switchboard listening"
     );
-    let metrics = match args.metrics_listen {
+    let http = match args.http_listen() {
         Some(addr) => match server::bind(addr).await {
             Ok((l, _)) => Some(l),
             Err(e) => {
-                tracing::error!("--metrics-listen: {e}");
+                tracing::error!("--http-listen: {e}");
                 return ExitCode::FAILURE;
             }
         },
         None => None,
     };
     let engine_handle = broker.clone();
-    let r = server::run_with_metrics(listener, metrics, broker, config, shutdown::signal()).await;
+    let r = server::run_with_http(listener, http, broker, config, shutdown::signal()).await;
     // Everything answered is durable already; this writes out what interval mode holds.
     engine_handle.engine().close();
     match r {

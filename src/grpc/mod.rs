@@ -11,4 +11,5 @@ pub mod health;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod web;
 pub mod wire;

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use tokio_stream::StreamExt;
 use tonic::transport::Server;
+use tonic_web::GrpcWebLayer;
 
 use super::{
     admin::AdminService,
@@ -17,12 +18,13 @@ use super::{
     health,
     service::BrokerService,
     tls::{PeerInfo, TlsState},
+    web,
     wire::SubscribeRoute,
 };
 use crate::{
     broker::Broker,
     config::ServerConfig,
-    metrics::{Metrics, CONTENT_TYPE},
+    metrics::Metrics,
     pb::{admin_server::AdminServer, broker_server::BrokerServer, FILE_DESCRIPTOR_SET},
     shutdown::{Shutdown, ShutdownToken},
 };
@@ -78,17 +80,19 @@ pub async fn run(
     config: ServerConfig,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run_with_metrics(listener, None, broker, config, signal).await
+    run_with_http(listener, None, broker, config, signal).await
 }
 
-/// [`run`], and with `metrics` also serves Prometheus metrics at `/metrics` on that listener
-/// until shutdown begins.
+/// [`run`], and with `http` also serves on that listener (`--http-listen`), until shutdown
+/// begins: the web console at `/`, Prometheus metrics at `/metrics`, and the gRPC services
+/// over gRPC-Web for the console's own calls (same origin, so no CORS is needed). It speaks
+/// HTTP/1.1, with TLS when the gRPC port has it.
 ///
 /// # Errors
 /// As [`run`].
-pub async fn run_with_metrics(
+pub async fn run_with_http(
     listener: TcpListener,
-    metrics: Option<TcpListener>,
+    http: Option<TcpListener>,
     broker: Broker,
     config: ServerConfig,
     signal: impl Future<Output = ()> + Send + 'static,
@@ -125,15 +129,6 @@ pub async fn run_with_metrics(
         .map(TlsState::new)
         .transpose()
         .map_err(ServerError::Security)?;
-    if let Some(metrics) = metrics {
-        tokio::spawn(serve_metrics(
-            metrics,
-            broker.clone(),
-            tls.clone()
-                .map(|tls| (tls, config.admission.handshake_timeout)),
-            shutdown.token(),
-        ));
-    }
     tokio::spawn(reload_on_sighup(
         config.security.auth_file.clone(),
         authority.clone(),
@@ -165,6 +160,22 @@ pub async fn run_with_metrics(
         false,
     );
 
+    if let Some(http) = http {
+        let grpc_web = tonic::service::Routes::new(service.clone())
+            .add_service(admin.clone())
+            .add_service(health_service.clone())
+            .prepare()
+            .into_axum_router()
+            .layer(GrpcWebLayer::new());
+        tokio::spawn(web::serve(
+            http,
+            web::router(broker_metrics.clone(), grpc_web),
+            tls.clone()
+                .map(|tls| (tls, config.admission.handshake_timeout)),
+            shutdown.token(),
+        ));
+    }
+
     let incoming = admission::incoming(
         listener,
         config.admission,
@@ -178,6 +189,13 @@ pub async fn run_with_metrics(
     });
 
     let serve = Server::builder()
+        // gRPC-Web (browsers) over HTTP/1.1 as well as HTTP/2; CORS outermost, so preflight
+        // requests are answered before authentication.
+        .accept_http1(true)
+        .layer(tower_layer::Stack::new(
+            GrpcWebLayer::new(),
+            web::cors_layer(&config.cors_origins),
+        ))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         // Above our own per-connection stream limit, which answers with a clear status first;
@@ -212,56 +230,6 @@ pub async fn run_with_metrics(
     }
     tracing::info!("switchboard stopped");
     Ok(())
-}
-
-/// Serves `GET /metrics` (OpenMetrics text) until shutdown begins.
-async fn serve_metrics(
-    listener: TcpListener,
-    broker: Broker,
-    tls: Option<(TlsState, std::time::Duration)>,
-    mut shutdown: ShutdownToken,
-) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(
-            |axum::extract::State(broker): axum::extract::State<Broker>| async move {
-                let disk = i64::try_from(broker.engine().disk_bytes()).unwrap_or(i64::MAX);
-                broker.metrics().disk_bytes.set(disk);
-                (
-                    [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-                    broker.metrics().render(
-                        broker.address_count(),
-                        broker.total_retained_bytes(),
-                        broker.total_retained_messages(),
-                    ),
-                )
-            },
-        )
-        .with_state(broker),
-    );
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(listen = %addr, tls = tls.is_some(), "metrics listening");
-    }
-    let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-        }
-        Some((tls, handshake_timeout)) => {
-            let listener = super::tls::TlsListener {
-                inner: listener,
-                tls,
-                handshake_timeout,
-            };
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-        }
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "metrics endpoint failed");
-    }
 }
 
 /// Reloads the auth file and the TLS material on SIGHUP (open streams carry on; a reload that

@@ -59,7 +59,7 @@ impl TestServer {
             .expect("bind metrics on 127.0.0.1:0");
         let broker = Broker::new(limits.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run_with_metrics(
+        let task = tokio::spawn(server::run_with_http(
             listener,
             Some(metrics),
             broker.clone(),

@@ -1,0 +1,234 @@
+"""The web console in a real browser: Debian's chromium driven by Playwright, against a fresh
+broker started with `--http-listen`. Screenshots go to target/console-screenshots/."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = os.environ.get("SWITCHBOARD_BIN", str(ROOT / "target" / "debug" / "switchboard"))
+SHOTS = ROOT / "target" / "console-screenshots"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# Chromium's own background traffic is refused on a closed network; these flags stop it.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+class Broker:
+    """`switchboard serve` on free loopback ports with the console on; SIGTERM at the end."""
+
+    def __init__(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [BINARY, "serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RUST_LOG": "switchboard=info", "NO_COLOR": "1"},
+        )
+        self.grpc = self.console = None
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if self.grpc is None and (m := re.search(r"listen=(127\.0\.0\.1:\d+)", line)):
+                self.grpc = m.group(1)
+            if m := re.search(r"console at (http://127\.0\.0\.1:\d+/)", line):
+                self.console = m.group(1)
+                break
+        if self.grpc is None or self.console is None:
+            self.proc.kill()
+            raise RuntimeError("broker did not report its listeners")
+        # Keep reading its log so the pipe never fills.
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def cli(self, *args: str, token: str | None = None) -> str:
+        extra = ["--token", token] if token else []
+        out = subprocess.run(
+            [BINARY, *args, "--server", f"http://{self.grpc}", *extra],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+        return out.stdout
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            assert self.proc.wait(timeout=10) == 0
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture
+def broker():
+    b = Broker()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name), full_page=False)
+
+
+def open_address(page: Page, address: str) -> None:
+    page.fill("#open-input", address)
+    page.click("#open-form button")
+    # The tail has read the address's next sequence and subscribed from it.
+    expect(page.locator("#tail")).to_have_attribute("data-from", re.compile(r"^\d+$"))
+
+
+def test_console_publishes_tails_replays_and_shows_group_lag(broker: Broker, page: Page) -> None:
+    # The first render settles: no stream is opened until an address is.
+    page.goto(broker.console, wait_until="networkidle")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "ok")
+    expect(page.locator("#addresses-empty")).to_be_visible()
+
+    open_address(page, "console.demo")
+    expect(page.locator("#tail-address")).to_have_text("console.demo")
+    expect(page.locator("#publish-address")).to_have_value("console.demo")
+
+    # Publish through the form: the result names the sequence, the tail shows the message.
+    page.fill("#publish-payload", '{"hello": "from the form"}')
+    page.click("details summary")
+    page.fill("#publish-headers", "kind: demo")
+    page.click("#publish-button")
+    expect(page.locator("#publish-result")).to_have_text("sent · sequence 1")
+    first = page.locator('#tail li[data-sequence="1"]')
+    expect(first).to_contain_text('{"hello": "from the form"}')
+    expect(first.locator(".headers")).to_contain_text("kind: demo")
+
+    # A Send from the CLI appears within a second.
+    assert broker.cli("send", "console.demo", "from the cli").strip() == "2"
+    started = time.monotonic()
+    expect(page.locator('#tail li[data-sequence="2"]')).to_contain_text("from the cli", timeout=1000)
+    assert time.monotonic() - started < 1.0
+
+    # The address table lists it, with its counts.
+    row = page.locator('#addresses-body tr[data-address="console.demo"]')
+    expect(row).to_be_visible()
+    expect(row.locator("td").nth(1)).to_have_text("2")
+
+    # A group that falls behind shows its lag in the table and on the lag chart.
+    assert broker.cli("group", "create", "console.demo", "workers").startswith("created")
+    subprocess.run(
+        [BINARY, "send", "console.demo", "-", "--lines", "--server", f"http://{broker.grpc}"],
+        input="job-1\njob-2\njob-3\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    expect(row.locator('.chip[data-group="workers"]')).to_have_attribute("data-lag", "3", timeout=5000)
+    expect(row.locator('.chip[data-group="workers"]')).to_contain_text("workers · 3")
+    group_card = page.locator('#groups .group[data-group="workers"]')
+    expect(group_card).to_contain_text("lag 3", timeout=5000)
+    expect(group_card.locator("svg.spark polyline")).to_have_count(1)
+    expect(page.locator('#tail li[data-sequence="5"]')).to_contain_text("job-3")
+    # Let the lag chart take a few samples and the rate settle before the screenshot.
+    page.wait_for_timeout(2500)
+    shot(page, "console-1280x800.png")
+
+    # Replay from sequence 2: the tail is rebuilt from the history.
+    page.fill("#replay-from", "2")
+    page.click("#replay-form button[type=submit]")
+    expect(page.locator("#tail")).to_have_attribute("data-from", "2")
+    expect(page.locator("#tail li[data-sequence]")).to_have_count(4)
+    expect(page.locator('#tail li[data-sequence="1"]')).to_have_count(0)
+
+    # Hex view.
+    page.click("#fmt-hex")
+    expect(page.locator('#tail li[data-sequence="2"] pre')).to_have_text(
+        " ".join(f"{b:02x}" for b in b"from the cli")
+    )
+    page.click("#fmt-text")
+
+    # A phone-width view stays readable: one column, no horizontal page scroll.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(300)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page scrolls sideways at phone width ({width}px)"
+    shot(page, "console-phone.png")
+
+
+def test_console_errors_name_the_field(broker: Broker, page: Page) -> None:
+    page.goto(broker.console, wait_until="networkidle")
+    page.fill("#publish-address", "not valid")
+    page.click("#publish-button")
+    result = page.locator("#publish-result")
+    expect(result).to_contain_text("InvalidArgument")
+    expect(result).to_contain_text("address")
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    out = subprocess.run(
+        [BINARY, "token", "new", "operator"], capture_output=True, text=True, check=True, timeout=20
+    ).stdout
+    # The token on the first line, then a [[principal]] block with its SHA-256.
+    secret = out.splitlines()[0].strip()
+    sha = re.search(r"token_sha256\s*=\s*\"([0-9a-f]{64})\"", out)
+    assert secret and sha, out
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        '[[principal]]\nname = "operator"\n'
+        f'token_sha256 = "{sha.group(1)}"\n'
+        'send = [">"]\nreceive = [">"]\nadmin = true\n'
+    )
+    b = Broker("--auth-file", str(auth))
+    yield b, secret
+    b.stop()
+
+
+def test_console_asks_for_a_token_and_keeps_it_for_the_tab(secure_broker, page: Page) -> None:
+    broker, token = secure_broker
+    page.goto(broker.console, wait_until="networkidle")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "auth")
+    expect(page.locator("#token-panel")).to_be_visible()
+    expect(page.locator("#token-why")).to_contain_text("credentials")
+    shot(page, "console-token.png")
+    page.fill("#token-input", token)
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "ok")
+    # Kept in sessionStorage (this tab), never in localStorage.
+    assert page.evaluate("sessionStorage.getItem('switchboard.token')") == token
+    assert page.evaluate("localStorage.length") == 0
+    open_address(page, "secure.demo")
+    page.fill("#publish-payload", "with a token")
+    page.click("#publish-button")
+    expect(page.locator("#publish-result")).to_have_text("sent · sequence 1")
+    expect(page.locator('#tail li[data-sequence="1"]')).to_contain_text("with a token")
