@@ -444,3 +444,78 @@ async fn plain_grpc_still_works_beside_grpc_web() {
     assert!(matches!(m.event, Some(Event::Message(m)) if m.sequence == 1));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn grpc_web_over_http2_streams_a_subscribe() {
+    // What a browser sends when it reaches the port over HTTP/2 (TLS with ALPN h2, or a proxy):
+    // gRPC-Web content types on an HTTP/2 stream, status in the body's trailer frame.
+    let server = TestServer::start().await;
+    let tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = step(client.ready()).await.expect("h2 ready");
+    let request = http::Request::post(format!(
+        "http://{}/switchboard.v1.Broker/Subscribe",
+        server.addr
+    ))
+    .header("content-type", "application/grpc-web+proto")
+    .header("x-grpc-web", "1")
+    .body(())
+    .expect("request");
+    let (response, mut stream) = client.send_request(request, false).expect("send");
+    let subscribe = SubscribeRequest {
+        address: "web.h2-subscribe".into(),
+        start_sequence: 1,
+        ..Default::default()
+    };
+    stream.send_data(frame(&subscribe), true).expect("body");
+    let mut grpc = server.client().await;
+    for i in 1..=3u64 {
+        let r = grpc
+            .send(send_req("web.h2-subscribe", format!("h2-{i}").as_bytes()))
+            .await
+            .expect("send");
+        assert_eq!(r.into_inner().sequence, i);
+    }
+    let response = step(response).await.expect("response");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert!(response.headers()[http::header::CONTENT_TYPE]
+        .to_str()
+        .expect("ascii")
+        .starts_with("application/grpc-web"));
+    let mut body = response.into_body();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let chunk = step(body.data())
+            .await
+            .expect("the stream stays open")
+            .expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 5 + len {
+                break;
+            }
+            let flag = buf[0];
+            let msg = buf.split_to(5 + len).freeze().slice(5..);
+            assert_eq!(flag & 0x80, 0, "no trailers while the stream is open");
+            let r = switchboard::pb::SubscribeResponse::decode(msg).expect("decode");
+            let Some(Event::Message(m)) = r.event else {
+                panic!("unexpected {r:?}")
+            };
+            got.push((m.sequence, m.payload));
+        }
+    }
+    for (i, (seq, payload)) in got.iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(*seq, n);
+        assert_eq!(payload.as_ref(), format!("h2-{n}").as_bytes());
+    }
+    server.stop().await;
+}

@@ -231,9 +231,19 @@ async function refresh(): Promise<void> {
       }),
     );
     renderTable(addresses);
+    $("addresses-empty").textContent = "No addresses yet. Send a message to create one.";
     setConn("ok", `connected · ${addresses.length} address${addresses.length === 1 ? "" : "es"}`);
   } catch (e) {
-    callFailed(e);
+    const err = ConnectError.from(e);
+    if (err.code === Code.PermissionDenied) {
+      // A token without `admin` may still tail and publish where it is permitted.
+      $("addresses-body").replaceChildren();
+      $("addresses-empty").hidden = false;
+      $("addresses-empty").textContent = `This token may not list addresses (${err.rawMessage}); open one by name.`;
+      setConn("auth", "no admin permission");
+    } else {
+      callFailed(e);
+    }
   } finally {
     refreshing = false;
   }
@@ -275,7 +285,9 @@ async function sampleGroups(): Promise<void> {
   try {
     groups = (await admin.getAddress({ address })).groups;
   } catch (e) {
-    if (ConnectError.from(e).code !== Code.NotFound) callFailed(e);
+    const code = ConnectError.from(e).code;
+    // NotFound: nothing sent yet; PermissionDenied: a token without admin sees no groups.
+    if (code !== Code.NotFound && code !== Code.PermissionDenied) callFailed(e);
     groups = [];
   }
   if (address !== selected) return;
@@ -368,13 +380,18 @@ function setTailState(state: "live" | "replay" | "idle" | "error", text: string)
   el.textContent = text;
 }
 
-/** The address's next sequence (1 for an address that does not exist yet). */
+/**
+ * The address's next sequence (1 for an address that does not exist yet), or 0 ("from now")
+ * when the token may not read it through the Admin service.
+ */
 async function nextSequence(address: string): Promise<bigint> {
   try {
     const r = await admin.getAddress({ address });
     return (r.address?.lastSequence ?? 0n) + 1n;
   } catch (e) {
-    if (ConnectError.from(e).code === Code.NotFound) return 1n;
+    const code = ConnectError.from(e).code;
+    if (code === Code.NotFound) return 1n;
+    if (code === Code.PermissionDenied) return 0n;
     throw e;
   }
 }
