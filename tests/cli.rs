@@ -615,3 +615,30 @@ async fn token_new_prints_a_token_and_its_principal_entry() {
         "orders-service"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_bad_cors_origin_and_both_http_listen_names() {
+    let serve = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    };
+    let (code, _, stderr) = run(serve(&["--cors-origin", "https://app.example.com/path"])).await;
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--cors-origin") && stderr.contains("without a path"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(serve(&[
+        "--http-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]))
+    .await;
+    assert_eq!(code, 2, "clap refuses the two names together: {stderr}");
+    assert!(stderr.contains("--metrics-listen"), "{stderr}");
+}

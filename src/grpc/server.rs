@@ -194,7 +194,11 @@ pub async fn run_with_http(
         .accept_http1(true)
         .layer(tower_layer::Stack::new(
             GrpcWebLayer::new(),
-            web::cors_layer(&config.cors_origins),
+            // Only with --cors-origin: without origins there is nothing to allow, and the layer
+            // would add `vary` headers to every response.
+            tower::util::option_layer(
+                (!config.cors_origins.is_empty()).then(|| web::cors_layer(&config.cors_origins)),
+            ),
         ))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
