@@ -267,15 +267,15 @@ impl BrokerProcess {
 }
 
 impl BrokerProcess {
-    /// The metrics endpoint's address, from its start-up line (started with
-    /// `--metrics-listen 127.0.0.1:0`).
+    /// The HTTP listener's address (console and `/metrics`), from its start-up line (started
+    /// with `--http-listen 127.0.0.1:0` or its older name `--metrics-listen`).
     pub async fn metrics_addr(&mut self) -> String {
         loop {
             let line = step("metrics line", self.logs.next_line())
                 .await
                 .expect("read stderr")
                 .expect("broker exited before its metrics line");
-            if line.contains("metrics listening") {
+            if line.contains("console at") {
                 if let Some(rest) = line.split("listen=").nth(1) {
                     return rest
                         .split_whitespace()
