@@ -4,7 +4,10 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Connect and call timeout of the TLS tests' clients.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 use common::{pki::Pki, TestServer};
 use switchboard::{
@@ -80,8 +83,12 @@ async fn tls_channel(
             std::fs::read(pki.path(&format!("{c}.key"))).unwrap(),
         ));
     }
+    // Bounded: a refused client must fail, never wait forever (one CI run hung here once,
+    // not reproduced in 290 runs since).
     Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .tls_config(tls)
         .unwrap()
         .connect()
@@ -282,6 +289,8 @@ receive = [">"]
     }
     let plain_refused = match Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .connect()
         .await
     {
