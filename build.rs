@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let fds = protox::compile(["switchboard/v1/broker.proto"], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("switchboard_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    // Smaller per-call buffers than tonic's 8 KiB (src/grpc/codec.rs).
+    tonic_prost_build::configure()
+        .bytes(".")
+        .codec_path("crate::grpc::codec::SmallBufferCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod codec;
 pub mod connection;
 mod frame_limit;
 pub mod health;
