@@ -27,11 +27,12 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::tls::{TlsListener, TlsState};
 use crate::{broker::Broker, metrics::CONTENT_TYPE, shutdown::ShutdownToken};
 
-/// The console page, its script and its style sheet: built from `web/` by `npm run build`
-/// (TypeScript, Connect-ES, esbuild) and committed, so `cargo build` needs no npm.
-const INDEX_HTML: &[u8] = include_bytes!("../../web/dist/index.html");
+/// The console page and its style sheet (served as written), and its script: bundled from
+/// `web/src/` by `npm run build` (TypeScript, Connect-ES, esbuild) into `web/dist/` and
+/// committed, so `cargo build` needs no npm.
+const INDEX_HTML: &[u8] = include_bytes!("../../web/src/index.html");
 const CONSOLE_JS: &[u8] = include_bytes!("../../web/dist/console.js");
-const CONSOLE_CSS: &[u8] = include_bytes!("../../web/dist/console.css");
+const CONSOLE_CSS: &[u8] = include_bytes!("../../web/src/console.css");
 
 /// The page may load its own script, style and data only: no CDN, no inline script, no
 /// third-party connection.
