@@ -14,7 +14,7 @@ use std::{
 
 use common::{step, TestServer};
 use switchboard::{
-    config::{Security, ServerConfig},
+    config::Security,
     grpc::auth::{new_token, token_sha256},
     pb::{broker_client::BrokerClient, SendRequest},
 };
@@ -81,12 +81,9 @@ async fn failed_authentications_do_not_slow_a_permitted_client_more_than_2x() {
         ),
     )
     .unwrap();
-    let server = TestServer::with_config(ServerConfig {
-        security: Security {
-            auth_file: Some(auth),
-            tls: None,
-        },
-        ..ServerConfig::default()
+    let server = TestServer::with_security(Security {
+        auth_file: Some(auth),
+        tls: None,
     })
     .await;
     let mut good = client(&server, &token).await;

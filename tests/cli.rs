@@ -532,7 +532,7 @@ async fn send_lines_batches_and_reports_a_refused_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_token_and_client_certificate_flags() {
     use switchboard::{
-        config::{Security, ServerConfig},
+        config::Security,
         grpc::auth::{new_token, token_sha256},
     };
     let pki = common::pki::Pki::new("cli");
@@ -546,12 +546,9 @@ async fn tls_token_and_client_certificate_flags() {
         ),
     )
     .unwrap();
-    let server = TestServer::with_config(ServerConfig {
-        security: Security {
-            auth_file: Some(auth),
-            tls: Some(pki.tls(true, true)),
-        },
-        ..ServerConfig::default()
+    let server = TestServer::with_security(Security {
+        auth_file: Some(auth),
+        tls: Some(pki.tls(true, true)),
     })
     .await;
     let https = format!("https://{}", server.addr);

@@ -347,12 +347,9 @@ async fn permissions_apply_to_grpc_web_as_to_grpc() {
         ),
     )
     .expect("write auth file");
-    let server = TestServer::with_config(ServerConfig {
-        security: Security {
-            auth_file: Some(auth),
-            tls: None,
-        },
-        ..ServerConfig::default()
+    let server = TestServer::with_security(Security {
+        auth_file: Some(auth),
+        tls: None,
     })
     .await;
     let with_token = |token: &str, r: SendRequest| {

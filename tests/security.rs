@@ -11,7 +11,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 use common::{pki::Pki, TestServer};
 use switchboard::{
-    config::{Security, ServerConfig},
+    config::Security,
     grpc::auth::{new_token, token_sha256},
     pb::{
         admin_client::AdminClient, broker_client::BrokerClient, ListAddressesRequest, RecvRequest,
@@ -29,14 +29,6 @@ fn write_auth(dir: &std::path::Path, text: &str) -> PathBuf {
     let p = dir.join("auth.toml");
     std::fs::write(&p, text).unwrap();
     p
-}
-
-async fn server(security: Security) -> TestServer {
-    TestServer::with_config(ServerConfig {
-        security,
-        ..ServerConfig::default()
-    })
-    .await
 }
 
 type Authed = BrokerClient<InterceptedService<Channel, Bearer>>;
@@ -133,7 +125,7 @@ receive = [">"]
             token_sha256(&reader)
         ),
     );
-    let server = server(Security {
+    let server = TestServer::with_security(Security {
         auth_file: Some(auth),
         tls: None,
     })
@@ -254,7 +246,7 @@ client_cert_subject = "CN=billing"
 receive = [">"]
 "#,
     );
-    let server = server(Security {
+    let server = TestServer::with_security(Security {
         auth_file: Some(auth),
         tls: Some(pki.tls(true, false)),
     })
@@ -339,7 +331,7 @@ async fn optional_client_auth_lets_a_token_client_in() {
             token_sha256(&token)
         ),
     );
-    let server = server(Security {
+    let server = TestServer::with_security(Security {
         auth_file: Some(auth),
         tls: Some(pki.tls(true, true)),
     })
@@ -366,7 +358,7 @@ async fn expired_client_certificates_and_wrong_hosts_are_refused() {
     std::fs::write(&bundle, both).unwrap();
     let mut tls = pki.tls(true, false);
     tls.client_ca = Some(bundle);
-    let server = server(Security {
+    let server = TestServer::with_security(Security {
         auth_file: None,
         tls: Some(tls),
     })

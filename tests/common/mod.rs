@@ -48,6 +48,15 @@ impl TestServer {
         .await
     }
 
+    /// A broker with default limits and `security` (an auth file, TLS).
+    pub async fn with_security(security: switchboard::config::Security) -> Self {
+        Self::with_config(ServerConfig {
+            security,
+            ..ServerConfig::default()
+        })
+        .await
+    }
+
     pub async fn with_config(config: ServerConfig) -> Self {
         let limits = config.limits.clone();
         limits.validate().expect("test limits are valid");

@@ -328,6 +328,8 @@ let format: "text" | "hex" = "text";
 let tailAbort: AbortController | null = null;
 let lastSeen = 0n;
 const decoder = new TextDecoder("utf-8", { fatal: true });
+/** Each tail row's payload, so the Text/Hex switch re-renders without another call. */
+const payloads = new WeakMap<Element, Uint8Array>();
 
 function hex(b: Uint8Array): string {
   return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join(" ");
@@ -361,7 +363,7 @@ function tailRow(m: Message): HTMLElement {
     ),
     h("pre", { class: "payload" }, text || "(empty payload)"),
   );
-  li.dataset.raw = hex(m.payload);
+  payloads.set(li, m.payload);
   if (headers.length > 0) {
     li.append(
       h(
@@ -489,9 +491,8 @@ function setFormat(f: "text" | "hex"): void {
   $("fmt-hex").classList.toggle("on", f === "hex");
   for (const li of $("tail").querySelectorAll<HTMLElement>("li[data-sequence]")) {
     const pre = li.querySelector("pre");
-    const raw = li.dataset.raw ?? "";
-    if (!pre) continue;
-    const b = new Uint8Array(raw ? raw.split(" ").map((x) => parseInt(x, 16)) : []);
+    const b = payloads.get(li);
+    if (!pre || !b) continue;
     pre.textContent = payloadText(b).text || "(empty payload)";
   }
 }
