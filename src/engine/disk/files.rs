@@ -279,17 +279,7 @@ impl AddressFiles {
     /// The I/O error, or a record that fails its CRC or does not parse.
     pub fn read_message(&self, segment: u64, offset: u64) -> io::Result<StoredMessage> {
         use std::os::unix::fs::FileExt;
-        let f = {
-            let mut reader = self.reader.lock();
-            match &*reader {
-                Some((s, f)) if *s == segment => Arc::clone(f),
-                _ => {
-                    let f = Arc::new(File::open(self.dir.join(segment_name(segment)))?);
-                    *reader = Some((segment, Arc::clone(&f)));
-                    f
-                }
-            }
-        };
+        let f = self.reader(segment)?;
         let mut head = [0u8; FRAME_BYTES];
         f.read_exact_at(&mut head, offset)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
@@ -301,6 +291,79 @@ impl AddressFiles {
         let bad = |b: Bad| io::Error::other(b.describe());
         let (body, _) = read_frame(&frame, 0).map_err(bad)?;
         decode_message(body).map_err(bad)
+    }
+
+    /// The segment beginning at `segment`, opened for reading (the last one read is kept open).
+    fn reader(&self, segment: u64) -> io::Result<Arc<File>> {
+        let mut reader = self.reader.lock();
+        match &*reader {
+            Some((s, f)) if *s == segment => Ok(Arc::clone(f)),
+            _ => {
+                let f = Arc::new(File::open(self.dir.join(segment_name(segment)))?);
+                *reader = Some((segment, Arc::clone(&f)));
+                Ok(f)
+            }
+        }
+    }
+
+    /// Reads the records of the segment beginning at `segment` in order from byte `offset`,
+    /// calling `each(body, next record's offset)` with each verified record body until it
+    /// returns false or the segment ends (decode the body with [`super::record`]). Reads in
+    /// 64 KiB chunks (more for a larger record). Needs no lock, as [`Self::read_message`].
+    ///
+    /// # Errors
+    /// The I/O error, or a record that fails its CRC.
+    pub fn scan_records(
+        &self,
+        segment: u64,
+        offset: u64,
+        mut each: impl FnMut(&[u8], u64) -> bool,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const CHUNK: usize = 64 * 1024;
+        let f = self.reader(segment)?;
+        let bad = |b: Bad| io::Error::other(b.describe());
+        let mut buf: Vec<u8> = Vec::new();
+        // File offset of buf[0], and how far into buf has been parsed.
+        let (mut base, mut pos) = (offset, 0usize);
+        let mut eof = false;
+        loop {
+            match read_frame(&buf, pos) {
+                Ok((body, next)) => {
+                    if !each(body, base + next as u64) {
+                        return Ok(());
+                    }
+                    pos = next;
+                }
+                Err(Bad::Short) if !eof => {
+                    // Keep the unparsed tail, then read at least a chunk or the whole record.
+                    buf.drain(..pos);
+                    base += pos as u64;
+                    pos = 0;
+                    let want = match buf.get(..FRAME_BYTES) {
+                        Some(h) => {
+                            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                            (FRAME_BYTES + len.min(MAX_BODY_BYTES)).max(CHUNK)
+                        }
+                        None => CHUNK,
+                    };
+                    let have = buf.len();
+                    buf.resize(have.max(want), 0);
+                    let mut filled = have;
+                    while filled < buf.len() {
+                        let n = f.read_at(&mut buf[filled..], base + filled as u64)?;
+                        if n == 0 {
+                            eof = true;
+                            break;
+                        }
+                        filled += n;
+                    }
+                    buf.truncate(filled);
+                }
+                Err(Bad::Short) => return Ok(()),
+                Err(b) => return Err(bad(b)),
+            }
+        }
     }
 
     /// Appends encoded journal records.

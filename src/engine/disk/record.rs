@@ -194,6 +194,15 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The sequence of a message record's body, without parsing the rest; `None` for another kind
+/// of record.
+pub fn message_sequence(body: &[u8]) -> Option<u64> {
+    match body {
+        [KIND_MESSAGE, s @ ..] => s.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes),
+        _ => None,
+    }
+}
+
 /// A message read back from a segment.
 #[derive(Debug)]
 pub struct StoredMessage {

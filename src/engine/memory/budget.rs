@@ -7,6 +7,10 @@
 //! recorded in [`AGE_QUEUES`] queues (by address hash), each in age order, and eviction takes the
 //! oldest front among them.
 //!
+//! One entry covers a run of messages of one address with consecutive sequences *and*
+//! consecutive stamps (nothing else was recorded between them), so a busy address costs one
+//! entry per run, not one per message, and the order stays exact.
+//!
 //! Entries of messages that were consumed (or whose address was reclaimed) go stale: they are
 //! skipped at the front, and a queue is compacted when it holds more than twice its live entries
 //! plus [`COMPACT_SLACK`], so stale entries cost amortised O(1) and bounded memory.
@@ -30,14 +34,36 @@ pub(crate) const AGE_QUEUES: usize = 16;
 const COMPACT_SLACK: usize = 1024;
 
 struct AgeEntry {
+    /// The stamp of `first`; the entry's later messages have the stamps after it.
     stamp: u64,
-    sequence: u64,
+    first: u64,
+    last: u64,
     address: Arc<AddressLog>,
 }
 
 impl AgeEntry {
     fn is_live(&self) -> bool {
-        self.address.retains(self.sequence)
+        self.address.retains(self.last)
+    }
+
+    /// Skips the messages already gone from the front of the entry.
+    fn catch_up(&mut self) {
+        let retained = self.address.first_retained();
+        if retained > self.first && retained <= self.last {
+            self.stamp += retained - self.first;
+            self.first = retained;
+        }
+    }
+}
+
+/// Drops the stale entries at the front of `entries` and moves the first live one to its
+/// first retained message.
+fn skip_stale(entries: &mut VecDeque<AgeEntry>) {
+    while entries.front().is_some_and(|e| !e.is_live()) {
+        entries.pop_front();
+    }
+    if let Some(e) = entries.front_mut() {
+        e.catch_up();
     }
 }
 
@@ -130,20 +156,37 @@ impl Budget {
         }
     }
 
+    /// Returns `n` removed messages' `bytes` at once (a cold run dropped whole).
+    pub(crate) fn release_many(&self, queue: usize, n: u64, bytes: usize) {
+        self.used.fetch_sub(to_i64(bytes), Ordering::AcqRel);
+        if let Some(q) = self.queues.get(queue) {
+            q.live
+                .fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+    }
+
     /// Records an appended message's age (after its address lock is released), then evicts the
     /// oldest messages broker-wide while the bound is exceeded. Returns how many were evicted.
     pub(crate) fn record(&self, address: &Arc<AddressLog>, sequence: u64) -> usize {
         let stamp = self.stamp.fetch_add(1, Ordering::Relaxed);
         if let Some(q) = self.queues.get(address.age_queue) {
             let mut entries = q.entries.lock();
-            entries.push_back(AgeEntry {
-                stamp,
-                sequence,
-                address: Arc::clone(address),
-            });
-            while entries.front().is_some_and(|e| !e.is_live()) {
-                entries.pop_front();
+            match entries.back_mut() {
+                Some(e)
+                    if Arc::ptr_eq(&e.address, address)
+                        && e.last + 1 == sequence
+                        && e.stamp + (e.last - e.first) + 1 == stamp =>
+                {
+                    e.last = sequence;
+                }
+                _ => entries.push_back(AgeEntry {
+                    stamp,
+                    first: sequence,
+                    last: sequence,
+                    address: Arc::clone(address),
+                }),
             }
+            skip_stale(&mut entries);
             let live = usize::try_from(q.live.load(Ordering::Relaxed)).unwrap_or(0);
             if entries.len() > 2 * live + COMPACT_SLACK {
                 entries.retain(AgeEntry::is_live);
@@ -162,9 +205,7 @@ impl Budget {
             let mut oldest: Option<(u64, usize)> = None;
             for (i, q) in self.queues.iter().enumerate() {
                 let mut entries = q.entries.lock();
-                while entries.front().is_some_and(|e| !e.is_live()) {
-                    entries.pop_front();
-                }
+                skip_stale(&mut entries);
                 if let Some(e) = entries.front() {
                     if oldest.is_none_or(|(s, _)| e.stamp < s) {
                         oldest = Some((e.stamp, i));
@@ -172,16 +213,26 @@ impl Budget {
                 }
             }
             let Some((stamp, i)) = oldest else { break };
+            // The oldest message: take it off its entry (the entry's next message is one
+            // stamp younger), then evict it.
             let entry = {
                 let Some(q) = self.queues.get(i) else { break };
                 let mut entries = q.entries.lock();
-                match entries.front() {
-                    Some(e) if e.stamp == stamp => entries.pop_front(),
+                match entries.front_mut() {
+                    Some(e) if e.stamp == stamp && e.first < e.last => {
+                        let one = (Arc::clone(&e.address), e.first);
+                        e.first += 1;
+                        e.stamp += 1;
+                        Some(one)
+                    }
+                    Some(e) if e.stamp == stamp => {
+                        entries.pop_front().map(|e| (e.address, e.first))
+                    }
                     _ => None,
                 }
             };
-            if let Some(e) = entry {
-                evicted += e.address.evict_through(e.sequence);
+            if let Some((address, sequence)) = entry {
+                evicted += address.evict_through(sequence);
             }
         }
         evicted

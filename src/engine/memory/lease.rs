@@ -71,6 +71,11 @@ impl Leases {
         self.pending.len() < self.policy.max_ack_pending as usize
     }
 
+    /// How many more new messages may be handed out.
+    pub(super) fn room(&self) -> usize {
+        (self.policy.max_ack_pending as usize).saturating_sub(self.pending.len())
+    }
+
     pub(super) fn next_due(&self) -> Option<Instant> {
         self.next_due
     }

@@ -43,13 +43,17 @@ use tokio::{sync::Notify, time::Instant};
 
 use super::{
     budget::Budget,
+    cold::{ColdIndex, ColdMessage},
     dedup::Dedup,
     lease::{Leases, Outcome},
     patterns::{PatternIndex, PatternMatches},
 };
 use crate::{
     engine::{
-        disk::{record::GroupEvent, AddressFiles, DiskLog, Job, Work},
+        disk::{
+            record::{self, GroupEvent},
+            AddressFiles, DiskLog, Job, Work,
+        },
         AddressInfo, Batch, DeadLetter, Delivery, Durable, GroupInfo, GroupSettings, Retention,
         Settle, Settled, StartAt, Taken,
     },
@@ -85,6 +89,28 @@ struct Entry {
     /// The message encoded for the wire, shared by the fan-out subscribers still owed it and
     /// dropped when the last one has it, so retained messages do not carry a second copy.
     frame: Option<WireFrame>,
+}
+
+/// The retained messages, for reading while other parts of the state are borrowed.
+struct View<'a> {
+    hot: &'a VecDeque<Entry>,
+    cold: &'a ColdIndex,
+    /// The first in-memory sequence.
+    hot_first: u64,
+    /// The first retained sequence.
+    first: u64,
+}
+
+impl<'a> View<'a> {
+    fn new(hot: &'a VecDeque<Entry>, cold: &'a ColdIndex, next_seq: u64) -> Self {
+        let hot_first = next_seq - hot.len() as u64;
+        Self {
+            hot,
+            cold,
+            hot_first,
+            first: cold.first().unwrap_or(hot_first),
+        }
+    }
 }
 
 /// A consumer group's position (Kafka's committed offset, NATS JetStream's consumer floor).
@@ -157,7 +183,10 @@ pub(crate) struct State {
     /// Disk engine: moves on when a failed write drops the staged messages, so jobs queued
     /// behind them fail too.
     epoch: u64,
+    /// The in-memory part of the window: sequences `hot_first()..next_seq`.
     window: VecDeque<Entry>,
+    /// Disk engine: the older part, out of memory (sequences `first()..hot_first()`).
+    cold: ColdIndex,
     retained_bytes: usize,
     groups: HashMap<Box<str>, Cursor>,
     next_group_id: u64,
@@ -215,6 +244,7 @@ impl AddressLog {
                 staged: VecDeque::new(),
                 epoch: 0,
                 window: VecDeque::new(),
+                cold: ColdIndex::default(),
                 retained_bytes: 0,
                 groups,
                 next_group_id: 1,
@@ -342,7 +372,7 @@ impl AddressLog {
     /// readers load them from its segment from now on.
     pub(crate) fn hollow(&self, sequence: u64) {
         let mut st = self.state.lock();
-        let first = st.first();
+        let first = st.hot_first();
         let Some(i) = sequence
             .checked_sub(first)
             .and_then(|i| usize::try_from(i).ok())
@@ -363,6 +393,26 @@ impl AddressLog {
             });
             e.hollow = true;
             e.frame = None;
+        }
+        Self::freeze(&mut st);
+    }
+
+    /// Moves the hollow entries at the front of the in-memory window into the cold index: out
+    /// of the cache, a message costs its share of a run instead of an entry.
+    fn freeze(st: &mut State) {
+        while let Some(e) = st.window.front() {
+            let (true, Some(loc)) = (e.hollow, e.loc) else {
+                break;
+            };
+            let m = ColdMessage {
+                sequence: e.message.sequence,
+                size: e.message.size,
+                appended: e.appended,
+                sent_at: e.message.sent_at,
+                loc,
+            };
+            st.window.pop_front();
+            st.cold.push(m);
         }
     }
 
@@ -415,18 +465,46 @@ impl AddressLog {
         !self.closed.load(Ordering::Acquire) && sequence >= self.first_seq.load(Ordering::Acquire)
     }
 
+    /// The first retained sequence (lock-free, may be momentarily stale).
+    pub(crate) fn first_retained(&self) -> u64 {
+        self.first_seq.load(Ordering::Acquire)
+    }
+
     fn sync_first(&self, st: &State) {
         self.first_seq.store(st.first(), Ordering::Release);
     }
 
-    /// Removes the oldest entry and returns the bytes it held to the budget.
-    fn pop_front(&self, st: &mut State) -> bool {
+    /// Removes the oldest message and returns the bytes it held to the budget. Returns how many
+    /// messages left: 1, 0 when the window is empty, or a whole cold run when its records
+    /// cannot be read back to trim it one by one (logged).
+    fn pop_front(&self, st: &mut State) -> u64 {
+        if !st.cold.is_empty() {
+            match st.cold.pop_front(self.disk_files()) {
+                Ok(Some(size)) => {
+                    st.retained_bytes = st.retained_bytes.saturating_sub(size);
+                    self.budget.release(self.age_queue, size);
+                    return 1;
+                }
+                Ok(None) => {}
+                Err(()) => return self.pop_cold_run(st),
+            }
+        }
         let Some(e) = st.window.pop_front() else {
-            return false;
+            return 0;
         };
         st.retained_bytes -= e.message.size;
         self.budget.release(self.age_queue, e.message.size);
-        true
+        1
+    }
+
+    /// Removes the oldest cold run whole; returns how many messages it held.
+    fn pop_cold_run(&self, st: &mut State) -> u64 {
+        let Some((n, bytes)) = st.cold.pop_run() else {
+            return 0;
+        };
+        st.retained_bytes = st.retained_bytes.saturating_sub(bytes);
+        self.budget.release_many(self.age_queue, n, bytes);
+        n
     }
 
     /// Evicts the messages older than the age bound (front of the window only: entries are in
@@ -436,19 +514,28 @@ impl AddressLog {
             return 0;
         };
         let mut n = 0;
-        while st
-            .window
-            .front()
-            .is_some_and(|e| now.saturating_duration_since(e.appended) >= age)
-        {
-            self.pop_front(st);
-            n += 1;
+        let old = |t: Instant| now.saturating_duration_since(t) >= age;
+        while !st.cold.is_empty() {
+            if st.cold.front_run_appended().is_some_and(old) {
+                n += self.pop_cold_run(st);
+                continue;
+            }
+            // Unreadable records: left for retention's other bounds (logged when they trim).
+            match st.cold.front_appended(self.disk_files()) {
+                Some(t) if old(t) => n += self.pop_front(st),
+                _ => break,
+            }
+        }
+        if st.cold.is_empty() {
+            while st.window.front().is_some_and(|e| old(e.appended)) {
+                n += self.pop_front(st);
+            }
         }
         if n > 0 {
             self.sync_first(st);
-            self.metrics.evicted.inc_by(n as u64);
+            self.metrics.evicted.inc_by(n);
         }
-        n
+        usize::try_from(n).unwrap_or(usize::MAX)
     }
 
     /// The sequence a Send with `message_id` was stored under, if the id is remembered (within
@@ -507,12 +594,14 @@ impl AddressLog {
         self.evict_aged(st, now);
         let size = message.size;
         let mut evicted = 0;
-        while !st.window.is_empty()
-            && (st.window.len() >= self.retention.messages
+        while st.retained_messages() > 0
+            && (st.retained_messages() >= self.retention.messages
                 || st.retained_bytes + size > self.retention.bytes)
         {
-            self.pop_front(st);
-            evicted += 1;
+            match self.pop_front(st) {
+                0 => break,
+                n => evicted += n,
+            }
         }
         if evicted > 0 {
             self.metrics.evicted.inc_by(evicted);
@@ -539,26 +628,142 @@ impl AddressLog {
     pub(crate) fn evict_through(&self, sequence: u64) -> usize {
         let mut st = self.state.lock();
         let mut n = 0;
-        while st
-            .window
-            .front()
-            .is_some_and(|e| e.message.sequence <= sequence)
-        {
-            self.pop_front(&mut st);
-            n += 1;
+        while st.retained_messages() > 0 && st.first() <= sequence {
+            match self.pop_front(&mut st) {
+                0 => break,
+                k => n += k,
+            }
         }
         if n > 0 {
             self.sync_first(&st);
-            self.metrics.evicted.inc_by(n as u64);
+            self.metrics.evicted.inc_by(n);
         }
-        n
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    /// Reads the cold messages `from..end` (at most `max`) back from their segments into
+    /// `out`, in order.
+    ///
+    /// # Errors
+    /// A read failed or the records are not the expected ones (logged): `out` holds what came
+    /// before; the caller stops there and tries again later.
+    fn read_cold(
+        &self,
+        cold: &ColdIndex,
+        mut from: u64,
+        end: u64,
+        max: usize,
+        out: &mut Vec<Arc<Message>>,
+    ) -> Result<(), ()> {
+        let Some(files) = self.disk_files() else {
+            return Err(());
+        };
+        let mut want = max;
+        while want > 0 && from < end {
+            let Some((segment, offset, _)) = cold.locate(from) else {
+                return Err(());
+            };
+            let before = from;
+            let mut wrong = None;
+            let scanned = files.scan_records(segment, offset, |body, _| {
+                match record::message_sequence(body) {
+                    Some(s) if s < from => return true,
+                    Some(s) if s == from => {}
+                    other => {
+                        wrong = Some(other.unwrap_or(0));
+                        return false;
+                    }
+                }
+                let Ok(m) = record::decode_message(body) else {
+                    wrong = Some(from);
+                    return false;
+                };
+                out.push(Arc::new(Message {
+                    address: Arc::clone(&self.name),
+                    sequence: m.sequence,
+                    payload: m.payload,
+                    headers: m.headers,
+                    sent_at: m.sent_at,
+                    size: m.size,
+                }));
+                from += 1;
+                want -= 1;
+                want > 0 && from < end
+            });
+            if let Err(e) = scanned {
+                tracing::error!(address = %self.name, sequence = from, error = %e, "storage: cannot read messages back from their segment");
+                return Err(());
+            }
+            if let Some(found) = wrong {
+                tracing::error!(address = %self.name, sequence = from, found, "storage: the segment holds another record where the message should be");
+                return Err(());
+            }
+            if from == before {
+                tracing::error!(address = %self.name, sequence = from, "storage: the message's segment ends before its record");
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `max` messages from `from` on (cold ones read back from disk, hollow ones loaded)
+    /// into `out`; stops early at one that cannot be read.
+    fn read_range(&self, v: &View<'_>, from: u64, max: usize, out: &mut Vec<Arc<Message>>) {
+        let from = from.max(v.first);
+        let start = out.len();
+        if from < v.hot_first
+            && (self
+                .read_cold(v.cold, from, v.hot_first, max, out)
+                .is_err()
+                || out.len() - start >= max)
+        {
+            return;
+        }
+        let skip = usize::try_from(from.saturating_sub(v.hot_first)).unwrap_or(usize::MAX);
+        let left = max - (out.len() - start);
+        for e in v.hot.iter().skip(skip).take(left) {
+            let Ok(m) = self.load(e) else { break };
+            out.push(m);
+        }
+    }
+
+    /// The message at `sequence`, if retained and readable.
+    fn message_at(&self, v: &View<'_>, sequence: u64) -> Option<Arc<Message>> {
+        if sequence < v.first {
+            return None;
+        }
+        let mut one = Vec::with_capacity(1);
+        self.read_range(v, sequence, 1, &mut one);
+        one.pop().filter(|m| m.sequence == sequence)
+    }
+
+    /// The first cold message sent at or after `t`, if any.
+    fn cold_position(&self, st: &State, t: SystemTime) -> Option<u64> {
+        let (segment, offset, first, count) = st.cold.locate_time(t)?;
+        let files = self.disk_files()?;
+        let end = first + u64::from(count);
+        let mut found = None;
+        let _ = files.scan_records(segment, offset, |body, _| {
+            let Ok(m) = record::decode_message_index(body) else {
+                return false;
+            };
+            if m.sequence >= end {
+                return false;
+            }
+            if m.sequence >= first && m.sent_at >= t {
+                found = Some(m.sequence);
+                return false;
+            }
+            true
+        });
+        found
     }
 
     /// The sequence a reader starting at `start` reads first.
     ///
     /// # Errors
     /// [`BrokerError::PastEnd`] for a sequence beyond the last one + 1.
-    fn position(st: &State, start: StartAt) -> Result<u64, BrokerError> {
+    fn position(&self, st: &State, start: StartAt) -> Result<u64, BrokerError> {
         match start {
             StartAt::End => Ok(st.next_seq),
             StartAt::Sequence(n) if n > st.next_seq => Err(BrokerError::PastEnd {
@@ -569,6 +774,9 @@ impl AddressLog {
             StartAt::Sequence(n) => Ok(n),
             StartAt::Time(t) => {
                 // Entries are in append order, and so (clock steps aside) in sent_at order.
+                if let Some(seq) = self.cold_position(st, t) {
+                    return Ok(seq);
+                }
                 let i = st.window.partition_point(|e| e.message.sent_at < t);
                 Ok(st.window.get(i).map_or(st.next_seq, |e| e.message.sequence))
             }
@@ -596,8 +804,7 @@ impl AddressLog {
     /// are skipped (their loss is reported as `dropped`).
     fn dead_letters(
         &self,
-        window: &VecDeque<Entry>,
-        first: u64,
+        v: &View<'_>,
         group: &str,
         to: Option<&crate::validate::Address>,
         dead: &[(u64, u32)],
@@ -606,12 +813,7 @@ impl AddressLog {
         self.metrics.dead_lettered.inc_by(dead.len() as u64);
         let Some(to) = to else { return };
         for &(seq, deliveries) in dead {
-            let i = usize::try_from(seq.saturating_sub(first)).unwrap_or(usize::MAX);
-            let loaded = window
-                .get(i)
-                .filter(|_| seq >= first)
-                .and_then(|e| self.load(e).ok());
-            if let Some(message) = loaded {
+            if let Some(message) = self.message_at(v, seq) {
                 out.push(DeadLetter {
                     message,
                     group: group.to_string(),
@@ -652,10 +854,12 @@ impl AddressLog {
         let State {
             groups,
             window,
+            cold,
             next_seq,
             last_active,
             ..
         } = st;
+        let view = View::new(window, cold, *next_seq);
         let Some(cursor) = groups.get_mut(group) else {
             return Err(BrokerError::GroupDeleted);
         };
@@ -667,39 +871,29 @@ impl AddressLog {
             cursor.dropped += first - cursor.next;
             cursor.next = first;
         }
-        let entry = |seq: u64| {
-            let i = usize::try_from(seq.saturating_sub(first)).unwrap_or(usize::MAX);
-            window.get(i).filter(|_| seq >= first)
-        };
         let mut batch = Batch::default();
         let journaling = self.disk.is_some();
         let mut events = Vec::new();
         let from = cursor.next;
         match cursor.leases.as_deref_mut() {
             None => {
-                let start = usize::try_from(cursor.next - first).unwrap_or(usize::MAX);
-                for e in window.iter().skip(start).take(max) {
-                    // A message that cannot be read back stops the batch; it is tried again.
-                    let Ok(message) = self.load(e) else { break };
-                    batch.messages.push(Taken {
+                // A message that cannot be read back stops the batch; it is tried again.
+                let mut read = Vec::new();
+                self.read_range(&view, cursor.next, max, &mut read);
+                batch.messages = read
+                    .into_iter()
+                    .map(|message| Taken {
                         message,
                         attempt: 0,
-                    });
-                }
+                    })
+                    .collect();
                 cursor.next += batch.messages.len() as u64;
             }
             Some(leases) => {
                 cursor.dropped += leases.evict_below(first);
                 let dead = leases.expire(now);
                 let to = leases.policy.dead_letter.clone();
-                self.dead_letters(
-                    window,
-                    first,
-                    group,
-                    to.as_ref(),
-                    &dead,
-                    &mut batch.dead_letters,
-                );
+                self.dead_letters(&view, group, to.as_ref(), &dead, &mut batch.dead_letters);
                 // With a dead-letter address, the broker journals Done once the dead letter is
                 // durable (`Broker::dead_letter`); a crash before that redelivers instead of
                 // losing it.
@@ -712,14 +906,21 @@ impl AddressLog {
                 let again = leases.redeliver(now, max, holder);
                 self.metrics.redelivered.inc_by(again.len() as u64);
                 for (seq, attempt) in again {
-                    if let Some(message) = entry(seq).and_then(|e| self.load(e).ok()) {
+                    if let Some(message) = self.message_at(&view, seq) {
                         batch.messages.push(Taken { message, attempt });
                     }
                 }
-                while batch.messages.len() < max && leases.has_room() && cursor.next < *next_seq {
-                    let Some(Ok(message)) = entry(cursor.next).map(|e| self.load(e)) else {
+                // Read ahead in one pass (cold messages come from disk), then lease while
+                // there is room.
+                let mut fresh = Vec::new();
+                if leases.has_room() && cursor.next < *next_seq {
+                    let want = (max - batch.messages.len().min(max)).min(leases.room());
+                    self.read_range(&view, cursor.next, want, &mut fresh);
+                }
+                for message in fresh {
+                    if batch.messages.len() >= max || !leases.has_room() {
                         break;
-                    };
+                    }
                     leases.lease_new(cursor.next, now, holder);
                     batch.messages.push(Taken {
                         message,
@@ -770,7 +971,14 @@ impl AddressLog {
         let now = Instant::now();
         self.evict_aged(st, now);
         let first = st.first();
-        let State { groups, window, .. } = st;
+        let State {
+            groups,
+            window,
+            cold,
+            next_seq,
+            ..
+        } = st;
+        let view = View::new(window, cold, *next_seq);
         let not_acked = |reason: &str| BrokerError::NotAcknowledged {
             group: group.to_string(),
             reason: reason.to_string(),
@@ -810,14 +1018,7 @@ impl AddressLog {
         }
         self.metrics.acked.inc_by(acked);
         let to = leases.policy.dead_letter.clone();
-        self.dead_letters(
-            window,
-            first,
-            group,
-            to.as_ref(),
-            &dead,
-            &mut out.dead_letters,
-        );
+        self.dead_letters(&view, group, to.as_ref(), &dead, &mut out.dead_letters);
         st.last_active = now;
         if !done.is_empty() {
             let event = GroupEvent::Done {
@@ -884,7 +1085,7 @@ impl AddressLog {
             };
             return Ok((false, next, durable));
         }
-        let next = Self::position(st, settings.start)?;
+        let next = self.position(st, settings.start)?;
         self.metrics.groups.inc();
         let event = GroupEvent::Create {
             group: group.to_string(),
@@ -934,7 +1135,7 @@ impl AddressLog {
         start: StartAt,
     ) -> Result<(u64, u64), BrokerError> {
         self.evict_aged(st, Instant::now());
-        let cursor = Self::position(st, start)?;
+        let cursor = self.position(st, start)?;
         st.fanout += 1;
         st.subscribers += 1;
         self.metrics.subscribers.inc();
@@ -979,8 +1180,23 @@ impl AddressLog {
             dropped = first - *cursor;
             *cursor = first;
         }
-        let start = usize::try_from(*cursor - first).unwrap_or(usize::MAX);
         let before = out.len();
+        let hot_first = st.hot_first();
+        let mut max = max;
+        if *cursor < hot_first {
+            // Out of memory: read back from the segments for this subscriber alone.
+            let mut read = Vec::new();
+            let failed = self
+                .read_cold(&st.cold, *cursor, hot_first, max, &mut read)
+                .is_err();
+            max -= read.len();
+            out.extend(read.into_iter().map(|m| (m, None)));
+            if failed {
+                max = 0;
+            }
+        }
+        let from = *cursor + (out.len() - before) as u64;
+        let start = usize::try_from(from.saturating_sub(hot_first)).unwrap_or(usize::MAX);
         for e in st.window.iter_mut().skip(start).take(max) {
             if e.hollow {
                 // Out of the cache: read back for this subscriber alone (no shared frame, so
@@ -1030,7 +1246,7 @@ impl AddressLog {
     /// it.
     pub(crate) fn unsubscribe_fanout(&self, cursor: u64, registered: u64) {
         let mut st = self.state.lock();
-        let first = st.first();
+        let first = st.hot_first();
         let from = cursor.max(registered);
         let start = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
         for e in st.window.iter_mut().skip(start) {
@@ -1074,7 +1290,14 @@ impl AddressLog {
         let mut st = self.state.lock();
         let aged = self.evict_aged(&mut st, now);
         let first = st.first();
-        let State { groups, window, .. } = &mut *st;
+        let State {
+            groups,
+            window,
+            cold,
+            next_seq,
+            ..
+        } = &mut *st;
+        let view = View::new(window, cold, *next_seq);
         let mut ready = false;
         let mut events = Vec::new();
         for (name, cursor) in groups.iter_mut() {
@@ -1085,7 +1308,7 @@ impl AddressLog {
             let dead = leases.expire(now);
             ready |= leases.has_ready();
             let to = leases.policy.dead_letter.clone();
-            self.dead_letters(window, first, name, to.as_ref(), &dead, dead_letters);
+            self.dead_letters(&view, name, to.as_ref(), &dead, dead_letters);
             if self.disk.is_some() && !dead.is_empty() && to.is_none() {
                 events.push(GroupEvent::Done {
                     group: name.to_string(),
@@ -1118,7 +1341,7 @@ impl AddressLog {
             .groups
             .values()
             .any(|c| c.created.is_some() || (c.used && (c.dropped > 0 || c.next < st.next_seq)));
-        let idle_now = st.window.is_empty()
+        let idle_now = st.retained_messages() == 0
             && st.staged.is_empty()
             && st.subscribers == 0
             && st.waiters == 0
@@ -1144,8 +1367,14 @@ impl AddressLog {
             return 0;
         }
         let mut purged = 0;
-        while self.pop_front(&mut st) {
-            purged += 1;
+        while !st.cold.is_empty() {
+            purged += self.pop_cold_run(&mut st);
+        }
+        loop {
+            match self.pop_front(&mut st) {
+                0 => break,
+                n => purged += n,
+            }
         }
         // Free what the address held beyond its messages (window capacity, groups, ids):
         // handles to it may live on for a while (age entries, subscribers ending).
@@ -1163,13 +1392,14 @@ impl AddressLog {
         self.sync_first(&st);
         drop(st);
         self.notify.notify_waiters();
-        purged
+        usize::try_from(purged).unwrap_or(usize::MAX)
     }
 
     /// Drops the window's spare capacity (idle maintenance).
     pub(crate) fn shrink(&self) {
         let mut st = self.state.lock();
         st.window.shrink_to_fit();
+        st.cold.shrink();
     }
 
     /// [`BrokerError::AddressDeleted`] once an operator deleted the address.
@@ -1188,9 +1418,9 @@ impl AddressLog {
         let first = st.first();
         let info = AddressInfo {
             address: self.name.to_string(),
-            retained_messages: st.window.len(),
+            retained_messages: st.retained_messages(),
             retained_bytes: st.retained_bytes,
-            first_sequence: st.window.front().map_or(0, |e| e.message.sequence),
+            first_sequence: if st.retained_messages() > 0 { first } else { 0 },
             last_sequence: st.next_seq - 1,
             subscribers: st.subscribers,
             groups: st.groups.len(),
@@ -1224,9 +1454,12 @@ impl AddressLog {
 impl State {
     /// The first retained sequence, or the next sequence when nothing is retained.
     fn first(&self) -> u64 {
-        self.window
-            .front()
-            .map_or(self.next_seq, |e| e.message.sequence)
+        self.cold.first().unwrap_or_else(|| self.hot_first())
+    }
+
+    /// The first in-memory sequence (the window's entries run from it to `next_seq`).
+    fn hot_first(&self) -> u64 {
+        self.next_seq - self.window.len() as u64
     }
 
     /// Whether the engine has reclaimed this address (look it up again).
@@ -1246,7 +1479,13 @@ impl State {
 
     /// Messages in the window.
     pub(crate) fn retained_messages(&self) -> usize {
-        self.window.len()
+        self.window.len() + usize::try_from(self.cold.len()).unwrap_or(usize::MAX)
+    }
+
+    /// Runs in the cold index (disk engine; each costs about 64 bytes).
+    #[cfg(test)]
+    pub(crate) fn cold_runs(&self) -> usize {
+        self.cold.runs()
     }
 
     /// Bytes the window holds, as charged against the bounds.
@@ -1325,32 +1564,43 @@ impl AddressLog {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut st = self.state.lock();
-        let start = messages.first().map_or(next_seq, |m| m.0.sequence);
-        st.next_seq = start;
-        st.next_assign = start;
-        for (m, loc) in messages {
+        // The count and byte bounds keep the longest run of newest messages that fits (the
+        // newest always): what appending them one by one would have left.
+        let mut keep_from = messages.len();
+        let (mut n, mut bytes) = (0usize, 0usize);
+        for (i, (m, _)) in messages.iter().enumerate().rev() {
+            if n > 0
+                && (n + 1 > self.retention.messages || bytes + m.size > self.retention.bytes)
+            {
+                break;
+            }
+            n += 1;
+            bytes += m.size;
+            keep_from = i;
+        }
+        self.metrics.evicted.inc_by(keep_from as u64);
+        for (i, (m, loc)) in messages.into_iter().enumerate() {
             let age = wall.duration_since(m.sent_at).unwrap_or_default();
             let appended = now.checked_sub(age).unwrap_or(now);
-            let size = m.size;
             if let (Some(id), Some(window)) = (&m.message_id, self.dedup_window) {
                 if age < window {
                     st.dedup.record(id, m.sequence, appended);
                 }
             }
-            let message = Arc::new(Message {
-                address: Arc::clone(&self.name),
-                sequence: m.sequence,
-                payload: m.payload,
-                headers: m.headers,
-                sent_at: m.sent_at,
-                size,
-            });
-            // Index only: the payload is read back from the segment when needed (and new
-            // messages fill the cache).
-            self.place(&mut st, message, appended, Some(loc));
-            if let Some(e) = st.window.back_mut() {
-                e.hollow = true;
+            if i < keep_from {
+                continue;
             }
+            // Index only, in the cold index's runs: the message is read back from its segment
+            // when needed (and new messages fill the cache).
+            st.cold.push(ColdMessage {
+                sequence: m.sequence,
+                size: m.size,
+                appended,
+                sent_at: m.sent_at,
+                loc,
+            });
+            st.retained_bytes += m.size;
+            self.budget.charge(self.age_queue, m.size);
         }
         st.next_seq = next_seq;
         st.next_assign = next_seq;
@@ -1438,7 +1688,7 @@ impl AddressLog {
         }
         let journal = Self::journal_snapshot(&st);
         st.last_active = now;
-        let retained = st.window.iter().map(|e| e.message.sequence).collect();
+        let retained = (st.first()..st.hot_first()).collect();
         (retained, journal)
     }
 }

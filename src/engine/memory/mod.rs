@@ -10,6 +10,7 @@
 //! looks the address up again, so no message is ever appended to a reclaimed address.
 
 mod budget;
+mod cold;
 mod dedup;
 mod lease;
 mod log;

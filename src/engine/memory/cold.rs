@@ -1,0 +1,279 @@
+//! The disk engine's sparse index of retained messages that left memory: the oldest part of an
+//! address's window, kept as *runs* instead of one entry per message.
+//!
+//! A run is up to [`RUN_MESSAGES`] consecutive messages (at most [`RUN_BYTES`] charged bytes)
+//! whose records follow each other in one segment: its first sequence, its count, where its
+//! first record starts, the bytes charged for it and the time of its newest message. That is
+//! about 64 bytes per run, under half a byte per 128-byte message, in place of the ~200 bytes an
+//! in-memory entry costs; so a disk-mode broker's memory follows `--cache-bytes` and the number
+//! of runs, not the number of retained messages (Kafka's sparse offset index, one entry per
+//! 4 KiB of log, is the same idea).
+//!
+//! Readers scan the segment from the run's first record (`AddressFiles::scan_messages`).
+//! Retention trims the front one message at a time: the front run's records are read once
+//! (without payloads) to learn each message's size and time, and the run shrinks from the front.
+//!
+//! Messages enter at the back, in sequence order, when they leave the cache (the cache evicts
+//! oldest first, so the hollowed messages are a prefix of the in-memory window) or at start-up.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use crate::engine::{
+    disk::{record, AddressFiles},
+    memory::log::Loc,
+};
+
+/// Most messages in one run.
+pub(crate) const RUN_MESSAGES: u32 = 256;
+/// Most charged bytes (payload + headers + 128 per message) in one run: a run is read whole
+/// when retention trims it, so this bounds that read.
+pub(crate) const RUN_BYTES: usize = 1024 * 1024;
+
+/// Consecutive messages with consecutive records in one segment.
+#[derive(Debug, Clone)]
+struct Run {
+    first: u64,
+    count: u32,
+    segment: u64,
+    /// Byte offset of the record of `first`.
+    offset: u64,
+    /// Bytes charged for the run's messages.
+    bytes: usize,
+    /// When its newest message was appended (monotonic): a run older than the age bound goes
+    /// whole, without being read.
+    newest_appended: Instant,
+    /// `sent_at` of its newest message: where a replay from a time starts.
+    newest_sent: SystemTime,
+}
+
+/// What retention needs of one message of the front run, read from its record.
+#[derive(Debug, Clone, Copy)]
+struct Detail {
+    size: usize,
+    appended: Instant,
+    /// Offset of the next record (the run's new start once this message is trimmed).
+    next_offset: u64,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub(crate) struct ColdIndex {
+    runs: VecDeque<Run>,
+    count: u64,
+    /// The front run's messages (in order) once read for trimming; empty until then. A run
+    /// whose details are loaded takes no new messages.
+    front: VecDeque<Detail>,
+}
+
+/// A message entering the cold index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ColdMessage {
+    pub(crate) sequence: u64,
+    pub(crate) size: usize,
+    pub(crate) appended: Instant,
+    pub(crate) sent_at: SystemTime,
+    pub(crate) loc: Loc,
+}
+
+/// How far the monotonic and wall clocks may drift apart within one run: a message's append
+/// time is rebuilt from its `sent_at` relative to the run's newest, so within this much.
+const CLOCK_SLACK: Duration = Duration::from_millis(10);
+
+/// Whether `m` was appended as long after the run's newest message as its `sent_at` says (no
+/// wall-clock step between them), so its append time can be rebuilt from its `sent_at`.
+fn clocks_agree(r: &Run, m: &ColdMessage) -> bool {
+    let mono = m.appended.saturating_duration_since(r.newest_appended);
+    m.sent_at
+        .duration_since(r.newest_sent)
+        .is_ok_and(|wall| mono.abs_diff(wall) <= CLOCK_SLACK)
+}
+
+impl ColdIndex {
+    /// Messages in the index.
+    pub(crate) fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether it holds no message.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Runs held (each costs about 64 bytes).
+    #[cfg(test)]
+    pub(crate) fn runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// The oldest sequence held.
+    pub(crate) fn first(&self) -> Option<u64> {
+        self.runs.front().map(|r| r.first)
+    }
+
+    /// Adds the message after the newest one held (or the first).
+    pub(crate) fn push(&mut self, m: ColdMessage) {
+        let front_loaded = !self.front.is_empty();
+        let single = self.runs.len() == 1;
+        if let Some(r) = self.runs.back_mut() {
+            let joins = r.segment == m.loc.segment
+                && r.first + u64::from(r.count) == m.sequence
+                && m.loc.offset > r.offset
+                && r.count < RUN_MESSAGES
+                && r.bytes + m.size <= RUN_BYTES
+                && !(single && front_loaded)
+                && clocks_agree(r, &m);
+            if joins {
+                r.count += 1;
+                r.bytes += m.size;
+                r.newest_appended = m.appended;
+                r.newest_sent = m.sent_at;
+                self.count += 1;
+                return;
+            }
+        }
+        self.runs.push_back(Run {
+            first: m.sequence,
+            count: 1,
+            segment: m.loc.segment,
+            offset: m.loc.offset,
+            bytes: m.size,
+            newest_appended: m.appended,
+            newest_sent: m.sent_at,
+        });
+        self.count += 1;
+    }
+
+    /// Reads the front run's records (without payloads) so it can be trimmed one message at a
+    /// time.
+    fn load_front(&mut self, files: &AddressFiles) -> std::io::Result<()> {
+        let Some(r) = self.runs.front() else {
+            return Ok(());
+        };
+        let (first, count) = (r.first, r.count);
+        let (newest_appended, newest_sent) = (r.newest_appended, r.newest_sent);
+        let appended_at = |sent: SystemTime| {
+            let before = newest_sent.duration_since(sent).unwrap_or_default();
+            newest_appended
+                .checked_sub(before)
+                .unwrap_or(newest_appended)
+        };
+        let mut details = VecDeque::with_capacity(count as usize);
+        let mut expect = first;
+        let mut wrong = None;
+        files.scan_records(r.segment, r.offset, |body, next| {
+            let Ok(m) = record::decode_message_index(body) else {
+                wrong = record::message_sequence(body).or(Some(0));
+                return false;
+            };
+            if m.sequence != expect {
+                wrong = Some(m.sequence);
+                return false;
+            }
+            details.push_back(Detail {
+                size: m.size,
+                appended: appended_at(m.sent_at),
+                next_offset: next,
+            });
+            expect += 1;
+            expect < first + u64::from(count)
+        })?;
+        if let Some(found) = wrong {
+            return Err(std::io::Error::other(format!(
+                "expected sequence {expect} in the run's records, found {found}"
+            )));
+        }
+        if details.len() != count as usize {
+            return Err(std::io::Error::other(format!(
+                "the segment ends after {} of the run's {count} records",
+                details.len()
+            )));
+        }
+        self.front = details;
+        Ok(())
+    }
+
+    /// When the oldest message was appended, reading the front run if needed; `None` when
+    /// empty or when its records cannot be read (logged by the caller).
+    pub(crate) fn front_appended(&mut self, files: Option<&AddressFiles>) -> Option<Instant> {
+        if self.front.is_empty() {
+            self.load_front(files?).ok()?;
+        }
+        self.front.front().map(|d| d.appended)
+    }
+
+    /// When the front run's newest message was appended: once that is past the age bound, the
+    /// whole run goes.
+    pub(crate) fn front_run_appended(&self) -> Option<Instant> {
+        self.runs.front().map(|r| r.newest_appended)
+    }
+
+    /// Removes the whole front run; returns (messages, bytes) it held.
+    pub(crate) fn pop_run(&mut self) -> Option<(u64, usize)> {
+        let r = self.runs.pop_front()?;
+        self.front.clear();
+        self.count -= u64::from(r.count);
+        Some((u64::from(r.count), r.bytes))
+    }
+
+    /// Removes the oldest message; returns its charged bytes.
+    ///
+    /// # Errors
+    /// The front run's records cannot be read: the caller drops the whole run with
+    /// [`Self::pop_run`] instead (its bytes are known).
+    pub(crate) fn pop_front(&mut self, files: Option<&AddressFiles>) -> Result<Option<usize>, ()> {
+        if self.runs.is_empty() {
+            return Ok(None);
+        }
+        if self.front.is_empty() {
+            let Some(files) = files else { return Err(()) };
+            if let Err(e) = self.load_front(files) {
+                tracing::error!(error = %e, "storage: cannot read the oldest records back to trim them; dropping their run whole");
+                return Err(());
+            }
+        }
+        let (Some(d), Some(r)) = (self.front.pop_front(), self.runs.front_mut()) else {
+            return Err(());
+        };
+        self.count -= 1;
+        if r.count <= 1 {
+            self.runs.pop_front();
+            self.front.clear();
+        } else {
+            r.first += 1;
+            r.count -= 1;
+            r.bytes = r.bytes.saturating_sub(d.size);
+            r.offset = d.next_offset;
+        }
+        Ok(Some(d.size))
+    }
+
+    /// Where to start reading `sequence`: (segment, offset of the run's first record, that
+    /// record's sequence); `None` when it is not held.
+    pub(crate) fn locate(&self, sequence: u64) -> Option<(u64, u64, u64)> {
+        let i = self
+            .runs
+            .partition_point(|r| r.first + u64::from(r.count) <= sequence);
+        let r = self.runs.get(i)?;
+        (r.first <= sequence).then_some((r.segment, r.offset, r.first))
+    }
+
+    /// The first run that may hold a message sent at or after `t` (runs are in `sent_at`
+    /// order, clock steps aside): (its segment, first record offset, first sequence, count).
+    pub(crate) fn locate_time(&self, t: SystemTime) -> Option<(u64, u64, u64, u32)> {
+        let i = self.runs.partition_point(|r| r.newest_sent < t);
+        self.runs
+            .get(i)
+            .map(|r| (r.segment, r.offset, r.first, r.count))
+    }
+
+    /// Drops spare capacity.
+    pub(crate) fn shrink(&mut self) {
+        self.runs.shrink_to_fit();
+        self.front.shrink_to_fit();
+    }
+}
