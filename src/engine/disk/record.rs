@@ -198,7 +198,10 @@ impl<'a> Reader<'a> {
 /// of record.
 pub fn message_sequence(body: &[u8]) -> Option<u64> {
     match body {
-        [KIND_MESSAGE, s @ ..] => s.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes),
+        [KIND_MESSAGE, s @ ..] => s
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes),
         _ => None,
     }
 }

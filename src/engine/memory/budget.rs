@@ -130,6 +130,12 @@ impl Budget {
         }
     }
 
+    /// Age entries held now (each covers a run of messages).
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> usize {
+        self.queues.iter().map(|q| q.entries.lock().len()).sum()
+    }
+
     /// Messages retained broker-wide now.
     pub fn live_messages(&self) -> usize {
         let n: i64 = self

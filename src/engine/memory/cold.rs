@@ -15,6 +15,10 @@
 //!
 //! Messages enter at the back, in sequence order, when they leave the cache (the cache evicts
 //! oldest first, so the hollowed messages are a prefix of the in-memory window) or at start-up.
+//! A message joins the last run only if its append time and `sent_at` moved on by the same
+//! amount (within [`CLOCK_SLACK`]): each message's append time, which the age bound uses, is
+//! then rebuilt from its `sent_at` relative to the run's newest, and a wall-clock step starts a
+//! new run.
 
 use std::{
     collections::VecDeque,
@@ -275,5 +279,187 @@ impl ColdIndex {
     pub(crate) fn shrink(&mut self) {
         self.runs.shrink_to_fit();
         self.front.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, sync::Arc};
+
+    use bytes::Bytes;
+
+    use crate::{
+        config::Limits,
+        engine::{
+            disk::{DiskConfig, FsyncMode},
+            Engine, FanoutCursor, Log, NewMessage, StartAt,
+        },
+        metrics::Metrics,
+        validate::Address,
+    };
+
+    fn disk(limits: &Limits, dir: &std::path::Path) -> Engine {
+        let config = DiskConfig {
+            dir: dir.to_path_buf(),
+            fsync: FsyncMode::Always,
+            segment_bytes: 64 * 1024,
+            repair: false,
+            journal_compact_bytes: crate::engine::disk::DEFAULT_JOURNAL_COMPACT_BYTES,
+            cache_bytes: 0,
+        };
+        Engine::disk(limits, Arc::new(Metrics::new()), &config).unwrap()
+    }
+
+    /// Message `i` (from 0): payloads of varying length, so sizes and offsets differ.
+    fn payload(i: usize) -> Bytes {
+        Bytes::from(format!("{i}:{}", "x".repeat(i % 37)))
+    }
+
+    fn append(e: &Engine, a: &Address, range: std::ops::Range<usize>) {
+        let messages = range
+            .map(|i| {
+                let payload = payload(i);
+                NewMessage {
+                    size: payload.len() + 128,
+                    payload,
+                    headers: Default::default(),
+                    message_id: None,
+                }
+            })
+            .collect();
+        let (_, durable) = e.append_batch(a, messages).unwrap();
+        durable.wait_blocking().unwrap();
+    }
+
+    fn runs(e: &Engine, a: &str) -> usize {
+        match e {
+            Engine::Disk(m) | Engine::Memory(m) => m.snapshot(a, |s| s.cold_runs()),
+        }
+    }
+
+    fn drain(log: &Log, cursor: &mut FanoutCursor) -> (u64, Vec<(u64, Bytes)>) {
+        let mut out = VecDeque::new();
+        let mut dropped = 0;
+        loop {
+            let before = out.len();
+            dropped += log.read_fanout(cursor, 100, &mut out);
+            if out.len() == before {
+                break;
+            }
+        }
+        let read = out
+            .iter()
+            .map(|(m, _)| (m.sequence, m.payload.clone()))
+            .collect();
+        (dropped, read)
+    }
+
+    #[test]
+    fn runs_across_segments_read_back_and_trim_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            retention_messages: 1_500,
+            ..Limits::default()
+        };
+        let e = disk(&limits, dir.path());
+        let a = Address::parse("cold.a").unwrap();
+        append(&e, &a, 0..1_000);
+        // 1,000 messages over several 64 KiB segments, all out of the cache: a handful of
+        // runs, no in-memory entry.
+        let n = runs(&e, "cold.a");
+        assert!((4..=12).contains(&n), "{n} runs for 1,000 messages");
+        assert_eq!(e.counts("cold.a")[2], 1_000);
+        // The broker-wide budget's age entries cover runs of consecutive sends too.
+        let Engine::Disk(m) = &e else { unreachable!() };
+        assert_eq!(m.budget.entries(), 1);
+
+        // A replay from the start reads every message back, in order, byte for byte.
+        let (log, mut cursor) = e
+            .subscribe_fanout(&a, StartAt::Sequence(1), 10, || unreachable!())
+            .unwrap();
+        let (dropped, read) = drain(&log, &mut cursor);
+        assert_eq!(dropped, 0);
+        assert_eq!(read.len(), 1_000);
+        for (i, (seq, p)) in read.iter().enumerate() {
+            assert_eq!((*seq, p), (i as u64 + 1, &payload(i)));
+        }
+        log.unsubscribe_fanout(cursor);
+
+        // A replay from a time inside the third run starts at that exact message.
+        let (log, mut cursor) = e
+            .subscribe_fanout(&a, StartAt::Sequence(600), 10, || unreachable!())
+            .unwrap();
+        let mut one = VecDeque::new();
+        log.read_fanout(&mut cursor, 1, &mut one);
+        let sent = one[0].0.sent_at;
+        log.unsubscribe_fanout(cursor);
+        let (_, next, durable) = e
+            .create_group(
+                &a,
+                "from-time",
+                crate::engine::GroupSettings {
+                    start: StartAt::Time(sent),
+                    ack: None,
+                },
+            )
+            .unwrap();
+        durable.wait_blocking().unwrap();
+        // Messages sent within the same clock tick share a time: the first of them.
+        assert!(next <= 600, "{next}");
+        let (_, _, batch) = e.take(&a, "from-time", 1, false).unwrap();
+        assert_eq!(batch.messages[0].message.sent_at, sent);
+
+        // 1,000 more: the count bound (1,500) trims the oldest 500 from the front run by run,
+        // one message at a time, and the bytes follow exactly.
+        append(&e, &a, 1_000..2_000);
+        let (info, _) = e.address_info("cold.a", false).unwrap();
+        assert_eq!((info.first_sequence, info.retained_messages), (501, 1_500));
+        let bytes: usize = (500..2_000).map(|i| payload(i).len() + 128).sum();
+        assert_eq!(info.retained_bytes, bytes);
+        let (log, mut cursor) = e
+            .subscribe_fanout(&a, StartAt::Sequence(1), 10, || unreachable!())
+            .unwrap();
+        let (dropped, read) = drain(&log, &mut cursor);
+        assert_eq!(dropped, 500);
+        assert_eq!(read.first().map(|r| r.0), Some(501));
+        assert_eq!(read.last(), Some(&(2_000, payload(1_999))));
+        log.unsubscribe_fanout(cursor);
+
+        // The same index after a restart (on a copy: the first engine keeps its lock).
+        e.close();
+        let copy = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", dir.path().display()))
+            .arg(copy.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let e = disk(&limits, copy.path());
+        let (info, _) = e.address_info("cold.a", false).unwrap();
+        assert_eq!(
+            (
+                info.first_sequence,
+                info.retained_messages,
+                info.retained_bytes
+            ),
+            (501, 1_500, bytes)
+        );
+        let n = runs(&e, "cold.a");
+        assert!((6..=20).contains(&n), "{n} runs for 1,500 messages");
+        let (_, _, batch) = e.take(&a, "", 2_000, false).unwrap();
+        // The default group holds everything sent before anyone read it: all from disk.
+        assert_eq!(batch.messages.len(), 1_500);
+        for (k, t) in batch.messages.iter().enumerate() {
+            assert_eq!(t.message.sequence, 501 + k as u64);
+            assert_eq!(t.message.payload, payload(500 + k));
+        }
+        let (log, mut cursor) = e
+            .subscribe_fanout(&a, StartAt::Sequence(1_234), 10, || unreachable!())
+            .unwrap();
+        let (_, read) = drain(&log, &mut cursor);
+        assert_eq!(read.len(), 767);
+        assert_eq!(read[0], (1_234, payload(1_233)));
+        log.unsubscribe_fanout(cursor);
     }
 }

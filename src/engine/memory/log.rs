@@ -13,6 +13,11 @@
 //! Consumers whose cursor was behind an evicted message learn the exact number lost on their
 //! next read (`dropped` / `Dropped{count}`).
 //!
+//! In the disk engine the oldest part of the window, once out of the message cache, leaves
+//! `window` for the sparse [`ColdIndex`] (runs of consecutive records, read back from the
+//! segments); `window` then holds sequences `hot_first()..next_seq` and the index
+//! `first()..hot_first()`.
+//!
 //! In the disk engine (`disk`) the same index sits over the address's files: an append is
 //! first *staged* (sequence assigned, in `staged`, invisible) and handed to the flusher; the
 //! flusher makes it visible with [`AddressLog::publish_through`] once it is durable, or drops it
@@ -589,7 +594,7 @@ impl AddressLog {
         self.place(st, message, now, loc);
     }
 
-    /// [`Self::commit`] without counting the message as sent (start-up recovery).
+    /// [`Self::commit`] without counting the message as sent.
     fn place(&self, st: &mut State, message: Arc<Message>, now: Instant, loc: Option<Loc>) {
         self.evict_aged(st, now);
         let size = message.size;
@@ -712,9 +717,7 @@ impl AddressLog {
         let from = from.max(v.first);
         let start = out.len();
         if from < v.hot_first
-            && (self
-                .read_cold(v.cold, from, v.hot_first, max, out)
-                .is_err()
+            && (self.read_cold(v.cold, from, v.hot_first, max, out).is_err()
                 || out.len() - start >= max)
         {
             return;
@@ -1569,9 +1572,7 @@ impl AddressLog {
         let mut keep_from = messages.len();
         let (mut n, mut bytes) = (0usize, 0usize);
         for (i, (m, _)) in messages.iter().enumerate().rev() {
-            if n > 0
-                && (n + 1 > self.retention.messages || bytes + m.size > self.retention.bytes)
-            {
+            if n > 0 && (n + 1 > self.retention.messages || bytes + m.size > self.retention.bytes) {
                 break;
             }
             n += 1;
