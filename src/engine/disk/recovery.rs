@@ -11,13 +11,16 @@
 use std::{
     fs::{self, OpenOptions},
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
-use crate::engine::memory::Loc;
+use tokio::time::Instant;
+
+use crate::engine::memory::{ColdIndex, ColdMessage, Loc};
 
 use super::{
     files::{Segment, JOURNAL_FILE, NAME_FILE, SEGMENT_EXT},
-    record::{self, GroupEvent, StoredMessage},
+    record::{self, GroupEvent},
 };
 
 /// One address as found on disk.
@@ -27,8 +30,13 @@ pub struct Recovered {
     pub name: String,
     /// Its directory.
     pub dir: PathBuf,
-    /// Its messages, in sequence order, each with where its record is.
-    pub messages: Vec<(StoredMessage, Loc)>,
+    /// Its messages as the sparse index's runs (no entry per message, so start-up memory does
+    /// not grow with the number of messages on disk).
+    pub(crate) runs: ColdIndex,
+    /// Messages read.
+    pub messages: u64,
+    /// The dedup ids of messages sent with one: (id, sequence, sent_at), in sequence order.
+    pub ids: Vec<(String, u64, SystemTime)>,
     /// The sequence the next message gets.
     pub next_seq: u64,
     /// Its segments, oldest first.
@@ -81,7 +89,9 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
     let mut r = Recovered {
         name,
         dir: dir.to_path_buf(),
-        messages: Vec::new(),
+        runs: ColdIndex::default(),
+        messages: 0,
+        ids: Vec::new(),
         next_seq: files.first().map_or(1, |f| f.0.max(1)),
         segments: Vec::new(),
         events: Vec::new(),
@@ -89,6 +99,8 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
         cut: 0,
     };
     let count = files.len();
+    // Append times are rebuilt from `sent_at` against one reading of both clocks.
+    let (now, wall) = (Instant::now(), SystemTime::now());
     let mut stop_after = None;
     for (i, (first, path)) in files.iter().enumerate() {
         if stop_after.is_some() {
@@ -118,11 +130,21 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
             });
             match parsed {
                 Ok((m, next)) => {
-                    let loc = Loc {
-                        segment: *first,
-                        offset: pos as u64,
-                    };
-                    r.messages.push((m, loc));
+                    let age = wall.duration_since(m.sent_at).unwrap_or_default();
+                    r.runs.push(ColdMessage {
+                        sequence: m.sequence,
+                        size: m.size,
+                        appended: now.checked_sub(age).unwrap_or(now),
+                        sent_at: m.sent_at,
+                        loc: Loc {
+                            segment: *first,
+                            offset: pos as u64,
+                        },
+                    });
+                    r.messages += 1;
+                    if let Some(id) = m.message_id {
+                        r.ids.push((id, m.sequence, m.sent_at));
+                    }
                     expected += 1;
                     pos = next;
                 }

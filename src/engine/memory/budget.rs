@@ -205,6 +205,35 @@ impl Budget {
         }
     }
 
+    /// Records the retained messages `first..=last` of `address` at once, oldest first, as one
+    /// entry (start-up), then evicts as [`Self::record`] does.
+    pub(crate) fn record_range(&self, address: &Arc<AddressLog>, first: u64, last: u64) -> usize {
+        let n = last.saturating_sub(first) + 1;
+        let stamp = self.stamp.fetch_add(n, Ordering::Relaxed);
+        if let Some(q) = self.queues.get(address.age_queue) {
+            q.entries.lock().push_back(AgeEntry {
+                stamp,
+                first,
+                last,
+                address: Arc::clone(address),
+            });
+        }
+        if self.used.load(Ordering::Acquire) > self.limit {
+            self.evict_oldest()
+        } else {
+            0
+        }
+    }
+
+    /// Charges `n` messages of `bytes` at once (start-up).
+    pub(crate) fn charge_many(&self, queue: usize, n: u64, bytes: usize) {
+        self.used.fetch_add(to_i64(bytes), Ordering::AcqRel);
+        if let Some(q) = self.queues.get(queue) {
+            q.live
+                .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+    }
+
     fn evict_oldest(&self) -> usize {
         let mut evicted = 0;
         while self.used.load(Ordering::Acquire) > self.limit {

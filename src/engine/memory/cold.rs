@@ -114,6 +114,11 @@ impl ColdIndex {
         self.runs.len()
     }
 
+    /// Bytes charged for the messages held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.runs.iter().map(|r| r.bytes).sum()
+    }
+
     /// The oldest sequence held.
     pub(crate) fn first(&self) -> Option<u64> {
         self.runs.front().map(|r| r.first)

@@ -1553,58 +1553,50 @@ impl AddressLog {
         Self::journal_snapshot(&self.state.lock())
     }
 
-    /// Disk engine start-up: rebuilds the address from what recovery read (its messages in
-    /// order, the sequence after the last, its journal's events), applying the retention
-    /// bounds as if the messages had just been appended at their `sent_at`. Returns the
-    /// sequences now retained (for the broker-wide budget) and the journal compacted to one
-    /// record per group plus one per pending lease.
+    /// Disk engine start-up (the files attached): rebuilds the address from what recovery
+    /// read (its messages as the cold index's runs, the dedup ids, the sequence after the
+    /// last, its journal's events), applying the retention bounds as if the messages had just
+    /// been appended at their `sent_at`. Returns the sequences now retained (first, last), for
+    /// the broker-wide budget, and the journal compacted to one record per group plus one per
+    /// pending lease.
     pub(crate) fn restore(
         &self,
-        messages: Vec<(crate::engine::disk::record::StoredMessage, Loc)>,
+        runs: ColdIndex,
+        ids: Vec<(String, u64, SystemTime)>,
         next_seq: u64,
         events: Vec<GroupEvent>,
-    ) -> (Vec<u64>, Vec<u8>) {
+    ) -> (Option<(u64, u64)>, Vec<u8>) {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut st = self.state.lock();
-        // The count and byte bounds keep the longest run of newest messages that fits (the
-        // newest always): what appending them one by one would have left.
-        let mut keep_from = messages.len();
-        let (mut n, mut bytes) = (0usize, 0usize);
-        for (i, (m, _)) in messages.iter().enumerate().rev() {
-            if n > 0 && (n + 1 > self.retention.messages || bytes + m.size > self.retention.bytes) {
-                break;
-            }
-            n += 1;
-            bytes += m.size;
-            keep_from = i;
-        }
-        self.metrics.evicted.inc_by(keep_from as u64);
-        for (i, (m, loc)) in messages.into_iter().enumerate() {
-            let age = wall.duration_since(m.sent_at).unwrap_or_default();
-            let appended = now.checked_sub(age).unwrap_or(now);
-            if let (Some(id), Some(window)) = (&m.message_id, self.dedup_window) {
+        if let Some(window) = self.dedup_window {
+            for (id, sequence, sent_at) in ids {
+                let age = wall.duration_since(sent_at).unwrap_or_default();
                 if age < window {
-                    st.dedup.record(id, m.sequence, appended);
+                    st.dedup
+                        .record(&id, sequence, now.checked_sub(age).unwrap_or(now));
                 }
             }
-            if i < keep_from {
-                continue;
-            }
-            // Index only, in the cold index's runs: the message is read back from its segment
-            // when needed (and new messages fill the cache).
-            st.cold.push(ColdMessage {
-                sequence: m.sequence,
-                size: m.size,
-                appended,
-                sent_at: m.sent_at,
-                loc,
-            });
-            st.retained_bytes += m.size;
-            self.budget.charge(self.age_queue, m.size);
         }
+        let (n, bytes) = (runs.len(), runs.bytes());
+        st.cold = runs;
+        st.retained_bytes = bytes;
+        self.budget.charge_many(self.age_queue, n, bytes);
         st.next_seq = next_seq;
         st.next_assign = next_seq;
+        // The count and byte bounds keep the newest messages that fit (the newest always):
+        // what appending them one by one would have left.
+        let mut evicted = 0;
+        while st.retained_messages() > 1
+            && (st.retained_messages() > self.retention.messages
+                || st.retained_bytes > self.retention.bytes)
+        {
+            match self.pop_front(&mut st) {
+                0 => break,
+                k => evicted += k,
+            }
+        }
+        self.metrics.evicted.inc_by(evicted);
         self.evict_aged(&mut st, now);
         self.sync_first(&st);
         let first = st.first();
@@ -1689,7 +1681,7 @@ impl AddressLog {
         }
         let journal = Self::journal_snapshot(&st);
         st.last_active = now;
-        let retained = (st.first()..st.hot_first()).collect();
+        let retained = (st.retained_messages() > 0).then(|| (first, st.next_seq - 1));
         (retained, journal)
     }
 }

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use dashmap::{mapref::entry::Entry, DashMap};
 
 pub use budget::Budget;
+pub(crate) use cold::{ColdIndex, ColdMessage};
 pub use log::AddressLog;
 pub use log::Loc;
 use log::State;
@@ -36,7 +37,7 @@ use log::State;
 use patterns::{PatternIndex, PatternSub};
 
 use super::{
-    disk::{self, AddressFiles, DiskConfig, DiskLog, Store, Work},
+    disk::{AddressFiles, DiskConfig, DiskLog, Store, Work},
     AddressInfo, Appended, DeadLetter, Durable, GroupInfo, GroupSettings, Maintenance, NewMessage,
     Retention, Settle, Settled,
 };
@@ -110,37 +111,35 @@ impl MemoryEngine {
         let mut engine = Self::new(limits, metrics);
         let store = Arc::new(store);
         engine.store = Some(Arc::clone(&store));
-        let (mut messages, mut bytes, mut cut) = (0usize, 0u64, 0u64);
+        let (mut messages, mut bytes, mut cut) = (0u64, 0u64, 0u64);
         for r in found {
             let Ok(name) = Address::parse(&r.name) else {
                 tracing::warn!(dir = %r.dir.display(), "storage: skipping a directory whose address name is not valid");
                 continue;
             };
-            messages += r.messages.len();
+            messages += r.messages;
             cut += r.cut;
-            let journal_len;
-            let address = {
-                let log = engine.new_log(&name, None);
-                let (retained, journal) = log.restore(r.messages, r.next_seq, r.events);
-                // Compacted: one record per group and per pending lease.
-                disk::replace_journal(&r.dir, &journal).map_err(|e| {
-                    format!("{}: cannot rewrite the group journal: {e}", r.dir.display())
-                })?;
-                journal_len = journal.len() as u64;
-                (log, retained)
-            };
-            let files = AddressFiles::recovered(r.dir, name.as_str(), r.segments, journal_len);
-            bytes += files.bytes();
-            let log = Arc::new(address.0.with_disk(DiskLog {
+            let files =
+                AddressFiles::recovered(r.dir.clone(), name.as_str(), r.segments, r.journal_len);
+            let log = engine.new_log(&name, None).with_disk(DiskLog {
                 files,
                 store: Arc::clone(&store),
-            }));
+            });
+            let (retained, journal) = log.restore(r.runs, r.ids, r.next_seq, r.events);
+            // Compacted: one record per group and per pending lease.
+            if let Some(files) = log.disk_files() {
+                files.replace_journal(&journal).map_err(|e| {
+                    format!("{}: cannot rewrite the group journal: {e}", r.dir.display())
+                })?;
+                bytes += files.bytes();
+            }
+            let log = Arc::new(log);
             engine.address_count.fetch_add(1, Ordering::AcqRel);
             engine
                 .addresses
                 .insert(Box::from(name.as_str()), Arc::clone(&log));
-            for seq in address.1 {
-                engine.budget.record(&log, seq);
+            if let Some((first, last)) = retained {
+                engine.budget.record_range(&log, first, last);
             }
         }
         tracing::info!(
