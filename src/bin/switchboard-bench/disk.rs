@@ -221,6 +221,12 @@ pub(crate) async fn run(
             s.w1_unary64,
             Publish::Unary(64),
         ),
+        (
+            "W9.unary64lean",
+            "unary x64, lean h2 client, disk / memory",
+            s.w1_unary64,
+            Publish::UnaryLean(64),
+        ),
     ] {
         let (mut disk, mut memory) = (Vec::new(), Vec::new());
         for _ in 0..repeat.max(1) {
@@ -243,26 +249,37 @@ pub(crate) async fn run(
     // Against the machine: the group-commit ceiling and the fsync latency, same filesystem.
     let dir = Scratch::new("w9-ceiling")?;
     let ceiling_n = if quick { 2_000 } else { 100_000 };
-    let (mut ceil, mut disk) = (Vec::new(), Vec::new());
+    let (mut ceil, mut disk, mut lean) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeat.max(1) {
         let d = dir.0.clone();
         ceil.push(
             tokio::task::spawn_blocking(move || group_commit_ceiling(&d, 64, ceiling_n)).await??,
         );
-        let data = Scratch::new("w9-unary")?;
-        let broker = Server::broker_with(bin, &["--data-dir", data.path()]).await?;
-        disk.push(
-            throughput(&broker, 1, s.w1_unary64, 128, Publish::Unary(64))
-                .await?
-                .0,
-        );
+        for (how, out) in [
+            (Publish::Unary(64), &mut disk),
+            (Publish::UnaryLean(64), &mut lean),
+        ] {
+            let data = Scratch::new("w9-unary")?;
+            let broker = Server::broker_with(bin, &["--data-dir", data.path()]).await?;
+            out.push(throughput(&broker, 1, s.w1_unary64, 128, how).await?.0);
+        }
     }
+    let ceil = median(&mut ceil);
     emit(row(
         "W9.ceiling",
         "unary x64 disk / group-commit ceiling",
         "msgs/s",
         median(&mut disk),
-        Some(median(&mut ceil)),
+        Some(ceil),
+    ));
+    // The same calls from the lean client: the broker's capacity with less of the two cores
+    // spent in the load generator (`lean.rs`).
+    emit(row(
+        "W9.ceilinglean",
+        "unary x64 lean client disk / ceiling",
+        "msgs/s",
+        median(&mut lean),
+        Some(ceil),
     ));
     let probes = if quick { 50 } else { 2_000 };
     let d = dir.0.clone();

@@ -14,6 +14,7 @@
 
 mod ceiling;
 mod disk;
+mod lean;
 mod soak;
 
 use std::{
@@ -366,6 +367,8 @@ async fn publish_batches(
 #[derive(Clone, Copy)]
 enum Publish {
     Unary(u64),
+    /// Unary Sends this many in flight, from the lean `h2` client (`lean.rs`).
+    UnaryLean(u64),
     Stream,
     /// SendBatch calls of this many messages.
     Batch(u64),
@@ -399,6 +402,9 @@ async fn throughput_via(
     let start = Instant::now();
     match how {
         Publish::Unary(inflight) => publish_unary(&c, address, n, inflight, &payload).await?,
+        Publish::UnaryLean(inflight) => {
+            lean::publish_unary(server.addr, address, n, inflight, &payload).await?;
+        }
         Publish::Stream => publish_stream(&c, address, n, &payload).await?,
         Publish::Batch(size) => publish_batches(&c, address, n, size, &payload).await?,
     }
