@@ -468,3 +468,68 @@ mod tests {
         log.unsubscribe_fanout(cursor);
     }
 }
+
+#[cfg(test)]
+mod budget_tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::{
+        config::Limits,
+        engine::{
+            disk::{DiskConfig, FsyncMode},
+            Engine,
+        },
+        metrics::Metrics,
+        validate::Address,
+    };
+
+    /// Two addresses sending turn about, past the broker-wide bound: the budget holds one entry
+    /// per address (not one per message), and eviction still takes the oldest broker-wide
+    /// exactly, so both lose their first 100.
+    #[test]
+    fn interleaved_addresses_cost_one_budget_entry_each_and_evict_oldest_first() {
+        const SIZE: usize = 100 + 128;
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            retention_messages: 100_000,
+            retention_bytes: 400 * SIZE,
+            max_retained_bytes: 400 * SIZE,
+            ..Limits::default()
+        };
+        let config = DiskConfig {
+            dir: dir.path().to_path_buf(),
+            fsync: FsyncMode::Always,
+            segment_bytes: 64 * 1024,
+            repair: false,
+            journal_compact_bytes: crate::engine::disk::DEFAULT_JOURNAL_COMPACT_BYTES,
+            cache_bytes: 0,
+        };
+        let e = Engine::disk(&limits, Arc::new(Metrics::new()), &config).unwrap();
+        let (a, b) = (
+            Address::parse("turn.a").unwrap(),
+            Address::parse("turn.b").unwrap(),
+        );
+        for _ in 0..300 {
+            for address in [&a, &b] {
+                let payload = Bytes::from(vec![7u8; 100]);
+                let (_, durable) = e
+                    .append(address, payload, Default::default(), SIZE, None)
+                    .unwrap();
+                durable.wait_blocking().unwrap();
+            }
+        }
+        let Engine::Disk(m) = &e else { unreachable!() };
+        assert_eq!(m.budget.entries(), 2);
+        for name in ["turn.a", "turn.b"] {
+            let (info, _) = e.address_info(name, false).unwrap();
+            assert_eq!(
+                (info.first_sequence, info.retained_messages),
+                (101, 200),
+                "{name}"
+            );
+        }
+        assert_eq!(e.total_retained_bytes(), 400 * SIZE);
+    }
+}

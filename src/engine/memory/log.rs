@@ -36,7 +36,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     time::SystemTime,
@@ -118,6 +118,17 @@ impl<'a> View<'a> {
     }
 }
 
+/// What the broker-wide budget learns of an address (see `budget`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Oldest {
+    /// It holds no message (or is closed).
+    Empty,
+    /// Its oldest message was appended then.
+    At(Instant),
+    /// This many messages were evicted; the next oldest was appended then, if any.
+    Evicted(u64, Option<Instant>),
+}
+
 /// A consumer group's position (Kafka's committed offset, NATS JetStream's consumer floor).
 #[derive(Debug)]
 struct Cursor {
@@ -163,11 +174,8 @@ pub struct AddressLog {
     retention: Retention,
     /// The publish deduplication window; `None`: off.
     dedup_window: Option<std::time::Duration>,
-    /// Which of the budget's age queues this address's messages go to.
-    pub(crate) age_queue: usize,
-    /// Mirror of the first retained sequence (or the next sequence when empty), readable without
-    /// the lock by the budget's stale-entry checks.
-    first_seq: AtomicU64,
+    /// Whether the budget's heap holds this address (see `budget`).
+    in_budget: AtomicBool,
     /// Set (under the lock) when the engine reclaims or deletes the address.
     closed: AtomicBool,
     /// Set (under the lock) when an operator deletes the address: its subscribers end.
@@ -221,7 +229,6 @@ impl AddressLog {
     pub(crate) fn new(
         name: Arc<str>,
         budget: Arc<Budget>,
-        age_queue: usize,
         metrics: Arc<Metrics>,
         retention: Retention,
         dedup_window: Option<std::time::Duration>,
@@ -266,8 +273,7 @@ impl AddressLog {
             metrics,
             retention,
             dedup_window,
-            age_queue,
-            first_seq: AtomicU64::new(1),
+            in_budget: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
             disk: None,
@@ -362,9 +368,7 @@ impl AddressLog {
         }
         if !published.is_empty() {
             self.notify.notify_waiters();
-            for &(seq, _) in &published {
-                self.budget.record(self, seq);
-            }
+            self.budget.record(self);
             if let Some(d) = &self.disk {
                 for (seq, size) in published {
                     d.store.cache.admit(self, seq, size);
@@ -465,18 +469,55 @@ impl AddressLog {
         sequence >= st.next_seq
     }
 
-    /// Whether `sequence` is still in the window (lock-free, may be momentarily stale).
-    pub(crate) fn retains(&self, sequence: u64) -> bool {
-        !self.closed.load(Ordering::Acquire) && sequence >= self.first_seq.load(Ordering::Acquire)
+    /// Sets whether the budget's heap holds this address; returns what it was.
+    pub(crate) fn set_in_budget(&self, held: bool) -> bool {
+        self.in_budget.swap(held, Ordering::AcqRel)
     }
 
-    /// The first retained sequence (lock-free, may be momentarily stale).
-    pub(crate) fn first_retained(&self) -> u64 {
-        self.first_seq.load(Ordering::Acquire)
+    /// Whether the address holds messages now (and is still open).
+    pub(crate) fn holds_messages(&self) -> bool {
+        let st = self.state.lock();
+        !st.closed && st.retained_messages() > 0
     }
 
-    fn sync_first(&self, st: &State) {
-        self.first_seq.store(st.first(), Ordering::Release);
+    /// When the oldest retained message was appended.
+    fn front_appended(&self, st: &mut State) -> Option<Instant> {
+        if st.closed {
+            return None;
+        }
+        if !st.cold.is_empty() {
+            let files = self.disk_files();
+            // Unreadable records: the run's newest time stands in (logged when trimmed).
+            return st
+                .cold
+                .front_appended(files)
+                .or_else(|| st.cold.front_run_appended());
+        }
+        st.window.front().map(|e| e.appended)
+    }
+
+    /// The budget's view of the address: when its oldest message was appended.
+    pub(crate) fn oldest(&self) -> Oldest {
+        let mut st = self.state.lock();
+        self.front_appended(&mut st)
+            .map_or(Oldest::Empty, Oldest::At)
+    }
+
+    /// The budget's "discard old": evicts the oldest message if it was appended at or before
+    /// `key` (the budget's heap key for the address); otherwise says when it was appended.
+    pub(crate) fn evict_oldest_if(&self, key: Instant) -> Oldest {
+        let mut st = self.state.lock();
+        match self.front_appended(&mut st) {
+            None => Oldest::Empty,
+            Some(t) if t > key => Oldest::At(t),
+            Some(_) => {
+                let n = self.pop_front(&mut st);
+                if n > 0 {
+                    self.metrics.evicted.inc_by(n);
+                }
+                Oldest::Evicted(n, self.front_appended(&mut st))
+            }
+        }
     }
 
     /// Removes the oldest message and returns the bytes it held to the budget. Returns how many
@@ -487,7 +528,7 @@ impl AddressLog {
             match st.cold.pop_front(self.disk_files()) {
                 Ok(Some(size)) => {
                     st.retained_bytes = st.retained_bytes.saturating_sub(size);
-                    self.budget.release(self.age_queue, size);
+                    self.budget.release(1, size);
                     return 1;
                 }
                 Ok(None) => {}
@@ -498,7 +539,7 @@ impl AddressLog {
             return 0;
         };
         st.retained_bytes -= e.message.size;
-        self.budget.release(self.age_queue, e.message.size);
+        self.budget.release(1, e.message.size);
         1
     }
 
@@ -508,7 +549,7 @@ impl AddressLog {
             return 0;
         };
         st.retained_bytes = st.retained_bytes.saturating_sub(bytes);
-        self.budget.release_many(self.age_queue, n, bytes);
+        self.budget.release(n, bytes);
         n
     }
 
@@ -537,7 +578,6 @@ impl AddressLog {
             }
         }
         if n > 0 {
-            self.sync_first(st);
             self.metrics.evicted.inc_by(n);
         }
         usize::try_from(n).unwrap_or(usize::MAX)
@@ -624,26 +664,7 @@ impl AddressLog {
             frame: None,
         });
         st.last_active = now;
-        self.budget.charge(self.age_queue, size);
-        self.sync_first(st);
-    }
-
-    /// Evicts every entry up to and including `sequence`: the broker-wide byte bound's "discard
-    /// old". Returns how many left.
-    pub(crate) fn evict_through(&self, sequence: u64) -> usize {
-        let mut st = self.state.lock();
-        let mut n = 0;
-        while st.retained_messages() > 0 && st.first() <= sequence {
-            match self.pop_front(&mut st) {
-                0 => break,
-                k => n += k,
-            }
-        }
-        if n > 0 {
-            self.sync_first(&st);
-            self.metrics.evicted.inc_by(n);
-        }
-        usize::try_from(n).unwrap_or(usize::MAX)
+        self.budget.charge(1, size);
     }
 
     /// Reads the cold messages `from..end` (at most `max`) back from their segments into
@@ -1392,7 +1413,6 @@ impl AddressLog {
         self.closed.store(true, Ordering::Release);
         self.deleted.store(true, Ordering::Release);
         self.metrics.groups.dec_by(gauge(st.groups.len()));
-        self.sync_first(&st);
         drop(st);
         self.notify.notify_waiters();
         usize::try_from(purged).unwrap_or(usize::MAX)
@@ -1556,8 +1576,8 @@ impl AddressLog {
     /// Disk engine start-up (the files attached): rebuilds the address from what recovery
     /// read (its messages as the cold index's runs, the dedup ids, the sequence after the
     /// last, its journal's events), applying the retention bounds as if the messages had just
-    /// been appended at their `sent_at`. Returns the sequences now retained (first, last), for
-    /// the broker-wide budget, and the journal compacted to one record per group plus one per
+    /// been appended at their `sent_at`. Returns whether any message is retained (for the
+    /// broker-wide budget) and the journal compacted to one record per group plus one per
     /// pending lease.
     pub(crate) fn restore(
         &self,
@@ -1565,7 +1585,7 @@ impl AddressLog {
         ids: Vec<(String, u64, SystemTime)>,
         next_seq: u64,
         events: Vec<GroupEvent>,
-    ) -> (Option<(u64, u64)>, Vec<u8>) {
+    ) -> (bool, Vec<u8>) {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut st = self.state.lock();
@@ -1581,7 +1601,7 @@ impl AddressLog {
         let (n, bytes) = (runs.len(), runs.bytes());
         st.cold = runs;
         st.retained_bytes = bytes;
-        self.budget.charge_many(self.age_queue, n, bytes);
+        self.budget.charge(n, bytes);
         st.next_seq = next_seq;
         st.next_assign = next_seq;
         // The count and byte bounds keep the newest messages that fit (the newest always):
@@ -1598,7 +1618,6 @@ impl AddressLog {
         }
         self.metrics.evicted.inc_by(evicted);
         self.evict_aged(&mut st, now);
-        self.sync_first(&st);
         let first = st.first();
 
         let mut groups: Vec<(String, JournaledGroup)> = Vec::new();
@@ -1681,7 +1700,7 @@ impl AddressLog {
         }
         let journal = Self::journal_snapshot(&st);
         st.last_active = now;
-        let retained = (st.retained_messages() > 0).then(|| (first, st.next_seq - 1));
+        let retained = st.retained_messages() > 0;
         (retained, journal)
     }
 }

@@ -17,7 +17,6 @@ mod log;
 pub mod patterns;
 
 use std::{
-    hash::{BuildHasher, RandomState},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -66,7 +65,6 @@ pub struct MemoryEngine {
     address_count: AtomicUsize,
     /// Set when shutdown begins: appends are refused from then on.
     closing: AtomicBool,
-    hasher: RandomState,
     /// The data directory, in the disk engine.
     store: Option<Arc<Store>>,
 }
@@ -95,7 +93,6 @@ impl MemoryEngine {
             metrics,
             address_count: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
-            hasher: RandomState::new(),
             store: None,
         }
     }
@@ -138,8 +135,8 @@ impl MemoryEngine {
             engine
                 .addresses
                 .insert(Box::from(name.as_str()), Arc::clone(&log));
-            if let Some((first, last)) = retained {
-                engine.budget.record_range(&log, first, last);
+            if retained {
+                engine.budget.record(&log);
             }
         }
         tracing::info!(
@@ -154,12 +151,9 @@ impl MemoryEngine {
 
     /// A new address log (not yet in the map).
     fn new_log(&self, name: &Address, disk: Option<DiskLog>) -> AddressLog {
-        let queue =
-            usize::try_from(self.hasher.hash_one(name.as_str())).unwrap_or(0) % budget::AGE_QUEUES;
         let log = AddressLog::new(
             Arc::from(name.as_str()),
             Arc::clone(&self.budget),
-            queue,
             Arc::clone(&self.metrics),
             self.retention,
             self.dedup_window,
@@ -287,7 +281,7 @@ impl MemoryEngine {
         // The disk engine wakes readers and charges the budget when the message is durable.
         if !appended.duplicate && self.store.is_none() {
             address.notify.notify_waiters();
-            self.budget.record(&address, appended.sequence);
+            self.budget.record(&address);
         }
         Ok((appended, durable))
     }
@@ -341,9 +335,7 @@ impl MemoryEngine {
         }
         if appended.iter().any(|a| !a.duplicate) {
             address.notify.notify_waiters();
-            for a in appended.iter().filter(|a| !a.duplicate) {
-                self.budget.record(&address, a.sequence);
-            }
+            self.budget.record(&address);
         }
         Ok((appended, durable))
     }
