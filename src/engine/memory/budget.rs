@@ -149,7 +149,9 @@ impl Budget {
     /// evicts the oldest messages broker-wide while the bound is exceeded. Returns how many
     /// were evicted.
     pub(crate) fn record(&self, address: &Arc<AddressLog>) -> usize {
-        if !address.set_in_budget(true) {
+        // A read first: the flag is almost always set already, and a write on every append
+        // would bounce the address's cache line between cores.
+        if !address.in_budget() && !address.set_in_budget(true) {
             self.push(address);
         }
         if self.used.load(Ordering::Acquire) > self.limit {

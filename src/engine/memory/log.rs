@@ -469,6 +469,11 @@ impl AddressLog {
         sequence >= st.next_seq
     }
 
+    /// Whether the budget's heap holds this address.
+    pub(crate) fn in_budget(&self) -> bool {
+        self.in_budget.load(Ordering::Acquire)
+    }
+
     /// Sets whether the budget's heap holds this address; returns what it was.
     pub(crate) fn set_in_budget(&self, held: bool) -> bool {
         self.in_budget.swap(held, Ordering::AcqRel)
