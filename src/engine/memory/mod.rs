@@ -71,7 +71,7 @@ pub struct MemoryEngine {
 
 impl Drop for MemoryEngine {
     fn drop(&mut self) {
-        // Age entries hold addresses, which hold the budget: break the cycle.
+        // Heap entries hold addresses, which hold the budget: break the cycle.
         self.budget.clear();
         if let Some(s) = &self.store {
             s.cache.clear();
