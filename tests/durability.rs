@@ -1254,14 +1254,8 @@ async fn retained_messages_out_of_the_cache_cost_a_sparse_index_not_an_entry_eac
     kill9(&mut broker);
     step("dies", broker.child.wait()).await.unwrap();
     // Recovery builds the same index: the address starts at sequence 1 with every message.
-    // Recovery streams the records into the runs: its peak holds one segment file being
-    // checked (bounded by --segment-bytes), not an entry per message.
-    let segments: u64 = walk(dir.path())
-        .iter()
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .max()
-        .unwrap();
+    // Recovery streams the records, read in 64 KiB chunks, into the runs: not even its peak
+    // holds an entry per message or a whole segment file (that peaked 13-43 MiB higher here).
     let (broker, _) = start(dir.path(), &flags).await;
     let rss = vm(broker.child.id().unwrap(), "VmRSS:");
     let peak = vm(broker.child.id().unwrap(), "VmHWM:");
@@ -1271,11 +1265,10 @@ async fn retained_messages_out_of_the_cache_cost_a_sparse_index_not_an_entry_eac
         peak >> 10
     );
     assert!(
-        peak < before + segments + (8 << 20),
-        "peak RSS {} KiB during recovery (before the flood: {} KiB, largest segment {} KiB)",
+        peak < before + (4 << 20),
+        "peak RSS {} KiB during recovery (before the flood: {} KiB)",
         peak >> 10,
-        before >> 10,
-        segments >> 10
+        before >> 10
     );
     let info = admin(&broker.addr)
         .await
