@@ -308,8 +308,9 @@ impl AddressFiles {
 
     /// Reads the records of the segment beginning at `segment` in order from byte `offset`,
     /// calling `each(body, next record's offset)` with each verified record body until it
-    /// returns false or the segment ends (decode the body with [`super::record`]). Reads in
-    /// 64 KiB chunks (more for a larger record). Needs no lock, as [`Self::read_message`].
+    /// returns false or the segment ends (decode the body with [`super::record`]); a record cut
+    /// short by the end of the file ends the scan. Reads with a [`RecordReader`]. Needs no
+    /// lock, as [`Self::read_message`].
     ///
     /// # Errors
     /// The I/O error, or a record that fails its CRC.
@@ -319,49 +320,16 @@ impl AddressFiles {
         offset: u64,
         mut each: impl FnMut(&[u8], u64) -> bool,
     ) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        const CHUNK: usize = 64 * 1024;
-        let f = self.reader(segment)?;
-        let bad = |b: Bad| io::Error::other(b.describe());
-        let mut buf: Vec<u8> = Vec::new();
-        // File offset of buf[0], and how far into buf has been parsed.
-        let (mut base, mut pos) = (offset, 0usize);
-        let mut eof = false;
+        let mut reader = RecordReader::new(self.reader(segment)?, offset)?;
         loop {
-            match read_frame(&buf, pos) {
-                Ok((body, next)) => {
-                    if !each(body, base + next as u64) {
+            match reader.next_record()? {
+                Ok(Some((body, next))) => {
+                    if !each(body, next) {
                         return Ok(());
                     }
-                    pos = next;
                 }
-                Err(Bad::Short) if !eof => {
-                    // Keep the unparsed tail, then read at least a chunk or the whole record.
-                    buf.drain(..pos);
-                    base += pos as u64;
-                    pos = 0;
-                    let want = match buf.get(..FRAME_BYTES) {
-                        Some(h) => {
-                            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-                            (FRAME_BYTES + len.min(MAX_BODY_BYTES)).max(CHUNK)
-                        }
-                        None => CHUNK,
-                    };
-                    let have = buf.len();
-                    buf.resize(have.max(want), 0);
-                    let mut filled = have;
-                    while filled < buf.len() {
-                        let n = f.read_at(&mut buf[filled..], base + filled as u64)?;
-                        if n == 0 {
-                            eof = true;
-                            break;
-                        }
-                        filled += n;
-                    }
-                    buf.truncate(filled);
-                }
-                Err(Bad::Short) => return Ok(()),
-                Err(b) => return Err(bad(b)),
+                Ok(None) | Err(Bad::Short) => return Ok(()),
+                Err(b) => return Err(io::Error::other(b.describe())),
             }
         }
     }
@@ -603,5 +571,120 @@ impl AddressFiles {
                 tracing::warn!(path = %path.display(), error = %e, "storage: could not remove a deleted address's files");
             }
         }
+    }
+}
+
+/// What [`RecordReader::next_record`] found: a verified body and the offset after it, the end
+/// of the file, or a bad record.
+pub type NextRecord<'a> = Result<Option<(&'a [u8], u64)>, Bad>;
+
+/// Reads a segment's records in order from an offset, in chunks of 64 KiB (or one whole record
+/// when larger), so reading a segment holds one chunk in memory, not the file. Used by reads
+/// of messages out of the cache and by start-up recovery.
+#[derive(Debug)]
+pub struct RecordReader {
+    file: Arc<File>,
+    /// The file's length when opened.
+    len: u64,
+    /// File offset of `buf[0]`.
+    base: u64,
+    buf: Vec<u8>,
+    /// How far into `buf` has been read.
+    pos: usize,
+}
+
+impl RecordReader {
+    const CHUNK: usize = 64 * 1024;
+
+    /// A reader of `file` from byte `offset`.
+    ///
+    /// # Errors
+    /// The file's length cannot be read.
+    pub fn new(file: Arc<File>, offset: u64) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(Self {
+            file,
+            len,
+            base: offset,
+            buf: Vec::new(),
+            pos: 0,
+        })
+    }
+
+    /// Opens `path` and reads it from the start.
+    ///
+    /// # Errors
+    /// The I/O error.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Self::new(Arc::new(File::open(path)?), 0)
+    }
+
+    /// The file offset of the next record.
+    pub fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    /// The next record's verified body and the offset after it: `Ok(None)` at the end of the
+    /// file, `Err(bad)` for a bad record ([`Bad::Short`]: cut short by the end of the file);
+    /// the offset stays at a bad record.
+    ///
+    /// # Errors
+    /// The I/O error.
+    pub fn next_record(&mut self) -> io::Result<NextRecord<'_>> {
+        loop {
+            if self.offset() >= self.len {
+                return Ok(Ok(None));
+            }
+            let frame =
+                read_frame(&self.buf, self.pos).map(|(body, next)| (next - body.len(), next));
+            match frame {
+                Ok((start, next)) => {
+                    self.pos = next;
+                    let at = self.offset();
+                    return Ok(Ok(self.buf.get(start..next).map(|body| (body, at))));
+                }
+                Err(Bad::Short) if self.more()? => {}
+                Err(b) => return Ok(Err(b)),
+            }
+        }
+    }
+
+    /// Reads on so the record at `pos` can be whole; false when the file has no more bytes.
+    fn more(&mut self) -> io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let loaded = self.base + self.buf.len() as u64;
+        if loaded >= self.len {
+            return Ok(false);
+        }
+        self.buf.drain(..self.pos);
+        self.base += self.pos as u64;
+        self.pos = 0;
+        let want = match self.buf.get(..FRAME_BYTES) {
+            Some(h) => {
+                let body = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                (FRAME_BYTES + body.min(MAX_BODY_BYTES)).max(Self::CHUNK)
+            }
+            None => Self::CHUNK,
+        };
+        let left = usize::try_from(self.len - loaded).unwrap_or(usize::MAX);
+        let have = self.buf.len();
+        let grow = want.saturating_sub(have).max(1).min(left);
+        self.buf.resize(have + grow, 0);
+        self.file
+            .read_exact_at(&mut self.buf[have..], self.base + have as u64)?;
+        Ok(true)
+    }
+
+    /// Everything from file offset `at` to the end of the file (recovery, to tell a torn tail
+    /// from corruption).
+    ///
+    /// # Errors
+    /// The I/O error.
+    pub fn rest(&self, at: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let n = usize::try_from(self.len.saturating_sub(at)).unwrap_or(usize::MAX);
+        let mut rest = vec![0u8; n];
+        self.file.read_exact_at(&mut rest, at)?;
+        Ok(rest)
     }
 }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::engine::memory::{ColdIndex, ColdMessage, Loc};
 
 use super::{
-    files::{Segment, JOURNAL_FILE, NAME_FILE, SEGMENT_EXT},
+    files::{RecordReader, Segment, JOURNAL_FILE, NAME_FILE, SEGMENT_EXT},
     record::{self, GroupEvent},
 };
 
@@ -58,89 +58,6 @@ fn cut_to(path: &Path, len: u64) -> Result<(), String> {
             f.sync_all()
         })
         .map_err(|e| format!("{}: cannot truncate: {e}", path.display()))
-}
-
-/// A segment file read in chunks (64 KiB, or one whole record when larger), so checking a
-/// segment holds one chunk in memory, not the file.
-struct Chunks {
-    file: fs::File,
-    len: u64,
-    /// File offset of `buf[0]`.
-    base: u64,
-    buf: Vec<u8>,
-    /// How far into `buf` has been checked.
-    pos: usize,
-    /// Where the checked records end, once a bad record stopped the scan.
-    cut_at: Option<u64>,
-}
-
-impl Chunks {
-    const CHUNK: usize = 64 * 1024;
-
-    fn open(path: &Path) -> std::io::Result<Self> {
-        let file = fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        Ok(Self {
-            file,
-            len,
-            base: 0,
-            buf: Vec::new(),
-            pos: 0,
-            cut_at: None,
-        })
-    }
-
-    /// The file offset of the next record.
-    fn offset(&self) -> u64 {
-        self.base + self.pos as u64
-    }
-
-    fn at_end(&self) -> bool {
-        self.offset() >= self.len
-    }
-
-    /// Reads on so the record at `pos` can be whole; false when the file has no more bytes.
-    fn more(&mut self) -> std::io::Result<bool> {
-        use std::os::unix::fs::FileExt;
-        let loaded = self.base + self.buf.len() as u64;
-        if loaded >= self.len {
-            return Ok(false);
-        }
-        self.buf.drain(..self.pos);
-        self.base += self.pos as u64;
-        self.pos = 0;
-        let want = match self.buf.get(..record::FRAME_BYTES) {
-            Some(h) => {
-                let body = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-                (record::FRAME_BYTES + body.min(record::MAX_BODY_BYTES)).max(Self::CHUNK)
-            }
-            None => Self::CHUNK,
-        };
-        let left =
-            usize::try_from(self.len - (self.base + self.buf.len() as u64)).unwrap_or(usize::MAX);
-        let have = self.buf.len();
-        let grow = want.saturating_sub(have).max(1).min(left);
-        self.buf.resize(have + grow, 0);
-        self.file
-            .read_exact_at(&mut self.buf[have..], self.base + have as u64)?;
-        Ok(true)
-    }
-
-    /// Everything from the next record to the end of the file.
-    fn rest(&mut self) -> std::io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let at = self.offset();
-        self.cut_at = Some(at);
-        let n = usize::try_from(self.len - at).unwrap_or(usize::MAX);
-        let mut rest = vec![0u8; n];
-        self.file.read_exact_at(&mut rest, at)?;
-        Ok(rest)
-    }
-
-    /// Bytes of valid records: up to the bad record, or the whole file.
-    fn valid_len(&self) -> u64 {
-        self.cut_at.unwrap_or_else(|| self.offset().min(self.len))
-    }
 }
 
 /// Reads and checks one address's directory. `Ok(None)`: the directory holds no address (a crash
@@ -193,7 +110,7 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
         }
         let last_segment = i + 1 == count;
         let io_err = |e: std::io::Error| format!("{}: {e}", path.display());
-        let mut reader = Chunks::open(path).map_err(io_err)?;
+        let mut reader = RecordReader::open(path).map_err(io_err)?;
         let mut expected = if i == 0 { *first } else { r.next_seq };
         if *first != expected {
             return Err(format!(
@@ -202,21 +119,21 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
                 path.display()
             ));
         }
-        loop {
-            if reader.at_end() {
-                break;
-            }
-            let parsed = record::read_frame(&reader.buf, reader.pos).and_then(|(body, next)| {
-                let m = record::decode_message_index(body)?;
-                if m.sequence == expected {
-                    Ok((m, next))
-                } else {
-                    Err(record::Bad::Malformed)
-                }
-            });
+        let len = loop {
             let pos = reader.offset();
+            let parsed = match reader.next_record().map_err(io_err)? {
+                Ok(None) => break pos,
+                Ok(Some((body, _))) => record::decode_message_index(body).and_then(|m| {
+                    if m.sequence == expected {
+                        Ok(m)
+                    } else {
+                        Err(record::Bad::Malformed)
+                    }
+                }),
+                Err(bad) => Err(bad),
+            };
             match parsed {
-                Ok((m, next)) => {
+                Ok(m) => {
                     let age = wall.duration_since(m.sent_at).unwrap_or_default();
                     r.runs.push(ColdMessage {
                         sequence: m.sequence,
@@ -233,13 +150,11 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
                         r.ids.push((id, m.sequence, m.sent_at));
                     }
                     expected += 1;
-                    reader.pos = next;
                 }
-                Err(record::Bad::Short) if reader.more().map_err(io_err)? => {}
                 Err(bad) => {
                     // A bad record: whether anything valid follows decides torn tail or
                     // corruption, so the rest of the file is read (only on this path).
-                    let rest = reader.rest().map_err(io_err)?;
+                    let rest = reader.rest(pos).map_err(io_err)?;
                     let tail =
                         last_segment && !record::good_message_after(&rest, 0, expected..u64::MAX);
                     if tail {
@@ -258,16 +173,16 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
                         ));
                     }
                     cut_to(path, pos)?;
-                    break;
+                    break pos;
                 }
             }
-        }
+        };
         r.next_seq = expected;
         r.segments.push(Segment {
             first: *first,
             last: expected - 1,
             path: path.clone(),
-            len: reader.valid_len(),
+            len,
         });
     }
     let journal = dir.join(JOURNAL_FILE);

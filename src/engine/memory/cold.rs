@@ -261,14 +261,14 @@ impl ColdIndex {
         Ok(Some(d.size))
     }
 
-    /// Where to start reading `sequence`: (segment, offset of the run's first record, that
-    /// record's sequence); `None` when it is not held.
-    pub(crate) fn locate(&self, sequence: u64) -> Option<(u64, u64, u64)> {
+    /// Where to start reading `sequence`: (segment, offset of its run's first record); `None`
+    /// when it is not held.
+    pub(crate) fn locate(&self, sequence: u64) -> Option<(u64, u64)> {
         let i = self
             .runs
             .partition_point(|r| r.first + u64::from(r.count) <= sequence);
         let r = self.runs.get(i)?;
-        (r.first <= sequence).then_some((r.segment, r.offset, r.first))
+        (r.first <= sequence).then_some((r.segment, r.offset))
     }
 
     /// The first run that may hold a message sent at or after `t` (runs are in `sent_at`

@@ -13,16 +13,14 @@
 //! Consumers whose cursor was behind an evicted message learn the exact number lost on their
 //! next read (`dropped` / `Dropped{count}`).
 //!
-//! In the disk engine the oldest part of the window, once out of the message cache, leaves
-//! `window` for the sparse [`ColdIndex`] (runs of consecutive records, read back from the
-//! segments); `window` then holds sequences `hot_first()..next_seq` and the index
-//! `first()..hot_first()`.
-//!
 //! In the disk engine (`disk`) the same index sits over the address's files: an append is
 //! first *staged* (sequence assigned, in `staged`, invisible) and handed to the flusher; the
 //! flusher makes it visible with [`AddressLog::publish_through`] once it is durable, or drops it
 //! with [`AddressLog::rollback_staged`] if the write failed. Group changes are journaled
-//! ([`GroupEvent`]) and their [`Durable`] returned with the call's result.
+//! ([`GroupEvent`]) and their [`Durable`] returned with the call's result. The oldest part of
+//! the window, once out of the message cache, leaves `window` for the sparse [`ColdIndex`]
+//! (runs of consecutive records, read back from the segments): `window` then holds sequences
+//! `hot_first()..next_seq` and the index `first()..hot_first()`.
 //!
 //! Invariants a change must keep:
 //! - all state is behind one short `parking_lot` mutex per address; it is never held across an
@@ -636,11 +634,6 @@ impl AddressLog {
     /// require, charges the budget, hands it to pattern subscribers.
     fn commit(&self, st: &mut State, message: Arc<Message>, now: Instant, loc: Option<Loc>) {
         self.metrics.sent.inc();
-        self.place(st, message, now, loc);
-    }
-
-    /// [`Self::commit`] without counting the message as sent.
-    fn place(&self, st: &mut State, message: Arc<Message>, now: Instant, loc: Option<Loc>) {
         self.evict_aged(st, now);
         let size = message.size;
         let mut evicted = 0;
@@ -691,7 +684,7 @@ impl AddressLog {
         };
         let mut want = max;
         while want > 0 && from < end {
-            let Some((segment, offset, _)) = cold.locate(from) else {
+            let Some((segment, offset)) = cold.locate(from) else {
                 return Err(());
             };
             let before = from;
