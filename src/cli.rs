@@ -183,6 +183,18 @@ pub enum ClientAuth {
     Optional,
 }
 
+/// Where messages and consumer groups live (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// In this process's memory: fastest, lost on exit (the default without --data-dir).
+    Memory,
+    /// Segment files in --data-dir, fsynced: survives crashes (the default with --data-dir).
+    Disk,
+    /// Streams in Redis at --redis-url: any number of nodes on one Redis serve the same
+    /// addresses, groups and replay.
+    Redis,
+}
+
 /// When the disk engine fsyncs (`--fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fsync {
@@ -541,6 +553,26 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_DATA_DIR", value_name = "PATH")]
     pub data_dir: Option<std::path::PathBuf>,
 
+    /// The storage engine: `memory`, `disk` (needs --data-dir) or `redis` (uses --redis-url).
+    /// Default: `disk` with --data-dir, else `memory`.
+    #[arg(long, env = "SWITCHBOARD_ENGINE", value_enum)]
+    pub engine: Option<EngineKind>,
+
+    /// With --engine redis: where Redis is, `redis://[user:password@]host:port[/db]` or
+    /// `rediss://` for TLS. With --redis-cluster, the seed nodes, comma-separated.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_URL",
+        value_delimiter = ',',
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: Vec<String>,
+
+    /// With --engine redis: Redis is a Redis Cluster (every key of an address shares a hash
+    /// slot, so each operation stays on one node).
+    #[arg(long, env = "SWITCHBOARD_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
     /// With --data-dir: `always` (default) fsyncs before answering; `interval` fsyncs every
     /// --fsync-interval-ms and can lose that much to a power cut.
     #[arg(long, env = "SWITCHBOARD_FSYNC", value_enum, default_value_t = Fsync::Always, requires = "data_dir")]
@@ -632,6 +664,24 @@ impl ServeArgs {
                 journal_compact_bytes: self.journal_compact_bytes,
                 cache_bytes: self.cache_bytes,
             });
+        let engine = match (self.engine, &self.data_dir) {
+            (Some(EngineKind::Disk) | None, Some(_)) | (Some(EngineKind::Memory) | None, None) => {
+                None
+            }
+            (Some(EngineKind::Disk), None) => {
+                return Err("--engine disk: needs --data-dir PATH".into());
+            }
+            (Some(EngineKind::Memory), Some(_)) => {
+                return Err("--engine memory: --data-dir is for --engine disk".into());
+            }
+            (Some(EngineKind::Redis), Some(_)) => {
+                return Err("--engine redis: --data-dir is for --engine disk (Redis keeps the data)".into());
+            }
+            (Some(EngineKind::Redis), None) => Some(crate::engine::redis::RedisConfig {
+                urls: self.redis_url.clone(),
+                cluster: self.redis_cluster,
+            }),
+        };
         let cors_origins = self
             .cors_origins
             .iter()
@@ -639,6 +689,7 @@ impl ServeArgs {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ServerConfig {
             storage,
+            redis: engine,
             cors_origins,
             limits,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),

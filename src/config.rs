@@ -144,6 +144,8 @@ pub struct ServerConfig {
     pub security: Security,
     /// The disk engine's settings (`--data-dir`); `None`: the in-memory engine.
     pub storage: Option<crate::engine::disk::DiskConfig>,
+    /// The Redis engine's settings (`--engine redis`); `None`: not on Redis.
+    pub redis: Option<crate::engine::redis::RedisConfig>,
     /// Origins whose pages may call the gRPC port with gRPC-Web (`--cors-origin`, exact
     /// matches, see `grpc::web::parse_origin`); empty: none.
     pub cors_origins: Vec<http::HeaderValue>,
@@ -163,6 +165,7 @@ impl Default for ServerConfig {
             },
             security: Security::default(),
             storage: None,
+            redis: None,
             cors_origins: Vec::new(),
         }
     }

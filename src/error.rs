@@ -104,6 +104,10 @@ pub enum BrokerError {
     /// The server is shutting down. Maps to `UNAVAILABLE`.
     #[error("server shutting down")]
     ShuttingDown,
+    /// The engine in use cannot do this (say, wildcard subscriptions on the Redis engine).
+    /// Maps to `UNIMPLEMENTED`.
+    #[error("{0} is not supported by this broker's engine")]
+    Unsupported(&'static str),
     /// The disk engine could not make a write durable (disk full, I/O error, failed fsync):
     /// nothing of it is visible or kept. Maps to `UNAVAILABLE`; retrying later may succeed.
     #[error("storage: {0}")]
@@ -134,6 +138,7 @@ impl BrokerError {
             Self::ShuttingDown | Self::Storage(_) => tonic::Code::Unavailable,
             Self::InBatch { error, .. } => error.code(),
             Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Self::Unsupported(_) => tonic::Code::Unimplemented,
             Self::PermissionDenied { .. } => tonic::Code::PermissionDenied,
         }
     }

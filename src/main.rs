@@ -86,15 +86,17 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     // Recover the data directory before listening, so health turns SERVING only when every
     // address is back.
-    let broker = match &config.storage {
-        None => Broker::new(config.limits.clone()),
-        Some(storage) => match Broker::with_disk(config.limits.clone(), storage) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        },
+    let broker = match (&config.storage, &config.redis) {
+        (Some(storage), _) => Broker::with_disk(config.limits.clone(), storage),
+        (None, Some(redis)) => Broker::with_redis(config.limits.clone(), redis).await,
+        (None, None) => Ok(Broker::new(config.limits.clone())),
+    };
+    let broker = match broker {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
     };
     let (listener, addr) = match server::bind(args.listen).await {
         Ok(l) => l,
@@ -133,6 +135,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         max_retained_bytes = l.max_retained_bytes,
         idle_address_ms = l.idle_address.as_millis(),
         data_dir = config.storage.as_ref().map(|s| s.dir.display().to_string()),
+        redis = config
+            .redis
+            .as_ref()
+            .map(|r| switchboard::engine::redis::shown(&r.urls)),
         "switchboard listening"
     );
     let http = match args.http_listen() {

@@ -5,9 +5,14 @@
 //! Policy lives here (validation of sizes, the small-payload copy, long-poll waits, shutdown,
 //! subscriber limits); storage lives in the engine. Nothing here imports `grpc/`.
 
+mod redis;
 pub mod subscription;
 
-use crate::engine::{disk::DiskConfig, Durable};
+use crate::engine::{
+    disk::DiskConfig,
+    redis::{RedisConfig, RedisEngine},
+    Durable,
+};
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -104,6 +109,51 @@ impl Broker {
         })
     }
 
+    /// A broker on the Redis Streams engine (see [`crate::engine::redis`]): every node started
+    /// on the same Redis serves the same addresses.
+    ///
+    /// # Errors
+    /// A bad URL, or Redis unreachable: a message naming Redis.
+    pub async fn with_redis(limits: Limits, config: &RedisConfig) -> Result<Self, String> {
+        let metrics = Arc::new(Metrics::new());
+        let engine = RedisEngine::connect(&limits, Arc::clone(&metrics), config).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine: Engine::Redis(Arc::new(engine)),
+                limits,
+                metrics,
+                next_holder: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The Redis engine, when it is the one in use.
+    fn redis(&self) -> Option<&Arc<RedisEngine>> {
+        match &self.inner.engine {
+            Engine::Redis(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Whether the broker can serve: always, but on the Redis engine only while Redis answered
+    /// the last [`Broker::probe`].
+    pub fn serving(&self) -> bool {
+        self.redis().is_none_or(|r| r.reachable())
+    }
+
+    /// On the Redis engine, PINGs Redis and returns whether it answered; elsewhere `true`.
+    pub async fn probe(&self) -> bool {
+        match self.redis() {
+            Some(r) => r.ping().await,
+            None => true,
+        }
+    }
+
+    /// Whether the engine is the Redis engine (whose health follows Redis's).
+    pub fn on_redis(&self) -> bool {
+        self.redis().is_some()
+    }
+
     /// Begins shutdown: every Send from now on is refused with `UNAVAILABLE`. Call it before
     /// triggering the shutdown token, so that draining subscribers miss nothing acknowledged.
     pub fn begin_shutdown(&self) {
@@ -164,8 +214,12 @@ impl Broker {
         message_id: &str,
     ) -> Result<Appended, BrokerError> {
         let (appended, durable) = self.publish_staged(address, payload, headers, message_id)?;
-        durable.wait().await?;
-        Ok(appended)
+        match durable.wait_appended().await? {
+            Some(remote) => remote.first().copied().ok_or(BrokerError::Storage(
+                "redis: no sequence in the reply".into(),
+            )),
+            None => Ok(appended),
+        }
     }
 
     /// [`Broker::publish`] without waiting: the sequence is assigned and, in the disk engine,
@@ -182,6 +236,22 @@ impl Broker {
         message_id: &str,
     ) -> Result<(Appended, Durable), BrokerError> {
         let m = self.prepare(payload, headers, message_id)?;
+        if let Some(r) = self.redis() {
+            // The sequence comes with Redis's reply: the Durable carries it. Spawned, so that
+            // many Sends of one stream are pipelined on the shared connection.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (r, address) = (Arc::clone(r), address.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(r.append(address.as_str(), &[m]).await);
+            });
+            return Ok((
+                Appended {
+                    sequence: 0,
+                    duplicate: false,
+                },
+                Durable::appending(rx),
+            ));
+        }
         self.inner.engine.append(
             address,
             m.payload,
@@ -235,6 +305,9 @@ impl Broker {
                 limit,
                 limit_name: "--retention-bytes",
             });
+        }
+        if let Some(r) = self.redis() {
+            return r.append(address.as_str(), &prepared).await;
         }
         let (appended, durable) = self.inner.engine.append_batch(address, prepared)?;
         durable.wait().await?;
@@ -309,6 +382,11 @@ impl Broker {
         wait: Duration,
         shutdown: &mut ShutdownToken,
     ) -> Result<Batch, BrokerError> {
+        if let Some(r) = self.redis() {
+            return self
+                .recv_redis(r, address, group, max, wait, shutdown)
+                .await;
+        }
         let deadline = Instant::now() + wait;
         let (log, id, mut batch) =
             self.inner
@@ -361,7 +439,7 @@ impl Broker {
     /// sequence + 1; `RESOURCE_EXHAUSTED` when the address already has
     /// `--max-subscribers-per-address` subscribers, or does not exist and `--max-addresses` is
     /// reached.
-    pub fn subscribe(
+    pub async fn subscribe(
         &self,
         address: &Address,
         group: &Group,
@@ -369,6 +447,11 @@ impl Broker {
         shutdown: ShutdownToken,
     ) -> Result<Subscription, BrokerError> {
         let max = self.inner.limits.max_subscribers_per_address;
+        if let Some(r) = self.redis() {
+            return self
+                .subscribe_redis(r, address, group, start, shutdown)
+                .await;
+        }
         let full = || BrokerError::LimitReached {
             what: "subscribers on this address",
             limit: max,
@@ -449,6 +532,11 @@ impl Broker {
                 ));
             }
         }
+        if let Some(r) = self.redis() {
+            return r
+                .create_group(address.as_str(), group.as_str(), &settings)
+                .await;
+        }
         let (created, next, durable) =
             self.inner
                 .engine
@@ -480,6 +568,12 @@ impl Broker {
                     sequences.len()
                 ),
             ));
+        }
+        if let Some(r) = self.redis() {
+            let address: Arc<str> = Arc::from(address.as_str());
+            let (not_pending, dead) = r.settle(&address, group.as_str(), sequences, op).await?;
+            self.dead_letter(dead);
+            return Ok(not_pending);
         }
         let settled = self
             .inner
@@ -534,27 +628,15 @@ impl Broker {
     /// original is delivered again after a restart instead (at least once into the
     /// dead-letter address).
     pub(crate) fn dead_letter(&self, letters: Vec<DeadLetter>) {
+        if letters.is_empty() {
+            return;
+        }
+        if let Some(r) = self.redis() {
+            self.dead_letter_redis(r, letters);
+            return;
+        }
         for d in letters {
-            let mut headers = d.message.headers.clone();
-            headers.insert(
-                dead_letter_headers::ADDRESS.into(),
-                d.message.address.to_string(),
-            );
-            headers.insert(dead_letter_headers::GROUP.into(), d.group.clone());
-            headers.insert(
-                dead_letter_headers::SEQUENCE.into(),
-                d.message.sequence.to_string(),
-            );
-            headers.insert(
-                dead_letter_headers::DELIVERIES.into(),
-                d.deliveries.to_string(),
-            );
-            let size = d.message.payload.len()
-                + headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-                + MESSAGE_OVERHEAD_BYTES;
+            let (headers, size) = Self::dead_letter_headers(&d);
             let limits = &self.inner.limits;
             let stored = if size > limits.retention_bytes.min(limits.max_retained_bytes) {
                 Err(BrokerError::TooLarge {
@@ -582,6 +664,32 @@ impl Broker {
         }
     }
 
+    /// A dead letter's headers (its own plus the four `switchboard-dead-letter-*`) and the bytes
+    /// it is charged.
+    fn dead_letter_headers(d: &DeadLetter) -> (Headers, usize) {
+        let mut headers = d.message.headers.clone();
+        headers.insert(
+            dead_letter_headers::ADDRESS.into(),
+            d.message.address.to_string(),
+        );
+        headers.insert(dead_letter_headers::GROUP.into(), d.group.clone());
+        headers.insert(
+            dead_letter_headers::SEQUENCE.into(),
+            d.message.sequence.to_string(),
+        );
+        headers.insert(
+            dead_letter_headers::DELIVERIES.into(),
+            d.deliveries.to_string(),
+        );
+        let size = d.message.payload.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + MESSAGE_OVERHEAD_BYTES;
+        (headers, size)
+    }
+
     /// Deletes the named group `group` of `address`: its position is forgotten, its streams end
     /// and its waiting Recv calls return with `NOT_FOUND` ("group deleted").
     ///
@@ -594,11 +702,57 @@ impl Broker {
                 "must not be empty: the default group cannot be deleted (1-255 bytes)",
             ));
         }
+        if let Some(r) = self.redis() {
+            return r.delete_group(address.as_str(), group.as_str()).await;
+        }
         self.inner
             .engine
             .delete_group(address.as_str(), group.as_str())?
             .wait()
             .await
+    }
+
+    /// Admin's GetAddress: [`Broker::address_info`] on any engine (a round trip on Redis).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the Redis engine cannot reach Redis.
+    pub async fn inspect(
+        &self,
+        address: &str,
+        with_groups: bool,
+    ) -> Result<Option<(AddressInfo, Vec<GroupInfo>)>, BrokerError> {
+        match self.redis() {
+            Some(r) => r.address_info(address, with_groups).await,
+            None => Ok(self.address_info(address, with_groups)),
+        }
+    }
+
+    /// Admin's ListAddresses: [`Broker::list_addresses`] on any engine.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the Redis engine cannot reach Redis.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<AddressInfo>, Option<String>), BrokerError> {
+        match self.redis() {
+            Some(r) => r.list_addresses(prefix, after, limit).await,
+            None => Ok(self.list_addresses(prefix, after, limit)),
+        }
+    }
+
+    /// Admin's DeleteAddress: [`Broker::delete_address`] on any engine. On Redis, streams on
+    /// other nodes notice within a second (see `engine::redis::feed`).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the Redis engine cannot reach Redis.
+    pub async fn purge(&self, address: &str) -> Result<Option<usize>, BrokerError> {
+        match self.redis() {
+            Some(r) => r.delete_address(address).await,
+            None => Ok(self.delete_address(address)),
+        }
     }
 
     /// Subscribers (fan-out and group streams) on `address` now; 0 for an unknown address.
@@ -691,6 +845,14 @@ impl Broker {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if let Some(r) = self.redis() {
+                        match r.evict_aged().await {
+                            Ok(n) if n > 0 => tracing::debug!(aged = n, "retention sweep"),
+                            Ok(_) => {}
+                            Err(e) => tracing::debug!(error = %e, "retention sweep failed"),
+                        }
+                        continue;
+                    }
                     let m = self.inner.engine.maintain();
                     let (aged, reclaimed) = (m.aged, m.reclaimed);
                     self.dead_letter(m.dead_letters);

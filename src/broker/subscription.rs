@@ -60,7 +60,52 @@ enum Kind {
 
 /// A registered subscriber. See the module docs.
 #[derive(Debug)]
-pub struct Subscription {
+pub struct Subscription(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Local(LocalSubscription),
+    Redis(Box<super::redis::RedisSubscription>),
+}
+
+impl Subscription {
+    pub(crate) fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
+        Self(Inner::Local(LocalSubscription::fanout(log, cursor, shutdown)))
+    }
+
+    pub(crate) fn group(
+        broker: Broker,
+        log: Log,
+        group: Group,
+        id: u64,
+        holder: u64,
+        shutdown: ShutdownToken,
+    ) -> Self {
+        Self(Inner::Local(LocalSubscription::group(
+            broker, log, group, id, holder, shutdown,
+        )))
+    }
+
+    pub(crate) fn redis(s: super::redis::RedisSubscription) -> Self {
+        Self(Inner::Redis(Box::new(s)))
+    }
+
+    /// The next event. Waits while nothing is there.
+    ///
+    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down,
+    /// `Some(Err(BrokerError::AddressDeleted))` when an operator deletes the address, or
+    /// `Some(Err(BrokerError::GroupDeleted))` when its group is deleted; then `None`.
+    pub async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
+        match &mut self.0 {
+            Inner::Local(s) => s.next().await,
+            Inner::Redis(s) => s.next().await,
+        }
+    }
+}
+
+/// A subscriber on a local engine (memory, disk).
+#[derive(Debug)]
+struct LocalSubscription {
     log: Log,
     kind: Kind,
     buffer: VecDeque<Delivery>,
@@ -68,8 +113,8 @@ pub struct Subscription {
     done: bool,
 }
 
-impl Subscription {
-    pub(crate) fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
+impl LocalSubscription {
+    fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
         Self {
             log,
             kind: Kind::Fanout(cursor),
@@ -79,7 +124,7 @@ impl Subscription {
         }
     }
 
-    pub(crate) fn group(
+    fn group(
         broker: Broker,
         log: Log,
         group: Group,
@@ -102,12 +147,7 @@ impl Subscription {
         }
     }
 
-    /// The next event. Waits while nothing is there.
-    ///
-    /// Returns `Some(Err(BrokerError::ShuttingDown))` once when the server shuts down,
-    /// `Some(Err(BrokerError::AddressDeleted))` when an operator deletes the address, or
-    /// `Some(Err(BrokerError::GroupDeleted))` when its group is deleted; then `None`.
-    pub async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
+    async fn next(&mut self) -> Option<Result<Event, BrokerError>> {
         loop {
             if self.done {
                 return None;
@@ -207,7 +247,7 @@ impl Subscription {
     }
 }
 
-impl Drop for Subscription {
+impl Drop for LocalSubscription {
     fn drop(&mut self) {
         match &self.kind {
             Kind::Fanout(cursor) => self.log.unsubscribe_fanout(*cursor),

@@ -26,6 +26,7 @@
 mod conformance;
 pub mod disk;
 pub mod memory;
+pub mod redis;
 
 use std::{
     collections::VecDeque,
@@ -50,11 +51,20 @@ use crate::{
 use memory::{AddressLog, MemoryEngine};
 
 /// Resolves when what an operation wrote is on stable storage: the disk engine's flusher has
-/// written and fsynced it (group commit). In the memory engine it is done at once. A caller
+/// written and fsynced it (group commit), or the Redis engine's script has run (then it also
+/// carries the sequence Redis assigned). In the memory engine it is done at once. A caller
 /// answers its client only after [`Durable::wait`] returns `Ok`.
 #[derive(Debug, Default)]
 #[must_use = "answer the client only once the write is durable"]
-pub struct Durable(Option<oneshot::Receiver<Result<(), String>>>);
+pub struct Durable(Option<Wait>);
+
+#[derive(Debug)]
+enum Wait {
+    /// The disk engine's flush.
+    Flush(oneshot::Receiver<Result<(), String>>),
+    /// A Redis append, answered with what it assigned.
+    Append(oneshot::Receiver<Result<Vec<Appended>, BrokerError>>),
+}
 
 impl Durable {
     /// Nothing to wait for.
@@ -63,7 +73,12 @@ impl Durable {
     }
 
     pub(crate) fn pending(rx: oneshot::Receiver<Result<(), String>>) -> Self {
-        Self(Some(rx))
+        Self(Some(Wait::Flush(rx)))
+    }
+
+    /// Resolves with the sequences a remote engine (Redis) assigned.
+    pub(crate) fn appending(rx: oneshot::Receiver<Result<Vec<Appended>, BrokerError>>) -> Self {
+        Self(Some(Wait::Append(rx)))
     }
 
     /// Whether there is nothing to wait for.
@@ -76,14 +91,31 @@ impl Durable {
     /// # Errors
     /// [`BrokerError::Storage`] when the write failed: nothing of it is kept.
     pub fn poll_durable(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {
-        let Some(rx) = self.0.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let r = match Pin::new(rx).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(Ok(()))) => Ok(()),
-            Poll::Ready(Ok(Err(e))) => Err(BrokerError::Storage(e)),
-            Poll::Ready(Err(_)) => Err(BrokerError::Storage("the flusher stopped".into())),
+        self.poll_appended(cx).map(|r| r.map(|_| ()))
+    }
+
+    /// [`Durable::poll_durable`], also giving what a remote engine assigned (`None`: the
+    /// caller already has it from the append).
+    ///
+    /// # Errors
+    /// As [`Durable::poll_durable`], or the remote engine's refusal.
+    pub fn poll_appended(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Vec<Appended>>, BrokerError>> {
+        let r = match self.0.as_mut() {
+            None => return Poll::Ready(Ok(None)),
+            Some(Wait::Flush(rx)) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(()))) => Ok(None),
+                Poll::Ready(Ok(Err(e))) => Err(BrokerError::Storage(e)),
+                Poll::Ready(Err(_)) => Err(BrokerError::Storage("the flusher stopped".into())),
+            },
+            Some(Wait::Append(rx)) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(r)) => r.map(Some),
+                Poll::Ready(Err(_)) => Err(BrokerError::Storage("redis: append abandoned".into())),
+            },
         };
         self.0 = None;
         Poll::Ready(r)
@@ -97,20 +129,39 @@ impl Durable {
         std::future::poll_fn(|cx| self.poll_durable(cx)).await
     }
 
+    /// [`Durable::wait`], giving what a remote engine assigned.
+    ///
+    /// # Errors
+    /// As [`Durable::poll_appended`].
+    pub async fn wait_appended(mut self) -> Result<Option<Vec<Appended>>, BrokerError> {
+        std::future::poll_fn(|cx| self.poll_appended(cx)).await
+    }
+
     /// [`Durable::wait`] for callers outside an async runtime (tests, tools).
     ///
     /// # Errors
     /// As [`Durable::wait`].
     pub fn wait_blocking(self) -> Result<(), BrokerError> {
-        let Some(rx) = self.0 else {
+        let Some(wait) = self.0 else {
             return Ok(());
         };
         // On a thread of its own: blocking inside an async runtime's thread is not allowed.
-        let r = std::thread::scope(|s| s.spawn(|| rx.blocking_recv()).join());
-        match r {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(BrokerError::Storage(e)),
-            _ => Err(BrokerError::Storage("the flusher stopped".into())),
+        match wait {
+            Wait::Flush(rx) => {
+                let r = std::thread::scope(|s| s.spawn(|| rx.blocking_recv()).join());
+                match r {
+                    Ok(Ok(Ok(()))) => Ok(()),
+                    Ok(Ok(Err(e))) => Err(BrokerError::Storage(e)),
+                    _ => Err(BrokerError::Storage("the flusher stopped".into())),
+                }
+            }
+            Wait::Append(rx) => {
+                let r = std::thread::scope(|s| s.spawn(|| rx.blocking_recv()).join());
+                match r {
+                    Ok(Ok(r)) => r.map(|_| ()),
+                    _ => Err(BrokerError::Storage("redis: append abandoned".into())),
+                }
+            }
         }
     }
 }
@@ -388,6 +439,10 @@ pub enum Engine {
     /// The same index over segment files and group journals in `--data-dir` (see [`disk`]):
     /// everything acknowledged survives a crash.
     Disk(MemoryEngine),
+    /// Streams in Redis, shared by any number of nodes (see [`redis`]). Its operations are
+    /// asynchronous and go through the [`Broker`](crate::broker::Broker)'s own paths; the
+    /// synchronous methods here refuse them with [`BrokerError::Unsupported`].
+    Redis(Arc<redis::RedisEngine>),
 }
 
 /// A handle to one address of an engine, held by subscriptions and waiting Recv calls while
@@ -421,6 +476,7 @@ impl Engine {
     /// Bytes in the disk engine's files (0 for the memory engine).
     pub fn disk_bytes(&self) -> u64 {
         match self {
+            Self::Redis(_) => 0,
             Self::Memory(_) => 0,
             Self::Disk(m) => m.disk_bytes(),
         }
@@ -430,6 +486,7 @@ impl Engine {
     /// Call it once the server has stopped answering.
     pub fn close(&self) {
         match self {
+            Self::Redis(_) => {}
             Self::Memory(_) => {}
             Self::Disk(m) => m.close(),
         }
@@ -438,6 +495,7 @@ impl Engine {
     /// From now on every append is refused with [`BrokerError::ShuttingDown`].
     pub fn begin_shutdown(&self) {
         match self {
+            Self::Redis(r) => r.begin_shutdown(),
             Self::Memory(m) | Self::Disk(m) => m.begin_shutdown(),
         }
     }
@@ -462,6 +520,7 @@ impl Engine {
         message_id: Option<&str>,
     ) -> Result<(Appended, Durable), BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous append")),
             Self::Memory(m) | Self::Disk(m) => {
                 m.append(address, payload, headers, size, message_id)
             }
@@ -479,6 +538,7 @@ impl Engine {
         messages: Vec<NewMessage>,
     ) -> Result<(Vec<Appended>, Durable), BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous append")),
             Self::Memory(m) | Self::Disk(m) => m.append_batch(address, messages),
         }
     }
@@ -490,6 +550,7 @@ impl Engine {
     /// `RESOURCE_EXHAUSTED` past [`memory::MAX_PATTERN_SUBSCRIPTIONS`].
     pub fn subscribe_pattern(&self, pattern: Pattern) -> Result<PatternFeed, BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("wildcard subscriptions with --engine redis")),
             Self::Memory(m) | Self::Disk(m) => Ok(PatternFeed {
                 sub: m.subscribe_pattern(pattern)?,
             }),
@@ -499,6 +560,7 @@ impl Engine {
     /// Pattern subscriptions open now.
     pub fn pattern_count(&self) -> usize {
         match self {
+            Self::Redis(_) => 0,
             Self::Memory(m) | Self::Disk(m) => m.pattern_count(),
         }
     }
@@ -506,6 +568,7 @@ impl Engine {
     /// Ends a pattern subscription.
     pub fn unsubscribe_pattern(&self, feed: &PatternFeed) {
         match self {
+            Self::Redis(_) => {}
             Self::Memory(m) | Self::Disk(m) => m.unsubscribe_pattern(&feed.sub),
         }
     }
@@ -525,6 +588,7 @@ impl Engine {
         register_waiter: bool,
     ) -> Result<(Log, u64, Batch), BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous take")),
             Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
                     let r = a.take(st, group, None, max, 0);
@@ -552,6 +616,7 @@ impl Engine {
         full: impl FnOnce() -> BrokerError,
     ) -> Result<(Log, FanoutCursor), BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous subscribe")),
             Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
                     if st.subscribers() >= max_subscribers {
@@ -578,6 +643,7 @@ impl Engine {
         full: impl FnOnce() -> BrokerError,
     ) -> Result<(Log, u64), BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous subscribe")),
             Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
                     if st.subscribers() >= max_subscribers {
@@ -603,6 +669,7 @@ impl Engine {
         settings: GroupSettings,
     ) -> Result<(bool, u64, Durable), BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous CreateGroup")),
             Self::Memory(m) | Self::Disk(m) => m.create_group(address, group, settings),
         }
     }
@@ -620,6 +687,7 @@ impl Engine {
         op: Settle,
     ) -> Result<Settled, BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous settle")),
             Self::Memory(m) | Self::Disk(m) => m.settle(address, group, sequences, op),
         }
     }
@@ -629,6 +697,7 @@ impl Engine {
     /// letter is never lost). Nothing in the memory engine.
     pub fn journal_done(&self, address: &str, group: &str, sequences: Vec<u64>) {
         match self {
+            Self::Redis(_) => {}
             Self::Memory(_) => {}
             Self::Disk(m) => m.journal_done(address, group, sequences),
         }
@@ -640,6 +709,7 @@ impl Engine {
     /// `NOT_FOUND` when the address or the group does not exist.
     pub fn delete_group(&self, address: &str, group: &str) -> Result<Durable, BrokerError> {
         match self {
+            Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous DeleteGroup")),
             Self::Memory(m) | Self::Disk(m) => m.delete_group(address, group),
         }
     }
@@ -647,6 +717,7 @@ impl Engine {
     /// Deletes an address; returns how many messages were purged, `None` if unknown.
     pub fn delete_address(&self, address: &str) -> Option<usize> {
         match self {
+            Self::Redis(_) => None,
             Self::Memory(m) | Self::Disk(m) => m.delete_address(address),
         }
     }
@@ -658,6 +729,7 @@ impl Engine {
         with_groups: bool,
     ) -> Option<(AddressInfo, Vec<GroupInfo>)> {
         match self {
+            Self::Redis(_) => None,
             Self::Memory(m) | Self::Disk(m) => m.address_info(address, with_groups),
         }
     }
@@ -671,6 +743,7 @@ impl Engine {
         limit: usize,
     ) -> (Vec<AddressInfo>, Option<String>) {
         match self {
+            Self::Redis(_) => (Vec::new(), None),
             Self::Memory(m) | Self::Disk(m) => m.list_addresses(prefix, after, limit),
         }
     }
@@ -679,6 +752,7 @@ impl Engine {
     /// for an unknown address.
     pub fn counts(&self, address: &str) -> [usize; 4] {
         match self {
+            Self::Redis(r) => [r.subscribers(address), 0, 0, 0],
             Self::Memory(m) | Self::Disk(m) => [
                 m.snapshot(address, |s| s.subscribers()),
                 m.snapshot(address, |s| s.waiters()),
@@ -691,6 +765,7 @@ impl Engine {
     /// Whether the engine holds `address` now.
     pub fn contains(&self, address: &str) -> bool {
         match self {
+            Self::Redis(_) => false,
             Self::Memory(m) | Self::Disk(m) => m.contains(address),
         }
     }
@@ -698,6 +773,7 @@ impl Engine {
     /// Addresses held now.
     pub fn address_count(&self) -> usize {
         match self {
+            Self::Redis(r) => r.followed(),
             Self::Memory(m) | Self::Disk(m) => m.address_count(),
         }
     }
@@ -705,6 +781,7 @@ impl Engine {
     /// Messages retained across all addresses now.
     pub fn total_retained_messages(&self) -> usize {
         match self {
+            Self::Redis(_) => 0,
             Self::Memory(m) | Self::Disk(m) => m.total_retained_messages(),
         }
     }
@@ -712,6 +789,7 @@ impl Engine {
     /// Bytes retained across all addresses now.
     pub fn total_retained_bytes(&self) -> usize {
         match self {
+            Self::Redis(_) => 0,
             Self::Memory(m) | Self::Disk(m) => m.total_retained_bytes(),
         }
     }
@@ -719,6 +797,7 @@ impl Engine {
     /// One maintenance pass: age eviction, lease expiry, idle reclaim.
     pub fn maintain(&self) -> Maintenance {
         match self {
+            Self::Redis(_) => Maintenance::default(),
             Self::Memory(m) | Self::Disk(m) => m.maintain(),
         }
     }
@@ -727,6 +806,7 @@ impl Engine {
     /// the allocator can give the memory back.
     pub fn shrink(&self) {
         match self {
+            Self::Redis(_) => {}
             Self::Memory(m) | Self::Disk(m) => m.shrink(),
         }
     }
@@ -734,6 +814,7 @@ impl Engine {
     /// How often [`Engine::maintain`] should run: half the idle period, between 10 ms and 1 s.
     pub fn maintenance_period(&self) -> Duration {
         match self {
+            Self::Redis(_) => Duration::from_secs(1),
             Self::Memory(m) | Self::Disk(m) => {
                 (m.idle_address() / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
             }

@@ -92,7 +92,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListAddressesRequest>,
     ) -> Result<Response<pb::ListAddressesResponse>, Status> {
         let start = Instant::now();
-        let r = (|| {
+        let r = async {
             let req = request.into_inner();
             if req.page_size > MAX_PAGE_SIZE {
                 return Err(BrokerError::invalid(
@@ -114,12 +114,13 @@ impl pb::admin_server::Admin for AdminService {
             };
             let after = decode_token(&req.page_token)?;
             let limit = usize::try_from(size).unwrap_or(1000);
-            let (infos, next) = self.broker.list_addresses(&req.prefix, &after, limit);
+            let (infos, next) = self.broker.list(&req.prefix, &after, limit).await?;
             Ok(Response::new(pb::ListAddressesResponse {
                 addresses: infos.into_iter().map(to_pb_info).collect(),
                 next_page_token: next.map(|n| URL_SAFE_NO_PAD.encode(n)).unwrap_or_default(),
             }))
-        })();
+        }
+        .await;
         self.observe(Method::ListAddresses, start, &r);
         r
     }
@@ -129,17 +130,19 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::GetAddressRequest>,
     ) -> Result<Response<pb::GetAddressResponse>, Status> {
         let start = Instant::now();
-        let r = (|| {
+        let r = async {
             let address = Address::parse(request.into_inner().address)?;
             let (info, groups) = self
                 .broker
-                .address_info(address.as_str(), true)
+                .inspect(address.as_str(), true)
+                .await?
                 .ok_or_else(|| BrokerError::NoSuchAddress(address.to_string()))?;
             Ok(Response::new(pb::GetAddressResponse {
                 address: Some(to_pb_info(info)),
                 groups: groups.into_iter().map(to_pb_group).collect(),
             }))
-        })();
+        }
+        .await;
         self.observe(Method::GetAddress, start, &r);
         r
     }
@@ -149,17 +152,19 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::DeleteAddressRequest>,
     ) -> Result<Response<pb::DeleteAddressResponse>, Status> {
         let start = Instant::now();
-        let r = (|| {
+        let r = async {
             let address = Address::parse(request.into_inner().address)?;
             let purged = self
                 .broker
-                .delete_address(address.as_str())
+                .purge(address.as_str())
+                .await?
                 .ok_or_else(|| BrokerError::NoSuchAddress(address.to_string()))?;
             tracing::info!(address = %address, purged, "address deleted");
             Ok(Response::new(pb::DeleteAddressResponse {
                 purged_messages: purged as u64,
             }))
-        })();
+        }
+        .await;
         self.observe(Method::DeleteAddress, start, &r);
         r
     }

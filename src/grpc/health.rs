@@ -16,7 +16,7 @@ use tonic_health::{
     ServingStatus,
 };
 
-use crate::{pb::broker_server::SERVICE_NAME, shutdown::ShutdownToken};
+use crate::{pb::broker_server::SERVICE_NAME, shutdown::ShutdownToken, Broker};
 
 /// `grpc.health.v1.Health` whose `Watch` streams end when shutdown begins.
 #[derive(Debug)]
@@ -47,6 +47,38 @@ pub async fn set_not_serving(reporter: &HealthReporter) {
         reporter
             .set_service_status(name, ServingStatus::NotServing)
             .await;
+    }
+}
+
+/// On the Redis engine: PINGs Redis every second and keeps `switchboard.v1.Broker`
+/// `NOT_SERVING` while it does not answer (logging each change), until shutdown.
+pub async fn follow_redis(broker: Broker, reporter: HealthReporter, mut shutdown: ShutdownToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let up = tokio::select! {
+            up = broker.probe() => up,
+            () = shutdown.cancelled() => return,
+        };
+        if up != serving {
+            serving = up;
+            if up {
+                tracing::info!("redis reachable again: serving");
+            } else {
+                tracing::warn!("redis unreachable: switchboard.v1.Broker NOT_SERVING");
+            }
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(SERVICE_NAME, status).await;
+        }
     }
 }
 

@@ -102,6 +102,13 @@ pub async fn run_with_http(
     tokio::spawn(broker.clone().run_reclaimer(shutdown.token()));
 
     let (health_reporter, health_service) = health::service(shutdown.token()).await;
+    if broker.on_redis() {
+        tokio::spawn(health::follow_redis(
+            broker.clone(),
+            health_reporter.clone(),
+            shutdown.token(),
+        ));
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

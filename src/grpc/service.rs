@@ -273,12 +273,25 @@ impl SendResponses {
         let Some((_, durable)) = self.in_flight.front_mut() else {
             return Poll::Ready(None);
         };
-        let r = std::task::ready!(durable.poll_durable(cx));
-        let Some((response, _)) = self.in_flight.pop_front() else {
+        let r = std::task::ready!(durable.poll_appended(cx));
+        let Some((mut response, _)) = self.in_flight.pop_front() else {
             return Poll::Ready(None);
         };
         Poll::Ready(Some(match r {
-            Ok(()) => response,
+            Ok(None) => response,
+            // The Redis engine: the sequence came with Redis's reply.
+            Ok(Some(remote)) => match remote.first() {
+                Some(a) => {
+                    response.sequence = a.sequence;
+                    response.duplicate = a.duplicate;
+                    response
+                }
+                None => error_response(&rejected(
+                    Method::SendStream,
+                    "",
+                    BrokerError::Storage("redis: no sequence in the reply".into()),
+                )),
+            },
             Err(e) => error_response(&rejected(Method::SendStream, "", e)),
         }))
     }
@@ -368,8 +381,21 @@ impl pb::broker_server::Broker for BrokerService {
         let start = Instant::now();
         let caller = Self::caller(&request);
         let r = match self.send_one(Method::Send, request.into_inner(), &caller) {
-            Ok((response, durable)) => match durable.wait().await {
-                Ok(()) => Ok(Response::new(response)),
+            Ok((mut response, durable)) => match durable.wait_appended().await {
+                Ok(None) => Ok(Response::new(response)),
+                // The Redis engine: the sequence came with Redis's reply.
+                Ok(Some(remote)) => match remote.first() {
+                    Some(a) => {
+                        response.sequence = a.sequence;
+                        response.duplicate = a.duplicate;
+                        Ok(Response::new(response))
+                    }
+                    None => Err(rejected(
+                        Method::Send,
+                        "",
+                        BrokerError::Storage("redis: no sequence in the reply".into()),
+                    )),
+                },
                 Err(e) => Err(rejected(Method::Send, "", e)),
             },
             Err(e) => Err(e),

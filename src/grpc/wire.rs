@@ -325,6 +325,7 @@ async fn subscribe(
     // Registered before the response (and so its headers) exists.
     let subscription = broker
         .subscribe(&address, &group, start, shutdown)
+        .await
         .map_err(reject)?;
     let metrics = Arc::clone(broker.metrics());
     Ok(grpc_response(SubscribeBody::new(

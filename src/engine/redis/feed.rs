@@ -1,0 +1,362 @@
+//! Following an address on one node: one task per followed address reads its stream with
+//! `XREAD BLOCK` (batches of up to [`READ_BATCH`]) on a connection of its own and keeps the
+//! newest messages in a ring ([`RING_MESSAGES`] / [`RING_BYTES`]) with their wire frames,
+//! encoded once and shared by every local fan-out subscriber. It also wakes the node's waiting
+//! Recv calls and group streams on the address when a message arrives, whichever node sent it.
+//!
+//! A reader behind the ring reads Redis directly (`XRANGE`); a reader in the ring copies from it
+//! under a short lock. The task ends once the address has no local reader (checked at least
+//! every [`BLOCK`]). A deleted address is noticed by its epoch (see `scripts`): when a blocking
+//! read times out and the epoch has changed, local readers end with `NOT_FOUND`.
+//!
+//! When Redis is unreachable the task retries every 500 ms; readers wait and resume where they
+//! were when it is back.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use redis::Value;
+use tokio::sync::Notify;
+
+use super::{keys, Conn, RedisEngine};
+use crate::{
+    engine::Delivery,
+    message::{encode_message, Message},
+};
+
+/// Longest one blocking read waits before the task checks its readers and the epoch.
+pub const BLOCK: Duration = Duration::from_secs(1);
+/// Most entries one blocking read returns.
+pub const READ_BATCH: usize = 512;
+/// Most recent messages the ring keeps per followed address.
+pub const RING_MESSAGES: usize = 4096;
+/// Most bytes (as charged to retention) the ring keeps per followed address.
+pub const RING_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Default)]
+struct State {
+    ring: VecDeque<Delivery>,
+    ring_bytes: usize,
+    /// The sequence after the newest one read; 0 until the first read of the address's state.
+    next: u64,
+    /// The address's epoch when following began (`None`: it did not exist yet).
+    epoch: Option<String>,
+    deleted: bool,
+}
+
+/// One followed address on this node. See the module docs.
+#[derive(Debug)]
+pub struct Feed {
+    address: Arc<str>,
+    state: Mutex<State>,
+    notify: Notify,
+    /// Local readers: fan-out subscribers, group streams, waiting Recv calls.
+    users: AtomicUsize,
+    subscribers: AtomicUsize,
+}
+
+/// What a reader at sequence `next` finds in the ring.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// This many messages were copied out.
+    Copied(usize),
+    /// Nothing past `next` yet: wait for [`Feed::notify`].
+    Nothing,
+    /// `next` is older than the ring: read from Redis, up to (not including) this sequence.
+    Behind(u64),
+    /// The address was deleted.
+    Deleted,
+}
+
+impl Feed {
+    /// Woken when messages arrive or the address is deleted.
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+
+    /// The address.
+    pub fn address(&self) -> &Arc<str> {
+        &self.address
+    }
+
+    /// Local fan-out subscribers and group streams.
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Copies up to `max` messages from sequence `*next` on into `out`, advancing `*next`.
+    pub fn read(&self, next: &mut u64, max: usize, out: &mut VecDeque<Delivery>) -> Found {
+        let st = self.state.lock();
+        if st.deleted {
+            return Found::Deleted;
+        }
+        if st.next == 0 || *next >= st.next {
+            return Found::Nothing;
+        }
+        let first = st.ring.front().map_or(st.next, |(m, _)| m.sequence);
+        if *next < first {
+            return Found::Behind(first);
+        }
+        let skip = usize::try_from(*next - first).unwrap_or(usize::MAX);
+        let mut n = 0;
+        for d in st.ring.iter().skip(skip).take(max) {
+            out.push_back(d.clone());
+            n += 1;
+        }
+        *next += n as u64;
+        Found::Copied(n)
+    }
+
+    /// Whether the address was deleted while followed.
+    pub fn is_deleted(&self) -> bool {
+        self.state.lock().deleted
+    }
+
+    fn push(&self, batch: Vec<Message>) {
+        let mut st = self.state.lock();
+        for m in batch {
+            if m.sequence < st.next {
+                continue;
+            }
+            if m.sequence > st.next && !st.ring.is_empty() {
+                // Retention took messages before this node read them: the ring restarts, and
+                // readers in the gap read Redis (which reports what is gone).
+                st.ring.clear();
+                st.ring_bytes = 0;
+            }
+            st.next = m.sequence + 1;
+            st.ring_bytes += m.size;
+            let m = Arc::new(m);
+            let frame = encode_message(&m, 0);
+            st.ring.push_back((m, Some(frame)));
+        }
+        while st.ring.len() > RING_MESSAGES || (st.ring_bytes > RING_BYTES && st.ring.len() > 1) {
+            if let Some((m, _)) = st.ring.pop_front() {
+                st.ring_bytes -= m.size;
+            }
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+}
+
+/// Keeps a [`Feed`] running while held; as a subscriber it also counts in
+/// [`Feed::subscribers`].
+#[derive(Debug)]
+pub struct Following {
+    feed: Arc<Feed>,
+    subscriber: bool,
+}
+
+impl Following {
+    /// The feed.
+    pub fn feed(&self) -> &Arc<Feed> {
+        &self.feed
+    }
+
+    /// Counts this reader as a subscriber (a stream, not a waiting Recv).
+    pub fn as_subscriber(mut self) -> Self {
+        self.feed.subscribers.fetch_add(1, Ordering::Relaxed);
+        self.subscriber = true;
+        self
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if self.subscriber {
+            self.feed.subscribers.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.feed.users.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
+    let mut started = None;
+    let feed = {
+        let entry = engine
+            .feeds
+            .entry(Arc::from(address))
+            .or_insert_with(|| {
+                let feed = Arc::new(Feed {
+                    address: Arc::from(address),
+                    state: Mutex::new(State::default()),
+                    notify: Notify::new(),
+                    users: AtomicUsize::new(0),
+                    subscribers: AtomicUsize::new(0),
+                });
+                started = Some(Arc::clone(&feed));
+                feed
+            });
+        // Under the map's shard lock: the task removes its entry only under it, with no user.
+        entry.users.fetch_add(1, Ordering::AcqRel);
+        Arc::clone(entry.value())
+    };
+    if let Some(feed) = started {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(run(Arc::clone(engine), feed));
+            }
+            Err(_) => tracing::warn!(address, "redis: no runtime to follow the address on"),
+        }
+    }
+    Following {
+        feed,
+        subscriber: false,
+    }
+}
+
+/// Removes the feed if nobody uses it; true when it did.
+fn leave_if_unused(engine: &RedisEngine, feed: &Arc<Feed>) -> bool {
+    engine
+        .feeds
+        .remove_if(&feed.address, |_, f| {
+            Arc::ptr_eq(f, feed) && f.users.load(Ordering::Acquire) == 0
+        })
+        .is_some()
+}
+
+async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
+    let address: &str = &feed.address;
+    let (stream, meta) = (keys::stream(address), keys::meta(address));
+    let mut conn: Option<Conn> = None;
+    let mut failing = false;
+    loop {
+        if leave_if_unused(&engine, &feed) {
+            return;
+        }
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match engine.clients.dedicated().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(address, error = %e, "redis: cannot follow the address; retrying every 500 ms");
+                        failing = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+        };
+        let next = feed.state.lock().next;
+        let r = if next == 0 {
+            // Begin after the address's last message, noting its epoch.
+            redis::cmd("HMGET")
+                .arg(&meta)
+                .arg("seq")
+                .arg("epoch")
+                .query_async::<(Option<u64>, Option<String>)>(c)
+                .await
+                .map(|(seq, epoch)| {
+                    let mut st = feed.state.lock();
+                    st.next = seq.unwrap_or(0) + 1;
+                    st.epoch = epoch;
+                    drop(st);
+                    feed.notify.notify_waiters();
+                })
+        } else {
+            let block = u64::try_from(BLOCK.as_millis()).unwrap_or(1000);
+            match redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(READ_BATCH)
+                .arg("BLOCK")
+                .arg(block)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(format!("{}-0", next - 1))
+                .query_async::<Value>(c)
+                .await
+            {
+                Ok(Value::Nil) => check_epoch(&feed, c, &meta).await,
+                Ok(v) => {
+                    let batch = read_reply(&feed.address, v);
+                    if batch.is_empty() {
+                        check_epoch(&feed, c, &meta).await
+                    } else {
+                        feed.push(batch);
+                        Ok(())
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(address, "redis: following the address again");
+                    failing = false;
+                }
+                if feed.is_deleted() {
+                    engine.feeds.remove_if(&feed.address, |_, f| Arc::ptr_eq(f, &feed));
+                    return;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(address, error = %e, "redis: lost the address's stream; retrying every 500 ms");
+                    failing = true;
+                }
+                conn = None;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// After a quiet read: the address was deleted if its epoch changed.
+async fn check_epoch(feed: &Feed, c: &mut Conn, meta: &str) -> redis::RedisResult<()> {
+    let epoch: Option<String> = redis::cmd("HGET")
+        .arg(meta)
+        .arg("epoch")
+        .query_async(c)
+        .await?;
+    let mut st = feed.state.lock();
+    match (&st.epoch, epoch) {
+        (Some(old), new) if new.as_ref() != Some(old) => {
+            st.deleted = true;
+            drop(st);
+            feed.notify.notify_waiters();
+        }
+        (None, Some(new)) => st.epoch = Some(new),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The messages of an `XREAD` reply for one stream.
+fn read_reply(address: &Arc<str>, v: Value) -> Vec<Message> {
+    let mut out = Vec::new();
+    let streams = match v {
+        Value::Array(s) => s,
+        Value::Map(m) => m.into_iter().map(|(k, v)| Value::Array(vec![k, v])).collect(),
+        _ => return out,
+    };
+    for s in streams {
+        let Value::Array(mut kv) = s else { continue };
+        let Some(Value::Array(items)) = kv.pop() else {
+            continue;
+        };
+        for item in items {
+            let Value::Array(mut pair) = item else {
+                continue;
+            };
+            let fields = pair.pop().unwrap_or(Value::Nil);
+            let Some(seq) = pair.first().and_then(super::id_sequence) else {
+                continue;
+            };
+            match super::decode(address, seq, fields) {
+                Some(m) => out.push(m),
+                None => tracing::warn!(address = %address, seq, "redis: undecodable stream entry skipped"),
+            }
+        }
+    }
+    out
+}
