@@ -573,6 +573,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_REDIS_CLUSTER")]
     pub redis_cluster: bool,
 
+    /// With --engine redis: the prefix of every key this broker uses; brokers with different
+    /// namespaces share one Redis as separate brokers (1-64 bytes of letters, digits, `-`,
+    /// `_`, `.`).
+    #[arg(long, env = "SWITCHBOARD_REDIS_NAMESPACE", default_value = "sb")]
+    pub redis_namespace: String,
+
     /// With --data-dir: `always` (default) fsyncs before answering; `interval` fsyncs every
     /// --fsync-interval-ms and can lose that much to a power cut.
     #[arg(long, env = "SWITCHBOARD_FSYNC", value_enum, default_value_t = Fsync::Always, requires = "data_dir")]
@@ -677,10 +683,24 @@ impl ServeArgs {
             (Some(EngineKind::Redis), Some(_)) => {
                 return Err("--engine redis: --data-dir is for --engine disk (Redis keeps the data)".into());
             }
-            (Some(EngineKind::Redis), None) => Some(crate::engine::redis::RedisConfig {
-                urls: self.redis_url.clone(),
-                cluster: self.redis_cluster,
-            }),
+            (Some(EngineKind::Redis), None) => {
+                let ns = &self.redis_namespace;
+                if ns.is_empty()
+                    || ns.len() > 64
+                    || !ns
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(format!(
+                        "--redis-namespace: {ns:?} must be 1-64 bytes of letters, digits, '-', '_', '.'"
+                    ));
+                }
+                Some(crate::engine::redis::RedisConfig {
+                    urls: self.redis_url.clone(),
+                    cluster: self.redis_cluster,
+                    namespace: ns.clone(),
+                })
+            }
         };
         let cors_origins = self
             .cors_origins

@@ -469,7 +469,7 @@ async fn every_validation_error_names_its_field() {
         assert_eq!(e.code(), Code::InvalidArgument, "{req:?}: {e:?}");
         assert!(e.message().starts_with(field), "{req:?}: {}", e.message());
     }
-    assert!(!server.broker.contains("a.v"), "nothing created");
+    assert!(!server.exists("a.v").await, "nothing created");
 
     c.create_group(acked_group("a.v2", "acked", Duration::from_secs(5)))
         .await

@@ -69,7 +69,7 @@ async fn a_retried_send_is_stored_and_delivered_once() {
         seen.push((r.sequence, r.duplicate));
     }
     assert_eq!(seen, [(1, true), (3, false), (3, true)]);
-    assert_eq!(server.broker.retained_messages("d.orders"), 3);
+    assert_eq!(server.retained("d.orders").await, 3);
     server.stop().await;
 }
 
@@ -106,7 +106,7 @@ async fn eight_racing_senders_store_exactly_one_message() {
     }
     assert!(results.iter().all(|r| r.sequence == 1));
     assert_eq!(results.iter().filter(|r| !r.duplicate).count(), 1);
-    assert_eq!(server.broker.retained_messages("d.race"), 1);
+    assert_eq!(server.retained("d.race").await, 1);
     server.stop().await;
 }
 
@@ -124,7 +124,7 @@ async fn ids_are_checked_and_a_zero_window_turns_dedup_off() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("message_id"), "{}", e.message());
-    assert!(!server.broker.contains("d.bad"));
+    assert!(!server.exists("d.bad").await);
     assert!(!send_id(&mut c, "d.off", b"x", "id").await.duplicate);
     let second = send_id(&mut c, "d.off", b"x", "id").await;
     assert_eq!((second.sequence, second.duplicate), (2, false));

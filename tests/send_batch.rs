@@ -122,7 +122,7 @@ async fn batch_bytes_are_bounded_by_retention_bytes() {
         "{}",
         e.message()
     );
-    assert!(!server.broker.contains("b.bytes"));
+    assert!(!server.exists("b.bytes").await);
     server.stop().await;
 }
 
@@ -149,6 +149,6 @@ async fn duplicates_inside_and_across_batches_are_not_stored() {
         .map(|r| (r.sequence, r.duplicate))
         .collect();
     assert_eq!(got, [(1, true), (3, false)]);
-    assert_eq!(server.broker.retained_messages("b.dedup"), 3);
+    assert_eq!(server.retained("b.dedup").await, 3);
     server.stop().await;
 }

@@ -237,13 +237,9 @@ impl Broker {
     ) -> Result<(Appended, Durable), BrokerError> {
         let m = self.prepare(payload, headers, message_id)?;
         if let Some(r) = self.redis() {
-            // The sequence comes with Redis's reply: the Durable carries it. Spawned, so that
-            // many Sends of one stream are pipelined on the shared connection.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let (r, address) = (Arc::clone(r), address.clone());
-            tokio::spawn(async move {
-                let _ = tx.send(r.append(address.as_str(), &[m]).await);
-            });
+            // The sequence comes with Redis's reply: the Durable carries it. Queued, so that one
+            // stream's Sends stay in order and go to Redis many per call.
+            let rx = r.append_queued(address.as_str(), vec![m]);
             return Ok((
                 Appended {
                     sequence: 0,
@@ -307,7 +303,10 @@ impl Broker {
             });
         }
         if let Some(r) = self.redis() {
-            return r.append(address.as_str(), &prepared).await;
+            return r
+                .append_queued(address.as_str(), prepared)
+                .await
+                .map_err(|_| BrokerError::Storage("redis: append abandoned".into()))?;
         }
         let (appended, durable) = self.inner.engine.append_batch(address, prepared)?;
         durable.wait().await?;

@@ -44,7 +44,7 @@ impl Broker {
     ) -> Result<Batch, BrokerError> {
         let deadline = Instant::now() + wait;
         let name: Arc<str> = Arc::from(address.as_str());
-        let following = (!wait.is_zero()).then(|| r.follow(address.as_str()));
+        let following = (!wait.is_zero()).then(|| r.follow(address.as_str()).as_waiter());
         let mut incarnation: Option<String> = None;
         loop {
             let notified = following.as_ref().map(|f| f.feed().notify().notified());

@@ -752,7 +752,7 @@ impl Engine {
     /// for an unknown address.
     pub fn counts(&self, address: &str) -> [usize; 4] {
         match self {
-            Self::Redis(r) => [r.subscribers(address), 0, 0, 0],
+            Self::Redis(r) => [r.subscribers(address), r.waiters(address), 0, 0],
             Self::Memory(m) | Self::Disk(m) => [
                 m.snapshot(address, |s| s.subscribers()),
                 m.snapshot(address, |s| s.waiters()),

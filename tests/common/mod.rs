@@ -6,6 +6,7 @@
 #![allow(unreachable_pub, reason = "a test-only module shared by test binaries")]
 
 pub mod pki;
+pub mod redis;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -66,7 +67,16 @@ impl TestServer {
         let (metrics, metrics_addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("bind metrics on 127.0.0.1:0");
-        let broker = Broker::new(limits.clone());
+        let broker = match std::env::var("SWITCHBOARD_TEST_REDIS_URL") {
+            // The whole suite on the Redis engine (scripts/redis-suites): each server its own
+            // namespace on the one Redis, so tests running at once never share an address.
+            Ok(url) if config.storage.is_none() => {
+                Broker::with_redis(limits.clone(), &redis::config(&url, &redis::namespace()))
+                    .await
+                    .expect("redis engine on SWITCHBOARD_TEST_REDIS_URL")
+            }
+            _ => Broker::new(limits.clone()),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run_with_http(
             listener,
@@ -84,6 +94,25 @@ impl TestServer {
             stop,
             task,
         }
+    }
+
+    /// Messages `address` retains now, read the way Admin reads it (so also on the Redis
+    /// engine, where the figure lives in Redis).
+    pub async fn retained(&self, address: &str) -> usize {
+        self.broker
+            .inspect(address, false)
+            .await
+            .expect("inspect")
+            .map_or(0, |(info, _)| info.retained_messages)
+    }
+
+    /// Whether the broker holds `address`, read the way Admin reads it.
+    pub async fn exists(&self, address: &str) -> bool {
+        self.broker
+            .inspect(address, false)
+            .await
+            .expect("inspect")
+            .is_some()
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use redis::Value;
 use tokio::sync::Notify;
 
-use super::{keys, Conn, RedisEngine};
+use super::{Conn, RedisEngine};
 use crate::{
     engine::Delivery,
     message::{encode_message, Message},
@@ -60,6 +60,7 @@ pub struct Feed {
     /// Local readers: fan-out subscribers, group streams, waiting Recv calls.
     users: AtomicUsize,
     subscribers: AtomicUsize,
+    waiters: AtomicUsize,
 }
 
 /// What a reader at sequence `next` finds in the ring.
@@ -89,6 +90,11 @@ impl Feed {
     /// Local fan-out subscribers and group streams.
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Recv calls waiting on this node.
+    pub fn waiters(&self) -> usize {
+        self.waiters.load(Ordering::Relaxed)
     }
 
     /// Copies up to `max` messages from sequence `*next` on into `out`, advancing `*next`.
@@ -153,6 +159,7 @@ impl Feed {
 pub struct Following {
     feed: Arc<Feed>,
     subscriber: bool,
+    waiter: bool,
 }
 
 impl Following {
@@ -167,12 +174,22 @@ impl Following {
         self.subscriber = true;
         self
     }
+
+    /// Counts this reader as a waiting Recv.
+    pub fn as_waiter(mut self) -> Self {
+        self.feed.waiters.fetch_add(1, Ordering::Relaxed);
+        self.waiter = true;
+        self
+    }
 }
 
 impl Drop for Following {
     fn drop(&mut self) {
         if self.subscriber {
             self.feed.subscribers.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.waiter {
+            self.feed.waiters.fetch_sub(1, Ordering::Relaxed);
         }
         self.feed.users.fetch_sub(1, Ordering::AcqRel);
     }
@@ -191,6 +208,7 @@ pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
                     notify: Notify::new(),
                     users: AtomicUsize::new(0),
                     subscribers: AtomicUsize::new(0),
+                    waiters: AtomicUsize::new(0),
                 });
                 started = Some(Arc::clone(&feed));
                 feed
@@ -210,6 +228,7 @@ pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
     Following {
         feed,
         subscriber: false,
+        waiter: false,
     }
 }
 
@@ -225,7 +244,7 @@ fn leave_if_unused(engine: &RedisEngine, feed: &Arc<Feed>) -> bool {
 
 async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
     let address: &str = &feed.address;
-    let (stream, meta) = (keys::stream(address), keys::meta(address));
+    let (stream, meta) = (engine.keys.stream(address), engine.keys.meta(address));
     let mut conn: Option<Conn> = None;
     let mut failing = false;
     loop {

@@ -48,9 +48,6 @@ use crate::{
 };
 pub use feed::{Feed, Following};
 
-/// The key holding every address name (for ListAddresses and the age sweep).
-const ADDRESSES_KEY: &str = "sb:addresses";
-
 /// How long one Redis command may take before the call fails with `UNAVAILABLE`.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -61,6 +58,9 @@ pub struct RedisConfig {
     pub urls: Vec<String>,
     /// Talk to a Redis Cluster (slots, redirections) through the seed nodes in `urls`.
     pub cluster: bool,
+    /// Prefix of every key (`<namespace>:{address}:...`): brokers with different namespaces
+    /// share one Redis without seeing each other's addresses.
+    pub namespace: String,
 }
 
 /// `url` without its password (`redis://user:***@host:port`), for logs and errors.
@@ -161,33 +161,61 @@ struct Scripts {
     delete_group: Script,
 }
 
-/// The keys of one address (see [`scripts`]).
-pub(crate) mod keys {
-    /// `sb:{address}:suffix`.
-    pub(crate) fn of(address: &str, suffix: &str) -> String {
-        format!("sb:{{{address}}}:{suffix}")
+/// The keys of one address (see [`scripts`]), under a namespace (`--redis-namespace`).
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    ns: Arc<str>,
+}
+
+impl Keys {
+    /// `<ns>:{address}:suffix`.
+    pub(crate) fn of(&self, address: &str, suffix: &str) -> String {
+        format!("{}:{{{address}}}:{suffix}", self.ns)
     }
 
     /// The stream.
-    pub(crate) fn stream(address: &str) -> String {
-        of(address, "s")
+    pub(crate) fn stream(&self, address: &str) -> String {
+        self.of(address, "s")
     }
 
     /// The address's sequence, bytes and epoch.
-    pub(crate) fn meta(address: &str) -> String {
-        of(address, "m")
+    pub(crate) fn meta(&self, address: &str) -> String {
+        self.of(address, "m")
     }
 
     /// A group's hash; `suffix` `""`, `:l` (leases), `:n` (deliveries), `:o` (holders).
-    pub(crate) fn group(address: &str, group: &str, suffix: &str) -> String {
-        of(address, &format!("g:{group}{suffix}"))
+    pub(crate) fn group(&self, address: &str, group: &str, suffix: &str) -> String {
+        self.of(address, &format!("g:{group}{suffix}"))
     }
+
+    /// The set of every address name.
+    pub(crate) fn addresses(&self) -> String {
+        format!("{}:addresses", self.ns)
+    }
+}
+
+/// Most messages one append script carries when Sends queue up for an address.
+pub const APPEND_BATCH_MESSAGES: usize = 1000;
+/// Most bytes (as charged to retention) one append script carries.
+pub const APPEND_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+type Reply = tokio::sync::oneshot::Sender<Result<Vec<Appended>, BrokerError>>;
+
+/// Sends queued for one address on this node. One append script per address is in flight at a
+/// time; Sends arriving meanwhile go out together in the next (group commit, as the disk
+/// engine's flusher does with fsyncs). This keeps each stream's messages in order, which
+/// separately spawned calls would not, and turns many small round trips into few large ones.
+#[derive(Default)]
+struct Outbox {
+    queue: Vec<(Vec<NewMessage>, Reply)>,
+    busy: bool,
 }
 
 /// The Redis Streams engine. See the module docs.
 pub struct RedisEngine {
     conn: Conn,
     clients: Clients,
+    pub(crate) keys: Keys,
     limits: Limits,
     metrics: Arc<Metrics>,
     /// This node's id: lease holders are `<node>:<stream>`, so nodes never mix them up.
@@ -196,8 +224,10 @@ pub struct RedisEngine {
     scripts: Scripts,
     /// Addresses this node follows (has local readers on).
     feeds: DashMap<Arc<str>, Arc<Feed>>,
-    /// Addresses this node has added to [`ADDRESSES_KEY`].
+    /// Addresses this node has added to the set of addresses.
     registered: DashMap<Box<str>, ()>,
+    /// Sends waiting for their address's append script.
+    outboxes: DashMap<Arc<str>, Arc<parking_lot::Mutex<Outbox>>>,
     shutting_down: AtomicBool,
     /// The last health probe reached Redis.
     reachable: AtomicBool,
@@ -377,6 +407,9 @@ impl RedisEngine {
         let engine = Self {
             conn,
             clients,
+            keys: Keys {
+                ns: Arc::from(config.namespace.as_str()),
+            },
             limits: limits.clone(),
             metrics,
             node,
@@ -394,6 +427,7 @@ impl RedisEngine {
             },
             feeds: DashMap::new(),
             registered: DashMap::new(),
+            outboxes: DashMap::new(),
             shutting_down: AtomicBool::new(false),
             reachable: AtomicBool::new(true),
         };
@@ -462,10 +496,10 @@ impl RedisEngine {
         }
         let mut conn = self.conn();
         let mut inv = self.scripts.send.prepare_invoke();
-        inv.key(keys::stream(address))
-            .key(keys::meta(address))
-            .key(keys::of(address, "dh"))
-            .key(keys::of(address, "dz"))
+        inv.key(self.keys.stream(address))
+            .key(self.keys.meta(address))
+            .key(self.keys.of(address, "dh"))
+            .key(self.keys.of(address, "dz"))
             .arg(self.limits.retention_messages)
             .arg(self.limits.retention_bytes)
             .arg(u64::try_from(self.limits.dedup_window.as_millis()).unwrap_or(u64::MAX))
@@ -486,7 +520,7 @@ impl RedisEngine {
         }
         if !self.registered.contains_key(address) {
             let _: redis::RedisResult<()> = redis::cmd("SADD")
-                .arg(ADDRESSES_KEY)
+                .arg(self.keys.addresses())
                 .arg(address)
                 .query_async(&mut conn)
                 .await;
@@ -504,6 +538,86 @@ impl RedisEngine {
         Ok(out)
     }
 
+    /// Queues `messages` for `address` and returns where their sequences (or the refusal)
+    /// arrive: appended in the order queued, many Sends to one address per script call (see
+    /// [`Outbox`]).
+    pub fn append_queued(
+        self: &Arc<Self>,
+        address: &str,
+        messages: Vec<NewMessage>,
+    ) -> tokio::sync::oneshot::Receiver<Result<Vec<Appended>, BrokerError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.shutting_down.load(Ordering::Acquire) {
+            let _ = tx.send(Err(BrokerError::ShuttingDown));
+            return rx;
+        }
+        let outbox = Arc::clone(
+            self.outboxes
+                .entry(Arc::from(address))
+                .or_default()
+                .value(),
+        );
+        let start = {
+            let mut o = outbox.lock();
+            o.queue.push((messages, tx));
+            !std::mem::replace(&mut o.busy, true)
+        };
+        if start {
+            let (engine, address) = (Arc::clone(self), Arc::<str>::from(address));
+            tokio::spawn(async move { engine.drain_outbox(&address, &outbox).await });
+        }
+        rx
+    }
+
+    async fn drain_outbox(&self, address: &Arc<str>, outbox: &parking_lot::Mutex<Outbox>) {
+        loop {
+            let units = {
+                let mut o = outbox.lock();
+                if o.queue.is_empty() {
+                    o.busy = false;
+                    drop(o);
+                    // Forget an idle outbox, unless a Send queued since (then it is busy).
+                    self.outboxes.remove_if(address, |_, b| {
+                        let b = b.lock();
+                        !b.busy && b.queue.is_empty()
+                    });
+                    return;
+                }
+                let (mut n, mut bytes, mut take) = (0, 0, 0);
+                for (m, _) in &o.queue {
+                    let size: usize = m.iter().map(|m| m.size).sum();
+                    if take > 0
+                        && (n + m.len() > APPEND_BATCH_MESSAGES || bytes + size > APPEND_BATCH_BYTES)
+                    {
+                        break;
+                    }
+                    n += m.len();
+                    bytes += size;
+                    take += 1;
+                }
+                o.queue.drain(..take).collect::<Vec<_>>()
+            };
+            let (messages, replies): (Vec<Vec<NewMessage>>, Vec<Reply>) = units.into_iter().unzip();
+            let counts: Vec<usize> = messages.iter().map(Vec::len).collect();
+            let all: Vec<NewMessage> = messages.into_iter().flatten().collect();
+            match self.append(address, &all).await {
+                Ok(appended) => {
+                    let mut rest = appended.as_slice();
+                    for (tx, n) in replies.into_iter().zip(counts) {
+                        let (mine, tail) = rest.split_at(n.min(rest.len()));
+                        rest = tail;
+                        let _ = tx.send(Ok(mine.to_vec()));
+                    }
+                }
+                Err(e) => {
+                    for tx in replies {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
     /// Where a fan-out reader starting at `start` begins: the sequence it is owed first.
     ///
     /// # Errors
@@ -514,8 +628,8 @@ impl RedisEngine {
         let reply: (i64, u64) = self
             .scripts
             .start
-            .key(keys::stream(address))
-            .key(keys::meta(address))
+            .key(self.keys.stream(address))
+            .key(self.keys.meta(address))
             .arg(kind)
             .arg(value)
             .invoke_async(&mut self.conn())
@@ -543,7 +657,7 @@ impl RedisEngine {
         max: usize,
     ) -> Result<(u64, Vec<Arc<Message>>), BrokerError> {
         let reply: Value = redis::cmd("XRANGE")
-            .arg(keys::stream(address))
+            .arg(self.keys.stream(address))
             .arg(format!("{from}-0"))
             .arg("+")
             .arg("COUNT")
@@ -586,13 +700,13 @@ impl RedisEngine {
         let reply: Value = self
             .scripts
             .take
-            .key(keys::stream(a))
-            .key(keys::meta(a))
-            .key(keys::group(a, group, ""))
-            .key(keys::group(a, group, ":l"))
-            .key(keys::group(a, group, ":n"))
-            .key(keys::group(a, group, ":o"))
-            .key(keys::of(a, "groups"))
+            .key(self.keys.stream(a))
+            .key(self.keys.meta(a))
+            .key(self.keys.group(a, group, ""))
+            .key(self.keys.group(a, group, ":l"))
+            .key(self.keys.group(a, group, ":n"))
+            .key(self.keys.group(a, group, ":o"))
+            .key(self.keys.of(a, "groups"))
             .arg(group)
             .arg(max)
             .arg(self.holder(holder))
@@ -625,6 +739,9 @@ impl RedisEngine {
         let dead = triples(address, &mut it, "take")?;
         let delivered = messages.len() as u64;
         self.metrics.delivered.inc_by(delivered);
+        let again = messages.iter().filter(|(_, a)| *a > 1).count() as u64;
+        self.metrics.redelivered.inc_by(again);
+        self.metrics.dead_lettered.inc_by(dead.len() as u64);
         let batch = Batch {
             messages: messages
                 .into_iter()
@@ -645,7 +762,7 @@ impl RedisEngine {
     /// to be dead-lettered again by another (at least once into the dead-letter address).
     pub async fn finish(&self, address: &str, group: &str, sequences: &[u64]) {
         let inc: Option<String> = redis::cmd("HGET")
-            .arg(keys::group(address, group, ""))
+            .arg(self.keys.group(address, group, ""))
             .arg("inc")
             .query_async(&mut self.conn())
             .await
@@ -653,10 +770,10 @@ impl RedisEngine {
             .flatten();
         let Some(inc) = inc else { return };
         let mut inv = self.scripts.finish.prepare_invoke();
-        inv.key(keys::group(address, group, ""))
-            .key(keys::group(address, group, ":l"))
-            .key(keys::group(address, group, ":n"))
-            .key(keys::group(address, group, ":o"))
+        inv.key(self.keys.group(address, group, ""))
+            .key(self.keys.group(address, group, ":l"))
+            .key(self.keys.group(address, group, ":n"))
+            .key(self.keys.group(address, group, ":o"))
             .arg(inc);
         for s in sequences {
             inv.arg(*s);
@@ -671,9 +788,9 @@ impl RedisEngine {
         let r: redis::RedisResult<i64> = self
             .scripts
             .release
-            .key(keys::group(address, group, ""))
-            .key(keys::group(address, group, ":l"))
-            .key(keys::group(address, group, ":o"))
+            .key(self.keys.group(address, group, ""))
+            .key(self.keys.group(address, group, ":l"))
+            .key(self.keys.group(address, group, ":o"))
             .arg(incarnation)
             .arg(self.holder(holder))
             .invoke_async(&mut self.conn())
@@ -699,10 +816,10 @@ impl RedisEngine {
         let reply: (String, String) = self
             .scripts
             .create_group
-            .key(keys::stream(address))
-            .key(keys::meta(address))
-            .key(keys::group(address, group, ""))
-            .key(keys::of(address, "groups"))
+            .key(self.keys.stream(address))
+            .key(self.keys.meta(address))
+            .key(self.keys.group(address, group, ""))
+            .key(self.keys.of(address, "groups"))
             .arg(group)
             .arg(settings.describe())
             .arg(ack.map_or(0, |a| {
@@ -722,7 +839,7 @@ impl RedisEngine {
             .map_err(|e| unavailable(&e))?;
         if !self.registered.contains_key(address) {
             let _: redis::RedisResult<()> = redis::cmd("SADD")
-                .arg(ADDRESSES_KEY)
+                .arg(self.keys.addresses())
                 .arg(address)
                 .query_async(&mut self.conn())
                 .await;
@@ -768,11 +885,11 @@ impl RedisEngine {
             Settle::Nack(d) => ("nack", u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         let mut inv = self.scripts.settle.prepare_invoke();
-        inv.key(keys::stream(a))
-            .key(keys::group(a, group, ""))
-            .key(keys::group(a, group, ":l"))
-            .key(keys::group(a, group, ":n"))
-            .key(keys::group(a, group, ":o"))
+        inv.key(self.keys.stream(a))
+            .key(self.keys.group(a, group, ""))
+            .key(self.keys.group(a, group, ":l"))
+            .key(self.keys.group(a, group, ":n"))
+            .key(self.keys.group(a, group, ":o"))
             .arg(name)
             .arg(delay);
         for s in sequences {
@@ -801,6 +918,10 @@ impl RedisEngine {
             _ => return Err(protocol("settle")),
         }
         let dlq = it.next().as_ref().and_then(text).unwrap_or_default();
+        let acked = it.next().as_ref().and_then(int).ok_or_else(|| protocol("settle"))?;
+        self.metrics
+            .acked
+            .inc_by(u64::try_from(acked).unwrap_or(0));
         let n = it.next().as_ref().and_then(int).ok_or_else(|| protocol("settle"))?;
         let mut not_pending = Vec::new();
         for _ in 0..n {
@@ -813,6 +934,7 @@ impl RedisEngine {
             not_pending.push(s);
         }
         let dead = triples(address, &mut it, "settle")?;
+        self.metrics.dead_lettered.inc_by(dead.len() as u64);
         Ok((not_pending, dead_letters(group, &dlq, dead)))
     }
 
@@ -824,11 +946,11 @@ impl RedisEngine {
         let n: i64 = self
             .scripts
             .delete_group
-            .key(keys::group(address, group, ""))
-            .key(keys::group(address, group, ":l"))
-            .key(keys::group(address, group, ":n"))
-            .key(keys::group(address, group, ":o"))
-            .key(keys::of(address, "groups"))
+            .key(self.keys.group(address, group, ""))
+            .key(self.keys.group(address, group, ":l"))
+            .key(self.keys.group(address, group, ":n"))
+            .key(self.keys.group(address, group, ":o"))
+            .key(self.keys.of(address, "groups"))
             .arg(group)
             .invoke_async(&mut self.conn())
             .await
@@ -851,11 +973,11 @@ impl RedisEngine {
         let mut conn = self.conn();
         let (len, exists, groups): (usize, bool, Vec<String>) = redis::pipe()
             .cmd("XLEN")
-            .arg(keys::stream(address))
+            .arg(self.keys.stream(address))
             .cmd("EXISTS")
-            .arg(keys::meta(address))
+            .arg(self.keys.meta(address))
             .cmd("SMEMBERS")
-            .arg(keys::of(address, "groups"))
+            .arg(self.keys.of(address, "groups"))
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -864,16 +986,16 @@ impl RedisEngine {
         }
         let mut del = redis::cmd("DEL");
         for k in ["s", "m", "dh", "dz", "groups"] {
-            del.arg(keys::of(address, k));
+            del.arg(self.keys.of(address, k));
         }
         for g in &groups {
             for suffix in ["", ":l", ":n", ":o"] {
-                del.arg(keys::group(address, g, suffix));
+                del.arg(self.keys.group(address, g, suffix));
             }
         }
         let mut p = redis::pipe();
         p.add_command(del).ignore();
-        p.cmd("SREM").arg(ADDRESSES_KEY).arg(address).ignore();
+        p.cmd("SREM").arg(self.keys.addresses()).arg(address).ignore();
         p.query_async::<()>(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -893,11 +1015,11 @@ impl RedisEngine {
         let reply: Vec<Value> = self
             .scripts
             .info
-            .key(keys::stream(address))
-            .key(keys::meta(address))
-            .key(keys::of(address, "groups"))
+            .key(self.keys.stream(address))
+            .key(self.keys.meta(address))
+            .key(self.keys.of(address, "groups"))
             .arg(if with_groups { "1" } else { "0" })
-            .arg(address)
+            .arg(self.keys.of(address, "g:"))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
@@ -922,7 +1044,7 @@ impl RedisEngine {
             disk_bytes: 0,
         };
         let mut groups = Vec::new();
-        for g in reply.get(6..).unwrap_or(&[]).chunks_exact(7) {
+        for g in reply.get(6..).unwrap_or(&[]).chunks_exact(9) {
             let next = num(g.get(1))?;
             let wait = num(g.get(3))?;
             let dlq = g.get(6).and_then(text).unwrap_or_default();
@@ -933,8 +1055,8 @@ impl RedisEngine {
                 lag: (last + 1).saturating_sub(next.max(from)),
                 dropped: from.saturating_sub(next),
                 pending: num(g.get(2))?,
-                redelivered: 0,
-                dead_lettered: 0,
+                redelivered: num(g.get(7))?,
+                dead_lettered: num(g.get(8))?,
                 ack: (wait > 0).then(|| AckPolicy {
                     ack_wait: Duration::from_millis(wait),
                     max_deliveries: u32::try_from(num(g.get(4)).unwrap_or(0)).unwrap_or(0),
@@ -959,7 +1081,7 @@ impl RedisEngine {
         limit: usize,
     ) -> Result<(Vec<AddressInfo>, Option<String>), BrokerError> {
         let mut names: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(ADDRESSES_KEY)
+            .arg(self.keys.addresses())
             .query_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
@@ -987,6 +1109,11 @@ impl RedisEngine {
         self.feeds.get(address).map_or(0, |f| f.subscribers())
     }
 
+    /// Recv calls waiting on `address` on this node.
+    pub fn waiters(&self, address: &str) -> usize {
+        self.feeds.get(address).map_or(0, |f| f.waiters())
+    }
+
     /// One age-retention pass over every address (`--retention-age`): trims messages older
     /// than the bound from the front. Returns how many were removed.
     ///
@@ -997,7 +1124,7 @@ impl RedisEngine {
             return Ok(0);
         }
         let names: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(ADDRESSES_KEY)
+            .arg(self.keys.addresses())
             .query_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
@@ -1008,8 +1135,8 @@ impl RedisEngine {
         let mut total = 0;
         for n in names {
             let removed: usize = Script::new(AGE_TRIM)
-                .key(keys::stream(&n))
-                .key(keys::meta(&n))
+                .key(self.keys.stream(&n))
+                .key(self.keys.meta(&n))
                 .arg(cutoff)
                 .invoke_async(&mut self.conn())
                 .await

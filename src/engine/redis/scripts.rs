@@ -2,7 +2,7 @@
 //! the server, so two nodes never interleave inside one). Every key a script touches belongs to
 //! one address and carries its hash tag, so they run unchanged on Redis Cluster.
 //!
-//! Keys of address `A` (see [`super::keys`]):
+//! Keys of address `A` (see [`super::Keys`]; `sb` is the default namespace):
 //! - `sb:{A}:s`: the stream. Entry id `<sequence>-0`; fields `p` (payload), `t` (`sent_at`, µs
 //!   since the Unix epoch, from Redis's own clock, never going backwards), `z` (bytes charged to
 //!   retention), then `h:<key>` / value per header.
@@ -225,6 +225,7 @@ if wait > 0 then
     elseif maxdel > 0 and att >= maxdel then
       redis.call('ZADD', KEYS[4], now + wait, s)
       redis.call('HSET', KEYS[6], s, '!')
+      redis.call('HINCRBY', g, 'deadlettered', 1)
       dead[#dead + 1] = s
       dead[#dead + 1] = att
       dead[#dead + 1] = e[1][2]
@@ -233,6 +234,7 @@ if wait > 0 then
       redis.call('HSET', KEYS[5], s, att)
       redis.call('ZADD', KEYS[4], now + wait, s)
       redis.call('HSET', KEYS[6], s, ARGV[3])
+      redis.call('HINCRBY', g, 'redelivered', 1)
       msgs[#msgs + 1] = s
       msgs[#msgs + 1] = att
       msgs[#msgs + 1] = e[1][2]
@@ -288,7 +290,7 @@ return r
 /// Ack, Nack (with a delay) or ExtendLease.
 ///
 /// KEYS: stream, group, leases, deliveries, holders. ARGV: op (`ack`, `nack`, `extend`), delay
-/// (ms), sequences... Returns `['nogroup']`, `['noack']` or `['ok', dlq, n, not-pending * n, d,
+/// (ms), sequences... Returns `['nogroup']`, `['noack']` or `['ok', dlq, acked, n, not-pending * n, d,
 /// (seq, deliveries, fields) * d]`.
 pub(super) const SETTLE: &str = r"
 local cfg = redis.call('HMGET', KEYS[2], 'inc', 'wait', 'maxdel', 'dlq')
@@ -301,12 +303,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op = ARGV[1]
 local notp = {}
 local dead = {}
+local acked = 0
 for i = 3, #ARGV do
   local s = ARGV[i]
   local holder = redis.call('HGET', KEYS[5], s)
   if not redis.call('ZSCORE', KEYS[3], s) or not holder or holder == '!' or holder == '-' then
     notp[#notp + 1] = s
   elseif op == 'ack' then
+    acked = acked + 1
     redis.call('ZREM', KEYS[3], s)
     redis.call('HDEL', KEYS[4], s)
     redis.call('HDEL', KEYS[5], s)
@@ -322,6 +326,7 @@ for i = 3, #ARGV do
     elseif maxdel > 0 and att >= maxdel then
       redis.call('ZADD', KEYS[3], now + wait, s)
       redis.call('HSET', KEYS[5], s, '!')
+      redis.call('HINCRBY', KEYS[2], 'deadlettered', 1)
       dead[#dead + 1] = s
       dead[#dead + 1] = att
       dead[#dead + 1] = e[1][2]
@@ -331,7 +336,7 @@ for i = 3, #ARGV do
     end
   end
 end
-local r = {'ok', cfg[4] or '', #notp}
+local r = {'ok', cfg[4] or '', acked, #notp}
 for _, v in ipairs(notp) do r[#r + 1] = v end
 r[#r + 1] = #dead / 3
 for _, v in ipairs(dead) do r[#r + 1] = v end
@@ -369,7 +374,7 @@ return n
 ";
 
 /// One address's figures. KEYS: stream, meta, groups set. ARGV: with groups (`1`/`0`), the
-/// address. Returns `[exists (0/1), retained, bytes, first, last, groups, (name, next, pending,
+/// prefix of its group keys. Returns `[exists (0/1), retained, bytes, first, last, groups, (name, next, pending,
 /// wait, maxdel, maxpend, dlq) * groups when asked]`.
 pub(super) const INFO: &str = r"
 local m = redis.call('HMGET', KEYS[2], 'seq', 'bytes')
@@ -382,11 +387,16 @@ if len > 0 then
   first = tonumber(string.match(e[1][1], '^(%d+)'))
 end
 local names = redis.call('SMEMBERS', KEYS[3])
+-- The default group exists from the address's creation, at sequence 1, even before its first
+-- read.
+local default = redis.call('SISMEMBER', KEYS[3], '') == 1
+if not default then names[#names + 1] = '' end
 local r = {1, len, tonumber(m[2] or '0'), first, last, #names}
 if ARGV[1] == '1' then
   for _, n in ipairs(names) do
-    local g = 'sb:{' .. ARGV[2] .. '}:g:' .. n
-    local c = redis.call('HMGET', g, 'next', 'wait', 'maxdel', 'maxpend', 'dlq')
+    local g = ARGV[2] .. n
+    local c = redis.call('HMGET', g, 'next', 'wait', 'maxdel', 'maxpend', 'dlq', 'redelivered', 'deadlettered')
+    if n == '' and not default then c[1] = 1 end
     r[#r + 1] = n
     r[#r + 1] = tonumber(c[1] or '0')
     r[#r + 1] = redis.call('ZCARD', g .. ':l')
@@ -394,6 +404,8 @@ if ARGV[1] == '1' then
     r[#r + 1] = tonumber(c[3] or '0')
     r[#r + 1] = tonumber(c[4] or '0')
     r[#r + 1] = c[5] or ''
+    r[#r + 1] = tonumber(c[6] or '0')
+    r[#r + 1] = tonumber(c[7] or '0')
   end
 end
 return r
