@@ -58,15 +58,25 @@ impl TestServer {
         .await
     }
 
+    /// A node of the Redis engine on `redis` (several with the same config act as one broker).
+    pub async fn with_redis(limits: Limits, redis: &switchboard::engine::redis::RedisConfig) -> Self {
+        limits.validate().expect("test limits are valid");
+        let broker = Broker::with_redis(limits.clone(), redis)
+            .await
+            .expect("redis engine");
+        Self::serve(
+            ServerConfig {
+                limits,
+                ..ServerConfig::default()
+            },
+            broker,
+        )
+        .await
+    }
+
     pub async fn with_config(config: ServerConfig) -> Self {
         let limits = config.limits.clone();
         limits.validate().expect("test limits are valid");
-        let (listener, addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind 127.0.0.1:0");
-        let (metrics, metrics_addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind metrics on 127.0.0.1:0");
         let broker = match std::env::var("SWITCHBOARD_TEST_REDIS_URL") {
             // The whole suite on the Redis engine (scripts/redis-suites): each server its own
             // namespace on the one Redis, so tests running at once never share an address.
@@ -77,6 +87,17 @@ impl TestServer {
             }
             _ => Broker::new(limits.clone()),
         };
+        Self::serve(config, broker).await
+    }
+
+    /// Serves `broker` on a free loopback port.
+    pub async fn serve(config: ServerConfig, broker: Broker) -> Self {
+        let (listener, addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind 127.0.0.1:0");
+        let (metrics, metrics_addr) = server::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind metrics on 127.0.0.1:0");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run_with_http(
             listener,

@@ -125,7 +125,9 @@ impl Feed {
         self.state.lock().deleted
     }
 
-    fn push(&self, batch: Vec<Message>) {
+    /// Adds messages read from the stream; the ring keeps at most `max_messages` /
+    /// `max_bytes` (never more than retention keeps, so a lagging reader loses what Redis lost).
+    fn push(&self, batch: Vec<Message>, max_messages: usize, max_bytes: usize) {
         let mut st = self.state.lock();
         for m in batch {
             if m.sequence < st.next {
@@ -143,7 +145,7 @@ impl Feed {
             let frame = encode_message(&m, 0);
             st.ring.push_back((m, Some(frame)));
         }
-        while st.ring.len() > RING_MESSAGES || (st.ring_bytes > RING_BYTES && st.ring.len() > 1) {
+        while st.ring.len() > max_messages || (st.ring_bytes > max_bytes && !st.ring.is_empty()) {
             if let Some((m, _)) = st.ring.pop_front() {
                 st.ring_bytes -= m.size;
             }
@@ -300,7 +302,12 @@ async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
                     if batch.is_empty() {
                         check_epoch(&feed, c, &meta).await
                     } else {
-                        feed.push(batch);
+                        let limits = &engine.limits;
+                        feed.push(
+                            batch,
+                            RING_MESSAGES.min(limits.retention_messages),
+                            RING_BYTES.min(limits.retention_bytes),
+                        );
                         Ok(())
                     }
                 }

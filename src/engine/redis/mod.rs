@@ -216,7 +216,7 @@ pub struct RedisEngine {
     conn: Conn,
     clients: Clients,
     pub(crate) keys: Keys,
-    limits: Limits,
+    pub(crate) limits: Limits,
     metrics: Arc<Metrics>,
     /// This node's id: lease holders are `<node>:<stream>`, so nodes never mix them up.
     node: String,

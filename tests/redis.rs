@@ -1,0 +1,542 @@
+//! The Redis engine with several nodes on one real `redis-server` (started here on a free
+//! loopback port): fan-out across nodes, a consumer group spread over nodes, a node killed with
+//! SIGKILL, a subscriber moving between nodes, Redis killed and restarted, Redis unreachable.
+//!
+//! The engine conformance suites (replay, groups, acks, dedup, ...) also run on Redis:
+//! `scripts/redis-suites` runs them with `SWITCHBOARD_TEST_REDIS_URL` set.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{next_event, redis::RedisServer, step, subscribe, BrokerProcess, TestServer};
+use switchboard::{
+    config::Limits,
+    pb::{
+        broker_client::BrokerClient, subscribe_response::Event, AckRequest, BatchMessage,
+        CreateGroupRequest, RecvRequest, SendBatchRequest, SendRequest, SubscribeRequest,
+    },
+};
+use tonic::transport::Channel;
+
+async fn nodes(redis: &RedisServer, n: usize) -> Vec<TestServer> {
+    let config = common::redis::config(&redis.url(), &common::redis::namespace());
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(TestServer::with_redis(Limits::default(), &config).await);
+    }
+    out
+}
+
+async fn client(addr: &str) -> BrokerClient<Channel> {
+    step("connect", BrokerClient::connect(format!("http://{addr}")))
+        .await
+        .expect("connect")
+}
+
+fn send_req(address: &str, payload: Vec<u8>) -> SendRequest {
+    SendRequest {
+        address: address.into(),
+        payload: payload.into(),
+        ..Default::default()
+    }
+}
+
+async fn create_acked_group(c: &mut BrokerClient<Channel>, address: &str, ack_wait: Duration) {
+    c.create_group(CreateGroupRequest {
+        address: address.into(),
+        group: "workers".into(),
+        ack_wait: Some(ack_wait.try_into().unwrap()),
+        max_ack_pending: 100_000,
+        ..Default::default()
+    })
+    .await
+    .expect("create group");
+}
+
+/// Reads a fan-out stream until `n` messages came: their (sequence, payload).
+async fn take_messages(
+    stream: &mut tonic::Streaming<switchboard::pb::SubscribeResponse>,
+    n: usize,
+) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match next_event(stream).await {
+            Event::Message(m) => out.push((m.sequence, m.payload.to_vec())),
+            Event::Dropped(d) => panic!("nothing may be dropped here, {} were", d.count),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_from_each_node_reaches_subscribers_on_all_three() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, 3).await;
+    let mut streams = Vec::new();
+    for node in &nodes {
+        for _ in 0..2 {
+            let mut c = node.client().await;
+            streams.push(subscribe(&mut c, "fan", "").await);
+        }
+    }
+    const PER_NODE: usize = 100;
+    let mut senders = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut c = node.client().await;
+        senders.push(tokio::spawn(async move {
+            for k in 0..PER_NODE {
+                let r = c
+                    .send(send_req("fan", format!("{i}:{k}").into_bytes()))
+                    .await
+                    .expect("send");
+                assert!(r.into_inner().sequence > 0);
+            }
+        }));
+    }
+    for s in senders {
+        step("senders", s).await.unwrap();
+    }
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let got = take_messages(stream, 3 * PER_NODE).await;
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=(3 * PER_NODE) as u64).collect::<Vec<_>>(),
+            "subscriber {n}: every message, dense and in order, whichever node sent it"
+        );
+        for i in 0..3 {
+            let from_i: Vec<usize> = got
+                .iter()
+                .filter_map(|(_, p)| {
+                    let p = String::from_utf8(p.clone()).unwrap();
+                    let (node, k) = p.split_once(':').unwrap();
+                    (node == i.to_string()).then(|| k.parse().unwrap())
+                })
+                .collect();
+            assert_eq!(
+                from_i,
+                (0..PER_NODE).collect::<Vec<_>>(),
+                "node {i}'s messages in its send order"
+            );
+        }
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_workers_over_three_nodes_take_ten_thousand_exactly_once() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, 3).await;
+    const N: u64 = 10_000;
+    let mut c = nodes[0].client().await;
+    create_acked_group(&mut c, "jobs", Duration::from_secs(60)).await;
+    for b in 0..(N / 100) {
+        let node = &nodes[(b % 3) as usize];
+        let mut c = node.client().await;
+        let r = c
+            .send_batch(SendBatchRequest {
+                address: "jobs".into(),
+                messages: (0..100)
+                    .map(|i| BatchMessage {
+                        payload: (b * 100 + i).to_string().into_bytes().into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .expect("send batch")
+            .into_inner();
+        assert_eq!(r.results.len(), 100);
+    }
+    let acked: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let mut c = nodes[w % 3].client().await;
+        let acked = Arc::clone(&acked);
+        workers.push(tokio::spawn(async move {
+            loop {
+                if acked.lock().unwrap().len() as u64 >= N {
+                    return;
+                }
+                let r = c
+                    .recv(RecvRequest {
+                        address: "jobs".into(),
+                        group: "workers".into(),
+                        max_messages: 50,
+                        wait: Some(Duration::from_millis(200).try_into().unwrap()),
+                    })
+                    .await
+                    .expect("recv")
+                    .into_inner();
+                if r.messages.is_empty() {
+                    continue;
+                }
+                let seqs: Vec<u64> = r.messages.iter().map(|m| m.sequence).collect();
+                for m in &r.messages {
+                    assert_eq!(
+                        m.payload.as_ref(),
+                        (m.sequence - 1).to_string().as_bytes(),
+                        "payload matches its sequence"
+                    );
+                }
+                let not = c
+                    .ack(AckRequest {
+                        address: "jobs".into(),
+                        group: "workers".into(),
+                        sequences: seqs.clone(),
+                    })
+                    .await
+                    .expect("ack")
+                    .into_inner();
+                assert!(not.not_pending.is_empty(), "every ack was pending");
+                let mut a = acked.lock().unwrap();
+                for s in seqs {
+                    *a.entry(s).or_default() += 1;
+                }
+            }
+        }));
+    }
+    for w in workers {
+        step("workers", w).await.unwrap();
+    }
+    let a = acked.lock().unwrap();
+    assert_eq!(a.len() as u64, N, "every message taken");
+    assert!(a.values().all(|&n| n == 1), "each exactly once");
+    let (_, groups) = nodes[2]
+        .broker
+        .inspect("jobs", true)
+        .await
+        .unwrap()
+        .unwrap();
+    let g = groups.iter().find(|g| g.group == "workers").unwrap();
+    assert_eq!((g.pending, g.lag, g.redelivered), (0, 0, 0));
+    drop(a);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Nodes as real processes: one is killed with SIGKILL mid-run. Every Send it acknowledged
+/// is kept, and the messages it had leased go to the other nodes' workers after `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_others() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let ns = common::redis::namespace();
+    let args = [
+        "--engine",
+        "redis",
+        "--redis-url",
+        url.as_str(),
+        "--redis-namespace",
+        ns.as_str(),
+    ];
+    let a = BrokerProcess::start(&args).await;
+    let mut doomed = BrokerProcess::start(&args).await;
+    let mut ca = client(&a.addr).await;
+    create_acked_group(&mut ca, "work", Duration::from_secs(2)).await;
+
+    // A flood through the doomed node, acknowledged Sends recorded.
+    let acknowledged: Arc<Mutex<BTreeMap<u64, Vec<u8>>>> = Arc::default();
+    let flood = {
+        let acknowledged = Arc::clone(&acknowledged);
+        let mut c = client(&doomed.addr).await;
+        tokio::spawn(async move {
+            for i in 0..100_000u64 {
+                let payload = format!("m{i}").into_bytes();
+                match c.send(send_req("work", payload.clone())).await {
+                    Ok(r) => {
+                        acknowledged
+                            .lock()
+                            .unwrap()
+                            .insert(r.into_inner().sequence, payload);
+                    }
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    // The doomed node's worker leases 20 messages and never acks them.
+    let mut cd = client(&doomed.addr).await;
+    let mut leased = Vec::new();
+    while leased.len() < 20 {
+        let r = cd
+            .recv(RecvRequest {
+                address: "work".into(),
+                group: "workers".into(),
+                max_messages: (20 - leased.len()) as u32,
+                wait: Some(Duration::from_secs(5).try_into().unwrap()),
+            })
+            .await
+            .expect("recv on the doomed node")
+            .into_inner();
+        leased.extend(r.messages.iter().map(|m| m.sequence));
+    }
+    common::eventually("the flood is under way", || {
+        acknowledged.lock().unwrap().len() >= 500
+    })
+    .await;
+    doomed.child.start_kill().expect("SIGKILL the node");
+    let _ = doomed.child.wait().await;
+    let _ = step("flood ends", flood).await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let last = acknowledged.keys().next_back().copied().unwrap();
+
+    // Every acknowledged Send is there, byte-identical, read through the surviving node.
+    let mut stream = ca
+        .subscribe(SubscribeRequest {
+            address: "work".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stored = BTreeMap::new();
+    while stored.keys().next_back().copied().unwrap_or(0) < last {
+        if let Event::Message(m) = next_event(&mut stream).await {
+            stored.insert(m.sequence, m.payload.to_vec());
+        }
+    }
+    for (seq, payload) in &acknowledged {
+        assert_eq!(stored.get(seq), Some(payload), "acknowledged {seq} kept");
+    }
+
+    // The surviving node's worker takes everything; the doomed node's leases come back after
+    // ack_wait with their delivery attempt moved on.
+    let mut attempts: BTreeMap<u64, u32> = BTreeMap::new();
+    while !leased.iter().all(|s| attempts.get(s).is_some_and(|&a| a >= 2))
+        || !acknowledged.keys().all(|s| attempts.contains_key(s))
+    {
+        let r = ca
+            .recv(RecvRequest {
+                address: "work".into(),
+                group: "workers".into(),
+                max_messages: 1000,
+                wait: Some(Duration::from_secs(5).try_into().unwrap()),
+            })
+            .await
+            .expect("recv")
+            .into_inner();
+        let seqs: Vec<u64> = r.messages.iter().map(|m| m.sequence).collect();
+        for m in &r.messages {
+            attempts.insert(m.sequence, m.delivery_attempt);
+        }
+        if !seqs.is_empty() {
+            ca.ack(AckRequest {
+                address: "work".into(),
+                group: "workers".into(),
+                sequences: seqs,
+            })
+            .await
+            .expect("ack");
+        }
+    }
+    for s in &leased {
+        assert_eq!(attempts[s], 2, "leased {s} on the killed node, delivered again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, 2).await;
+    let mut sender = nodes[0].client().await;
+    for i in 0..100u32 {
+        common::send(&mut sender, "moves", &i.to_be_bytes()).await;
+    }
+    let mut c1 = nodes[0].client().await;
+    let mut s1 = c1
+        .subscribe(SubscribeRequest {
+            address: "moves".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = take_messages(&mut s1, 60).await;
+    drop(s1);
+    let resume = first.last().unwrap().0 + 1;
+    // More arrive while it moves.
+    for i in 100..150u32 {
+        common::send(&mut sender, "moves", &i.to_be_bytes()).await;
+    }
+    let mut c2 = nodes[1].client().await;
+    let mut s2 = c2
+        .subscribe(SubscribeRequest {
+            address: "moves".into(),
+            start_sequence: resume,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rest = take_messages(&mut s2, 90).await;
+    let all: Vec<u64> = first.iter().chain(&rest).map(|(s, _)| *s).collect();
+    assert_eq!(all, (1..=150).collect::<Vec<_>>(), "no gap, no duplicate");
+    for (s, p) in first.iter().chain(&rest) {
+        assert_eq!(p.as_slice(), &((*s - 1) as u32).to_be_bytes());
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Redis with `appendfsync always` is killed with SIGKILL under a SendStream flood and
+/// restarted: every Send answered OK is still there, and no sequence is used twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
+    let aof = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
+    let redis = RedisServer::start_with(&aof);
+    let node = nodes(&redis, 1).await.remove(0);
+    let acknowledged: Arc<Mutex<Vec<(u64, Vec<u8>)>>> = Arc::default();
+    let flood = {
+        let acknowledged = Arc::clone(&acknowledged);
+        let mut c = node.client().await;
+        tokio::spawn(async move {
+            // Unary Sends, one after another, until the deadline; failures (Redis down) are
+            // expected and not recorded.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+            let mut i = 0u64;
+            let mut refused = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                i += 1;
+                let payload = format!("p{i}").into_bytes();
+                match c.send(send_req("durable", payload.clone())).await {
+                    Ok(r) => acknowledged
+                        .lock()
+                        .unwrap()
+                        .push((r.into_inner().sequence, payload)),
+                    Err(s) => {
+                        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                        assert!(s.message().contains("redis"), "{s:?}");
+                        refused += 1;
+                    }
+                }
+            }
+            refused
+        })
+    };
+    common::eventually("flood under way", || acknowledged.lock().unwrap().len() >= 300).await;
+    let (dir, port) = redis.kill();
+    let before = acknowledged.lock().unwrap().len();
+    let redis = RedisServer::start_in(dir, Some(port), &aof);
+    let refused = step("flood", flood).await.unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > before,
+        "Sends succeed again once Redis is back"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for (s, _) in &acknowledged {
+        assert!(seen.insert(*s), "sequence {s} acknowledged twice");
+    }
+    let last = acknowledged.iter().map(|(s, _)| *s).max().unwrap();
+    let mut c = node.client().await;
+    let mut stream = c
+        .subscribe(SubscribeRequest {
+            address: "durable".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored: BTreeMap<u64, Vec<u8>> = take_messages(&mut stream, last as usize)
+        .await
+        .into_iter()
+        .collect();
+    for (s, p) in &acknowledged {
+        assert_eq!(stored.get(s), Some(p), "acknowledged {s} survived the restart");
+    }
+    eprintln!(
+        "acknowledged {} ({} before the kill), refused while down {refused}",
+        acknowledged.len(),
+        before
+    );
+    node.stop().await;
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resumes() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let aof = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
+    let redis = RedisServer::start_with(&aof);
+    let node = nodes(&redis, 1).await.remove(0);
+    let mut c = node.client().await;
+    assert_eq!(common::send(&mut c, "outage", b"before").await, 1);
+    let mut stream = subscribe(&mut c, "outage", "").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |h: &mut HealthClient<Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(HealthCheckRequest {
+                service: "switchboard.v1.Broker".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+        }
+    };
+    assert_eq!(status(&mut health).await, ServingStatus::Serving as i32);
+
+    let (dir, port) = redis.kill();
+    let e = c
+        .send(send_req("outage", b"while down".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().contains("redis"), "names Redis: {e:?}");
+    let e = c
+        .recv(RecvRequest {
+            address: "outage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    // Health follows (probed every second).
+    let deadline = tokio::time::Instant::now() + common::STEP;
+    while status(&mut health).await != ServingStatus::NotServing as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "never NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let redis = RedisServer::start_in(dir, Some(port), &aof);
+    let deadline = tokio::time::Instant::now() + common::STEP;
+    while status(&mut health).await != ServingStatus::Serving as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "never SERVING again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = loop {
+        match c.send(send_req("outage", b"after".to_vec())).await {
+            Ok(r) => break r.into_inner().sequence,
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable),
+        }
+    };
+    assert_eq!(after, 2, "the sequence goes on from what Redis kept");
+    // The stream stayed open through the outage and delivers what came after.
+    match next_event(&mut stream).await {
+        Event::Message(m) => assert_eq!((m.sequence, m.payload.as_ref()), (2, &b"after"[..])),
+        Event::Dropped(d) => panic!("dropped {}", d.count),
+    }
+    node.stop().await;
+    drop(redis);
+}
