@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker (service switchboard.v1.Broker) until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send one message to ADDRESS and print its sequence.
     Send(SendArgs),
     /// Pull messages from a consumer group of ADDRESS and print them.
@@ -681,7 +681,9 @@ impl ServeArgs {
                 return Err("--engine memory: --data-dir is for --engine disk".into());
             }
             (Some(EngineKind::Redis), Some(_)) => {
-                return Err("--engine redis: --data-dir is for --engine disk (Redis keeps the data)".into());
+                return Err(
+                    "--engine redis: --data-dir is for --engine disk (Redis keeps the data)".into(),
+                );
             }
             (Some(EngineKind::Redis), None) => {
                 let ns = &self.redis_namespace;

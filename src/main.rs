@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => return serve(args).await,
+        Command::Serve(args) => return serve(*args).await,
         Command::Send(args) => client::send(args).await,
         Command::Recv(args) => client::recv(args).await,
         Command::Subscribe(args) => client::subscribe(args).await,

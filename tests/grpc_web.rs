@@ -378,7 +378,7 @@ async fn permissions_apply_to_grpc_web_as_to_grpc() {
             .expect("the writer may send to web.>");
     }
     assert_eq!(
-        server.broker.engine().counts("web.orders")[2],
+        server.retained("web.orders").await,
         2,
         "exactly the two permitted sends were stored"
     );

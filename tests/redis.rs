@@ -23,6 +23,9 @@ use switchboard::{
 };
 use tonic::transport::Channel;
 
+/// A Send answered OK: (sequence, payload).
+type Sent = (u64, Vec<u8>);
+
 async fn nodes(redis: &RedisServer, n: usize) -> Vec<TestServer> {
     let config = common::redis::config(&redis.url(), &common::redis::namespace());
     let mut out = Vec::new();
@@ -206,7 +209,7 @@ async fn six_workers_over_three_nodes_take_ten_thousand_exactly_once() {
     for w in workers {
         step("workers", w).await.unwrap();
     }
-    let a = acked.lock().unwrap();
+    let a = acked.lock().unwrap().clone();
     assert_eq!(a.len() as u64, N, "every message taken");
     assert!(a.values().all(|&n| n == 1), "each exactly once");
     let (_, groups) = nodes[2]
@@ -217,7 +220,6 @@ async fn six_workers_over_three_nodes_take_ten_thousand_exactly_once() {
         .unwrap();
     let g = groups.iter().find(|g| g.group == "workers").unwrap();
     assert_eq!((g.pending, g.lag, g.redelivered), (0, 0, 0));
-    drop(a);
     for node in nodes {
         node.stop().await;
     }
@@ -271,7 +273,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
             .recv(RecvRequest {
                 address: "work".into(),
                 group: "workers".into(),
-                max_messages: (20 - leased.len()) as u32,
+                max_messages: u32::try_from(20 - leased.len()).unwrap(),
                 wait: Some(Duration::from_secs(5).try_into().unwrap()),
             })
             .await
@@ -312,7 +314,9 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
     // The surviving node's worker takes everything; the doomed node's leases come back after
     // ack_wait with their delivery attempt moved on.
     let mut attempts: BTreeMap<u64, u32> = BTreeMap::new();
-    while !leased.iter().all(|s| attempts.get(s).is_some_and(|&a| a >= 2))
+    while !leased
+        .iter()
+        .all(|s| attempts.get(s).is_some_and(|&a| a >= 2))
         || !acknowledged.keys().all(|s| attempts.contains_key(s))
     {
         let r = ca
@@ -340,7 +344,10 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
         }
     }
     for s in &leased {
-        assert_eq!(attempts[s], 2, "leased {s} on the killed node, delivered again");
+        assert_eq!(
+            attempts[s], 2,
+            "leased {s} on the killed node, delivered again"
+        );
     }
 }
 
@@ -383,7 +390,7 @@ async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
     let all: Vec<u64> = first.iter().chain(&rest).map(|(s, _)| *s).collect();
     assert_eq!(all, (1..=150).collect::<Vec<_>>(), "no gap, no duplicate");
     for (s, p) in first.iter().chain(&rest) {
-        assert_eq!(p.as_slice(), &((*s - 1) as u32).to_be_bytes());
+        assert_eq!(p.as_slice(), &u32::try_from(*s - 1).unwrap().to_be_bytes());
     }
     for node in nodes {
         node.stop().await;
@@ -394,10 +401,17 @@ async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
 /// restarted: every Send answered OK is still there, and no sequence is used twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
-    let aof = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ];
     let redis = RedisServer::start_with(&aof);
     let node = nodes(&redis, 1).await.remove(0);
-    let acknowledged: Arc<Mutex<Vec<(u64, Vec<u8>)>>> = Arc::default();
+    let acknowledged: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let flood = {
         let acknowledged = Arc::clone(&acknowledged);
         let mut c = node.client().await;
@@ -425,7 +439,10 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
             refused
         })
     };
-    common::eventually("flood under way", || acknowledged.lock().unwrap().len() >= 300).await;
+    common::eventually("flood under way", || {
+        acknowledged.lock().unwrap().len() >= 300
+    })
+    .await;
     let (dir, port) = redis.kill();
     let before = acknowledged.lock().unwrap().len();
     let redis = RedisServer::start_in(dir, Some(port), &aof);
@@ -450,12 +467,16 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
         .await
         .unwrap()
         .into_inner();
-    let stored: BTreeMap<u64, Vec<u8>> = take_messages(&mut stream, last as usize)
+    let stored: BTreeMap<u64, Vec<u8>> = take_messages(&mut stream, usize::try_from(last).unwrap())
         .await
         .into_iter()
         .collect();
     for (s, p) in &acknowledged {
-        assert_eq!(stored.get(s), Some(p), "acknowledged {s} survived the restart");
+        assert_eq!(
+            stored.get(s),
+            Some(p),
+            "acknowledged {s} survived the restart"
+        );
     }
     eprintln!(
         "acknowledged {} ({} before the kill), refused while down {refused}",
@@ -471,7 +492,14 @@ async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resume
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let aof = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ];
     let redis = RedisServer::start_with(&aof);
     let node = nodes(&redis, 1).await.remove(0);
     let mut c = node.client().await;
@@ -522,7 +550,10 @@ async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resume
     let redis = RedisServer::start_in(dir, Some(port), &aof);
     let deadline = tokio::time::Instant::now() + common::STEP;
     while status(&mut health).await != ServingStatus::Serving as i32 {
-        assert!(tokio::time::Instant::now() < deadline, "never SERVING again");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never SERVING again"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let after = loop {
@@ -539,4 +570,64 @@ async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resume
     }
     node.stop().await;
     drop(redis);
+}
+
+/// Count retention trims the stream in the same step as the Send, and groups and replays are
+/// told exactly what they lost; the age sweep (every second) trims without any traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_redis_reports_exact_loss() {
+    let redis = RedisServer::start();
+    let config = common::redis::config(&redis.url(), &common::redis::namespace());
+    let node = TestServer::with_redis(
+        Limits {
+            retention_messages: 10,
+            retention_age: Duration::from_secs(1),
+            ..Limits::default()
+        },
+        &config,
+    )
+    .await;
+    let mut c = node.client().await;
+    for i in 0..25u8 {
+        common::send(&mut c, "kept", &[i]).await;
+    }
+    assert_eq!(node.retained("kept").await, 10);
+    let r = common::recv(&mut c, "kept", "", 100, Duration::ZERO).await;
+    assert_eq!(r.dropped, 15, "the default group is told exactly");
+    assert_eq!(
+        r.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        (16..=25).collect::<Vec<_>>()
+    );
+    let mut stream = c
+        .subscribe(SubscribeRequest {
+            address: "kept".into(),
+            start_sequence: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match next_event(&mut stream).await {
+        Event::Dropped(d) => assert_eq!(d.count, 13, "a replay from 3 lost 3..=15"),
+        Event::Message(m) => panic!("expected Dropped, got {}", m.sequence),
+    }
+    match next_event(&mut stream).await {
+        Event::Message(m) => assert_eq!(m.sequence, 16),
+        Event::Dropped(d) => panic!("dropped twice: {}", d.count),
+    }
+    // The age sweep empties it with no Send or read on the address.
+    let deadline = tokio::time::Instant::now() + common::STEP;
+    while node.retained("kept").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never aged out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        common::send(&mut c, "kept", b"fresh").await,
+        26,
+        "sequences go on"
+    );
+    let r = common::recv(&mut c, "kept", "", 100, Duration::ZERO).await;
+    assert_eq!(r.dropped, 0, "the group had taken 16..=25 already");
+    assert_eq!(r.messages.len(), 1);
+    node.stop().await;
 }

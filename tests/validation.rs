@@ -299,7 +299,7 @@ async fn message_alone_above_a_retention_bound_is_refused() {
         &["payload", "--retention-bytes", "1024"],
     );
     assert_eq!(
-        server.broker.retained_messages("tight"),
+        server.retained("tight").await,
         1,
         "nothing stored or evicted"
     );

@@ -280,7 +280,13 @@ impl RedisSubscription {
                     // One at a time, so the group's other members get their share.
                     match self
                         .engine
-                        .take(feed.address(), group.as_str(), Some(incarnation), 1, *holder)
+                        .take(
+                            feed.address(),
+                            group.as_str(),
+                            Some(incarnation),
+                            1,
+                            *holder,
+                        )
                         .await
                     {
                         Ok((_, mut batch)) => {
@@ -297,12 +303,9 @@ impl RedisSubscription {
                                 continue;
                             }
                             *next_due = batch.next_due;
-                            wake = Some(
-                                next_due
-                                    .map_or(Instant::now() + REPOLL, |d| {
-                                        d.min(Instant::now() + REPOLL)
-                                    }),
-                            );
+                            wake = Some(next_due.map_or(Instant::now() + REPOLL, |d| {
+                                d.min(Instant::now() + REPOLL)
+                            }));
                         }
                         Err(BrokerError::Storage(e)) => {
                             tracing::debug!(error = %e, "redis: group take failed; retrying");

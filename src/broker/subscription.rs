@@ -70,7 +70,9 @@ enum Inner {
 
 impl Subscription {
     pub(crate) fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
-        Self(Inner::Local(LocalSubscription::fanout(log, cursor, shutdown)))
+        Self(Inner::Local(LocalSubscription::fanout(
+            log, cursor, shutdown,
+        )))
     }
 
     pub(crate) fn group(

@@ -550,7 +550,9 @@ impl Engine {
     /// `RESOURCE_EXHAUSTED` past [`memory::MAX_PATTERN_SUBSCRIPTIONS`].
     pub fn subscribe_pattern(&self, pattern: Pattern) -> Result<PatternFeed, BrokerError> {
         match self {
-            Self::Redis(_) => Err(BrokerError::Unsupported("wildcard subscriptions with --engine redis")),
+            Self::Redis(_) => Err(BrokerError::Unsupported(
+                "wildcard subscriptions with --engine redis",
+            )),
             Self::Memory(m) | Self::Disk(m) => Ok(PatternFeed {
                 sub: m.subscribe_pattern(pattern)?,
             }),

@@ -59,7 +59,10 @@ impl TestServer {
     }
 
     /// A node of the Redis engine on `redis` (several with the same config act as one broker).
-    pub async fn with_redis(limits: Limits, redis: &switchboard::engine::redis::RedisConfig) -> Self {
+    pub async fn with_redis(
+        limits: Limits,
+        redis: &switchboard::engine::redis::RedisConfig,
+    ) -> Self {
         limits.validate().expect("test limits are valid");
         let broker = Broker::with_redis(limits.clone(), redis)
             .await

@@ -200,21 +200,18 @@ impl Drop for Following {
 pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
     let mut started = None;
     let feed = {
-        let entry = engine
-            .feeds
-            .entry(Arc::from(address))
-            .or_insert_with(|| {
-                let feed = Arc::new(Feed {
-                    address: Arc::from(address),
-                    state: Mutex::new(State::default()),
-                    notify: Notify::new(),
-                    users: AtomicUsize::new(0),
-                    subscribers: AtomicUsize::new(0),
-                    waiters: AtomicUsize::new(0),
-                });
-                started = Some(Arc::clone(&feed));
-                feed
+        let entry = engine.feeds.entry(Arc::from(address)).or_insert_with(|| {
+            let feed = Arc::new(Feed {
+                address: Arc::from(address),
+                state: Mutex::new(State::default()),
+                notify: Notify::new(),
+                users: AtomicUsize::new(0),
+                subscribers: AtomicUsize::new(0),
+                waiters: AtomicUsize::new(0),
             });
+            started = Some(Arc::clone(&feed));
+            feed
+        });
         // Under the map's shard lock: the task removes its entry only under it, with no user.
         entry.users.fetch_add(1, Ordering::AcqRel);
         Arc::clone(entry.value())
@@ -321,7 +318,9 @@ async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
                     failing = false;
                 }
                 if feed.is_deleted() {
-                    engine.feeds.remove_if(&feed.address, |_, f| Arc::ptr_eq(f, &feed));
+                    engine
+                        .feeds
+                        .remove_if(&feed.address, |_, f| Arc::ptr_eq(f, &feed));
                     return;
                 }
             }
@@ -362,7 +361,10 @@ fn read_reply(address: &Arc<str>, v: Value) -> Vec<Message> {
     let mut out = Vec::new();
     let streams = match v {
         Value::Array(s) => s,
-        Value::Map(m) => m.into_iter().map(|(k, v)| Value::Array(vec![k, v])).collect(),
+        Value::Map(m) => m
+            .into_iter()
+            .map(|(k, v)| Value::Array(vec![k, v]))
+            .collect(),
         _ => return out,
     };
     for s in streams {
@@ -380,7 +382,9 @@ fn read_reply(address: &Arc<str>, v: Value) -> Vec<Message> {
             };
             match super::decode(address, seq, fields) {
                 Some(m) => out.push(m),
-                None => tracing::warn!(address = %address, seq, "redis: undecodable stream entry skipped"),
+                None => {
+                    tracing::warn!(address = %address, seq, "redis: undecodable stream entry skipped")
+                }
             }
         }
     }

@@ -3,17 +3,17 @@
 //! connections, a small ring of recent messages per followed address, and its streams.
 //!
 //! The model maps onto Redis as Centrifugo's Redis broker maps channels onto it:
-//! - an address is a stream whose entry ids are `<sequence>-0`; [`scripts::SEND`] assigns the
+//! - an address is a stream whose entry ids are `<sequence>-0`; `scripts::SEND` assigns the
 //!   sequence and appends in one atomic step, so sequences stay dense across nodes;
 //! - a consumer group is a hash (position, settings) plus a sorted set of leases keyed by due
-//!   time, taken and settled by scripts ([`scripts::TAKE`], [`scripts::SETTLE`]). Redis's own
+//!   time, taken and settled by scripts (`scripts::TAKE`, `scripts::SETTLE`). Redis's own
 //!   `XREADGROUP` groups are not used: they have no delayed Nack, no `max_ack_pending`, and no
 //!   exact count of what retention took from a group, which our semantics promise;
 //! - fan-out: each node reads each address that has local readers once ([`feed`], `XREAD
 //!   BLOCK`, batches of up to 512) and hands the messages to its local subscribers as shared
 //!   wire frames, with no Redis round trip per subscriber.
 //!
-//! All keys of one address share the hash tag `{address}` (see [`keys`]), so every script
+//! All keys of one address share the hash tag `{address}` (see `Keys`), so every script
 //! touches one slot and runs on Redis Cluster. Times (`sent_at`, lease due times) come from
 //! Redis's clock, so nodes with skewed clocks agree.
 //!
@@ -127,8 +127,8 @@ impl ConnectionLike for Conn {
 
 #[derive(Clone)]
 enum Clients {
-    Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Single(Box<redis::Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 impl Clients {
@@ -309,7 +309,10 @@ pub(crate) fn decode(address: &Arc<str>, sequence: u64, fields: Value) -> Option
 /// The sequence of entry id `<sequence>-0`.
 pub(crate) fn id_sequence(v: &Value) -> Option<u64> {
     let id = text(v)?;
-    id.split_once('-').map_or(id.as_str(), |(s, _)| s).parse().ok()
+    id.split_once('-')
+        .map_or(id.as_str(), |(s, _)| s)
+        .parse()
+        .ok()
 }
 
 /// Entries of an `XRANGE` reply, decoded.
@@ -340,7 +343,11 @@ fn triples(
     it: &mut std::vec::IntoIter<Value>,
     what: &str,
 ) -> Result<Vec<(Arc<Message>, u32)>, BrokerError> {
-    let n = it.next().as_ref().and_then(int).ok_or_else(|| protocol(what))?;
+    let n = it
+        .next()
+        .as_ref()
+        .and_then(int)
+        .ok_or_else(|| protocol(what))?;
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     for _ in 0..n {
         let seq = it
@@ -383,7 +390,7 @@ impl RedisEngine {
                 .get_async_connection()
                 .await
                 .map_err(|e| format!("redis cluster at {}: {e}", shown(&config.urls)))?;
-            (Conn::Cluster(conn), Clients::Cluster(client))
+            (Conn::Cluster(conn), Clients::Cluster(Box::new(client)))
         } else {
             let [url] = urls.as_slice() else {
                 return Err(format!(
@@ -401,7 +408,7 @@ impl RedisEngine {
                 .get_connection_manager_with_config(cfg)
                 .await
                 .map_err(|e| format!("redis at {}: {e}", redacted(url)))?;
-            (Conn::Single(conn), Clients::Single(client))
+            (Conn::Single(conn), Clients::Single(Box::new(client)))
         };
         let node = format!("{:016x}", rand::random::<u64>());
         let engine = Self {
@@ -432,7 +439,10 @@ impl RedisEngine {
             reachable: AtomicBool::new(true),
         };
         if !engine.ping().await {
-            return Err(format!("redis at {}: no answer to PING", shown(&config.urls)));
+            return Err(format!(
+                "redis at {}: no answer to PING",
+                shown(&config.urls)
+            ));
         }
         Ok(engine)
     }
@@ -514,7 +524,10 @@ impl RedisEngine {
                 inv.arg(format!("h:{k}")).arg(v);
             }
         }
-        let reply: Vec<u64> = inv.invoke_async(&mut conn).await.map_err(|e| unavailable(&e))?;
+        let reply: Vec<u64> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
         if reply.len() != messages.len() * 2 {
             return Err(protocol("send"));
         }
@@ -540,7 +553,7 @@ impl RedisEngine {
 
     /// Queues `messages` for `address` and returns where their sequences (or the refusal)
     /// arrive: appended in the order queued, many Sends to one address per script call (see
-    /// [`Outbox`]).
+    /// `Outbox`).
     pub fn append_queued(
         self: &Arc<Self>,
         address: &str,
@@ -551,12 +564,7 @@ impl RedisEngine {
             let _ = tx.send(Err(BrokerError::ShuttingDown));
             return rx;
         }
-        let outbox = Arc::clone(
-            self.outboxes
-                .entry(Arc::from(address))
-                .or_default()
-                .value(),
-        );
+        let outbox = Arc::clone(self.outboxes.entry(Arc::from(address)).or_default().value());
         let start = {
             let mut o = outbox.lock();
             o.queue.push((messages, tx));
@@ -587,7 +595,8 @@ impl RedisEngine {
                 for (m, _) in &o.queue {
                     let size: usize = m.iter().map(|m| m.size).sum();
                     if take > 0
-                        && (n + m.len() > APPEND_BATCH_MESSAGES || bytes + size > APPEND_BATCH_BYTES)
+                        && (n + m.len() > APPEND_BATCH_MESSAGES
+                            || bytes + size > APPEND_BATCH_BYTES)
                     {
                         break;
                     }
@@ -726,14 +735,22 @@ impl RedisEngine {
             Some("deleted") => return Err(BrokerError::GroupDeleted),
             _ => return Err(protocol("take")),
         }
-        let inc = it.next().as_ref().and_then(text).ok_or_else(|| protocol("take"))?;
+        let inc = it
+            .next()
+            .as_ref()
+            .and_then(text)
+            .ok_or_else(|| protocol("take"))?;
         let dropped = it
             .next()
             .as_ref()
             .and_then(int)
             .and_then(|n| u64::try_from(n).ok())
             .ok_or_else(|| protocol("take"))?;
-        let due = it.next().as_ref().and_then(int).ok_or_else(|| protocol("take"))?;
+        let due = it
+            .next()
+            .as_ref()
+            .and_then(int)
+            .ok_or_else(|| protocol("take"))?;
         let dlq = it.next().as_ref().and_then(text).unwrap_or_default();
         let messages = triples(address, &mut it, "take")?;
         let dead = triples(address, &mut it, "take")?;
@@ -918,11 +935,17 @@ impl RedisEngine {
             _ => return Err(protocol("settle")),
         }
         let dlq = it.next().as_ref().and_then(text).unwrap_or_default();
-        let acked = it.next().as_ref().and_then(int).ok_or_else(|| protocol("settle"))?;
-        self.metrics
-            .acked
-            .inc_by(u64::try_from(acked).unwrap_or(0));
-        let n = it.next().as_ref().and_then(int).ok_or_else(|| protocol("settle"))?;
+        let acked = it
+            .next()
+            .as_ref()
+            .and_then(int)
+            .ok_or_else(|| protocol("settle"))?;
+        self.metrics.acked.inc_by(u64::try_from(acked).unwrap_or(0));
+        let n = it
+            .next()
+            .as_ref()
+            .and_then(int)
+            .ok_or_else(|| protocol("settle"))?;
         let mut not_pending = Vec::new();
         for _ in 0..n {
             let s = it
@@ -995,7 +1018,10 @@ impl RedisEngine {
         }
         let mut p = redis::pipe();
         p.add_command(del).ignore();
-        p.cmd("SREM").arg(self.keys.addresses()).arg(address).ignore();
+        p.cmd("SREM")
+            .arg(self.keys.addresses())
+            .arg(address)
+            .ignore();
         p.query_async::<()>(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
