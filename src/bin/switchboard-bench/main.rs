@@ -15,6 +15,7 @@
 mod ceiling;
 mod disk;
 mod lean;
+mod redis;
 mod soak;
 
 use std::{
@@ -52,8 +53,9 @@ struct Args {
     /// The broker binary; default: `switchboard` beside this executable.
     #[arg(long)]
     broker_bin: Option<PathBuf>,
-    /// Only these workloads (W1..W9; W1a, W1b, W1c for one W1 variant), comma-separated. W9 is
-    /// the disk engine (`--data-dir` in a scratch directory under $TMPDIR).
+    /// Only these workloads (W1..W10; W1a, W1b, W1c for one W1 variant), comma-separated. W9 is
+    /// the disk engine (`--data-dir` in a scratch directory under $TMPDIR); W10 the Redis
+    /// engine (a `redis-server` started on a free loopback port; skipped without one).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs of each W1/W2 figure (broker and ceiling alternating); the median is printed.
@@ -929,6 +931,9 @@ async fn main() -> Res<()> {
     if wants(&args, "W9") {
         disk::run(&bin, s, args.quick, repeat, &mut emit).await?;
     }
+    if wants(&args, "W10") {
+        redis::run(&bin, s, repeat, &mut emit).await?;
+    }
     if wants(&args, "W8") {
         // SendBatch (batches of 100) against SendStream, both 1 -> 1 128 B delivered,
         // alternated on fresh brokers of this binary.
@@ -1052,7 +1057,7 @@ fn targets(rows: &[Row]) {
     let ratio = |id: &str| get(id).and_then(Row::ratio);
     let broker = |id: &str| get(id).map(|r| r.broker);
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
-    let checks: [(&str, Option<f64>, &str, f64); 17] = [
+    let checks: [(&str, Option<f64>, &str, f64); 18] = [
         (
             "unary Send 64 in flight / ceiling",
             ratio("W1b"),
@@ -1100,6 +1105,12 @@ fn targets(rows: &[Row]) {
             1.5,
         ),
         ("disk SendStream / memory", ratio("W9.stream"), ">=", 0.3),
+        (
+            "redis SendStream / direct XADD+XREAD",
+            ratio("W10.direct"),
+            ">=",
+            0.7,
+        ),
         ("disk unary x64 / memory", ratio("W9.unary64"), ">=", 0.5),
         (
             "disk unary x64 / group-commit ceiling",

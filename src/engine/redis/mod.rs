@@ -1016,13 +1016,15 @@ impl RedisEngine {
                 del.arg(self.keys.group(address, g, suffix));
             }
         }
-        let mut p = redis::pipe();
-        p.add_command(del).ignore();
-        p.cmd("SREM")
+        // Two commands, not one pipeline: on a cluster the set of addresses has a slot of its
+        // own.
+        del.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        redis::cmd("SREM")
             .arg(self.keys.addresses())
             .arg(address)
-            .ignore();
-        p.query_async::<()>(&mut conn)
+            .query_async::<()>(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
         self.registered.remove(address);
