@@ -150,7 +150,6 @@ impl Clients {
 
 /// The scripts, loaded once per connection (EVALSHA, falling back to EVAL after a restart).
 struct Scripts {
-    send: Script,
     start: Script,
     create_group: Script,
     take: Script,
@@ -195,7 +194,10 @@ impl Keys {
 }
 
 /// Most messages one append script carries when Sends queue up for an address.
-pub const APPEND_BATCH_MESSAGES: usize = 1000;
+pub const APPEND_BATCH_MESSAGES: usize = 256;
+/// Append scripts of one address in flight at once from one node: while Redis runs one, the
+/// next is on its way.
+pub const APPEND_IN_FLIGHT: usize = 2;
 /// Most bytes (as charged to retention) one append script carries.
 pub const APPEND_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -290,6 +292,7 @@ pub(crate) fn decode(address: &Arc<str>, sequence: u64, fields: Value) -> Option
             }
             b"t" => micros = u64::try_from(int(&v)?).ok()?,
             b"z" => size = usize::try_from(int(&v)?).ok()?,
+            b"c" => {}
             key => {
                 let key = key.strip_prefix(b"h:")?;
                 headers.insert(String::from_utf8(key.to_vec()).ok()?, text(&v)?);
@@ -382,6 +385,7 @@ impl RedisEngine {
         let urls: Vec<&str> = config.urls.iter().map(String::as_str).collect();
         let (conn, clients) = if config.cluster {
             let client = redis::cluster::ClusterClientBuilder::new(urls)
+                .tcp_settings(tcp())
                 .response_timeout(RESPONSE_TIMEOUT)
                 .connection_timeout(RESPONSE_TIMEOUT)
                 .build()
@@ -398,7 +402,10 @@ impl RedisEngine {
                     urls.len()
                 ));
             };
-            let client = redis::Client::open(*url).map_err(|e| format!("--redis-url: {e}"))?;
+            let info = redis::IntoConnectionInfo::into_connection_info(*url)
+                .map_err(|e| format!("--redis-url: {e}"))?
+                .set_tcp_settings(tcp());
+            let client = redis::Client::open(info).map_err(|e| format!("--redis-url: {e}"))?;
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
                 .set_connection_timeout(Some(RESPONSE_TIMEOUT))
@@ -422,7 +429,6 @@ impl RedisEngine {
             node,
             next_incarnation: AtomicU64::new(1),
             scripts: Scripts {
-                send: Script::new(scripts::SEND),
                 start: Script::new(&scripts::start()),
                 create_group: Script::new(&scripts::create_group()),
                 take: Script::new(scripts::TAKE),
@@ -504,38 +510,57 @@ impl RedisEngine {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(BrokerError::ShuttingDown);
         }
-        let mut conn = self.conn();
-        let mut inv = self.scripts.send.prepare_invoke();
-        inv.key(self.keys.stream(address))
-            .key(self.keys.meta(address))
-            .key(self.keys.of(address, "dh"))
-            .key(self.keys.of(address, "dz"))
+        let reply = self
+            .append_cmd(address, messages)
+            .query_async::<Vec<u64>>(&mut self.conn())
+            .await;
+        self.appended(address, messages.len(), reply).await
+    }
+
+    /// The append script as one `EVAL` (not `EVALSHA`: a script Redis has forgotten, after a
+    /// restart, would make the client load it and retry, and a retried call could land after
+    /// a later one; Redis caches the compiled body, so `EVAL` costs a hash of 4 KiB per call).
+    fn append_cmd(&self, address: &str, messages: &[NewMessage]) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::SEND)
+            .arg(4)
+            .arg(self.keys.stream(address))
+            .arg(self.keys.meta(address))
+            .arg(self.keys.of(address, "dh"))
+            .arg(self.keys.of(address, "dz"))
             .arg(self.limits.retention_messages)
             .arg(self.limits.retention_bytes)
             .arg(u64::try_from(self.limits.dedup_window.as_millis()).unwrap_or(u64::MAX))
             .arg(messages.len())
             .arg(self.incarnation());
         for m in messages {
-            inv.arg(m.message_id.as_deref().unwrap_or(""))
+            cmd.arg(m.message_id.as_deref().unwrap_or(""))
                 .arg(m.size)
                 .arg(m.headers.len() * 2)
                 .arg(m.payload.as_ref());
             for (k, v) in &m.headers {
-                inv.arg(format!("h:{k}")).arg(v);
+                cmd.arg(format!("h:{k}")).arg(v);
             }
         }
-        let reply: Vec<u64> = inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if reply.len() != messages.len() * 2 {
+        cmd
+    }
+
+    /// The append script's reply as what each message became.
+    async fn appended(
+        &self,
+        address: &str,
+        n: usize,
+        reply: redis::RedisResult<Vec<u64>>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        let reply = reply.map_err(|e| unavailable(&e))?;
+        if reply.len() != n * 2 {
             return Err(protocol("send"));
         }
         if !self.registered.contains_key(address) {
             let _: redis::RedisResult<()> = redis::cmd("SADD")
                 .arg(self.keys.addresses())
                 .arg(address)
-                .query_async(&mut conn)
+                .query_async(&mut self.conn())
                 .await;
             self.registered.insert(address.into(), ());
         }
@@ -577,39 +602,68 @@ impl RedisEngine {
         rx
     }
 
+    /// Sends the queued Sends of `address` until none is left, [`APPEND_IN_FLIGHT`] scripts at
+    /// a time. All go out on the shared connection from this one task, in queue order, and Redis
+    /// runs a connection's commands in the order they arrive, so sequences follow the queue.
     async fn drain_outbox(&self, address: &Arc<str>, outbox: &parking_lot::Mutex<Outbox>) {
+        type Pending = (Vec<Reply>, Vec<usize>);
+        use futures_util::StreamExt as _;
+        let mut in_flight = futures_util::stream::FuturesOrdered::new();
         loop {
-            let units = {
-                let mut o = outbox.lock();
-                if o.queue.is_empty() {
-                    o.busy = false;
-                    drop(o);
-                    // Forget an idle outbox, unless a Send queued since (then it is busy).
-                    self.outboxes.remove_if(address, |_, b| {
-                        let b = b.lock();
-                        !b.busy && b.queue.is_empty()
-                    });
-                    return;
-                }
-                let (mut n, mut bytes, mut take) = (0, 0, 0);
-                for (m, _) in &o.queue {
-                    let size: usize = m.iter().map(|m| m.size).sum();
-                    if take > 0
-                        && (n + m.len() > APPEND_BATCH_MESSAGES
-                            || bytes + size > APPEND_BATCH_BYTES)
-                    {
-                        break;
+            while in_flight.len() < APPEND_IN_FLIGHT {
+                let units = {
+                    let mut o = outbox.lock();
+                    let (mut n, mut bytes, mut take) = (0, 0, 0);
+                    for (m, _) in &o.queue {
+                        let size: usize = m.iter().map(|m| m.size).sum();
+                        if take > 0
+                            && (n + m.len() > APPEND_BATCH_MESSAGES
+                                || bytes + size > APPEND_BATCH_BYTES)
+                        {
+                            break;
+                        }
+                        n += m.len();
+                        bytes += size;
+                        take += 1;
                     }
-                    n += m.len();
-                    bytes += size;
-                    take += 1;
+                    o.queue.drain(..take).collect::<Vec<_>>()
+                };
+                if units.is_empty() {
+                    break;
                 }
-                o.queue.drain(..take).collect::<Vec<_>>()
+                let (messages, replies): (Vec<Vec<NewMessage>>, Vec<Reply>) =
+                    units.into_iter().unzip();
+                let counts: Vec<usize> = messages.iter().map(Vec::len).collect();
+                let all: Vec<NewMessage> = messages.into_iter().flatten().collect();
+                let pending: Pending = (replies, counts);
+                if self.shutting_down.load(Ordering::Acquire) {
+                    for tx in pending.0 {
+                        let _ = tx.send(Err(BrokerError::ShuttingDown));
+                    }
+                    continue;
+                }
+                let cmd = self.append_cmd(address, &all);
+                let mut conn = self.conn();
+                let n = all.len();
+                in_flight.push_back(async move {
+                    (pending, n, cmd.query_async::<Vec<u64>>(&mut conn).await)
+                });
+            }
+            let Some(((replies, counts), n, reply)) = in_flight.next().await else {
+                let mut o = outbox.lock();
+                if !o.queue.is_empty() {
+                    continue;
+                }
+                o.busy = false;
+                drop(o);
+                // Forget an idle outbox, unless a Send queued since (then it is busy).
+                self.outboxes.remove_if(address, |_, b| {
+                    let b = b.lock();
+                    !b.busy && b.queue.is_empty()
+                });
+                return;
             };
-            let (messages, replies): (Vec<Vec<NewMessage>>, Vec<Reply>) = units.into_iter().unzip();
-            let counts: Vec<usize> = messages.iter().map(Vec::len).collect();
-            let all: Vec<NewMessage> = messages.into_iter().flatten().collect();
-            match self.append(address, &all).await {
+            match self.appended(address, n, reply).await {
                 Ok(appended) => {
                     let mut rest = appended.as_slice();
                     for (tx, n) in replies.into_iter().zip(counts) {
@@ -1175,37 +1229,42 @@ impl RedisEngine {
     }
 }
 
-/// Trims entries whose `t` is before ARGV[1] (µs) from the front of KEYS[1], keeping the
-/// byte count in KEYS[2]. Returns how many were removed.
+/// Trims entries whose `t` is before ARGV[1] (µs) from the front of KEYS[1] (`t` never
+/// decreases, so the cut is found by binary search), keeping the byte count in KEYS[2].
+/// Returns how many were removed.
 const AGE_TRIM: &str = r"
-local bytes = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
-local removed = 0
-local trim_to = nil
-local from = '-'
-while true do
-  local es = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 100)
-  if #es == 0 then break end
-  local stop = false
-  for _, e in ipairs(es) do
-    local f = e[2]
-    local t, z = 0, 0
-    for q = 1, #f, 2 do
-      if f[q] == 't' then t = tonumber(f[q + 1]) elseif f[q] == 'z' then z = tonumber(f[q + 1]) end
-    end
-    if t >= tonumber(ARGV[1]) then stop = true break end
-    bytes = bytes - z
-    removed = removed + 1
-    trim_to = tonumber(string.match(e[1], '^(%d+)')) + 1
+local m = redis.call('HMGET', KEYS[2], 'seq', 'cum')
+local last = tonumber(m[1] or '0')
+local cum = tonumber(m[2] or '0')
+local len = redis.call('XLEN', KEYS[1])
+if len == 0 then return 0 end
+local oldest = last - len + 1
+local function field(s, name)
+  local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+  local f = e[1][2]
+  for q = 1, #f, 2 do
+    if f[q] == name then return tonumber(f[q + 1]) end
   end
-  if stop then break end
-  from = '(' .. es[#es][1]
+  return 0
 end
-if trim_to then
-  redis.call('XTRIM', KEYS[1], 'MINID', trim_to .. '-0')
-  redis.call('HSET', KEYS[2], 'bytes', bytes)
+local want = tonumber(ARGV[1])
+local lo, hi = oldest, last + 1
+while lo < hi do
+  local mid = math.floor((lo + hi) / 2)
+  if field(mid, 't') < want then lo = mid + 1 else hi = mid end
 end
-return removed
+if lo == oldest then return 0 end
+local bytes = 0
+if lo <= last then bytes = cum - (field(lo, 'c') - field(lo, 'z')) end
+redis.call('XTRIM', KEYS[1], 'MINID', lo .. '-0')
+redis.call('HSET', KEYS[2], 'bytes', bytes)
+return lo - oldest
 ";
+/// TCP_NODELAY on every connection to Redis: a script's request must not wait for the
+/// previous reply's ACK (Nagle's algorithm), which left the broker idle half the time.
+fn tcp() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
 
 fn start_args(start: StartAt) -> (&'static str, u64) {
     match start {

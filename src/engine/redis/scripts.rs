@@ -5,8 +5,10 @@
 //! Keys of address `A` (see [`super::Keys`]; `sb` is the default namespace):
 //! - `sb:{A}:s`: the stream. Entry id `<sequence>-0`; fields `p` (payload), `t` (`sent_at`, µs
 //!   since the Unix epoch, from Redis's own clock, never going backwards), `z` (bytes charged to
-//!   retention), then `h:<key>` / value per header.
-//! - `sb:{A}:m`: hash: `seq` (last sequence), `bytes` (retained bytes), `t` (last `sent_at`),
+//!   retention), `c` (bytes appended to the address up to and including this message), then
+//!   `h:<key>` / value per header.
+//! - `sb:{A}:m`: hash: `seq` (last sequence), `bytes` (retained bytes), `cum` (bytes appended
+//!   ever), `t` (last `sent_at`),
 //!   `epoch` (set when the address is created; a new one after DeleteAddress tells other nodes'
 //!   streams the address they followed was deleted).
 //! - `sb:{A}:dh` / `sb:{A}:dz`: dedup ids: hash id → sequence, and sorted set id → expiry (ms).
@@ -26,9 +28,9 @@
 pub(super) const SEND: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local m = redis.call('HMGET', KEYS[2], 'seq', 'bytes', 't')
+local m = redis.call('HMGET', KEYS[2], 'seq', 'cum', 't')
 local seq = tonumber(m[1] or '0')
-local bytes = tonumber(m[2] or '0')
+local cum = tonumber(m[2] or '0')
 local last_t = tonumber(m[3] or '0')
 if now < last_t then now = last_t end
 redis.call('HSETNX', KEYS[2], 'epoch', ARGV[5])
@@ -44,7 +46,7 @@ local out = {}
 local i = 6
 for k = 1, tonumber(ARGV[4]) do
   local id = ARGV[i]
-  local size = tonumber(ARGV[i + 1])
+  local size = ARGV[i + 1]
   local nf = tonumber(ARGV[i + 2])
   local dup = nil
   if id ~= '' and window > 0 then
@@ -63,10 +65,14 @@ for k = 1, tonumber(ARGV[4]) do
     out[#out + 1] = 1
   else
     seq = seq + 1
-    local args = {'XADD', KEYS[1], seq .. '-0', 'p', ARGV[i + 3], 't', now, 'z', size}
-    for j = 1, nf do args[#args + 1] = ARGV[i + 3 + j] end
-    redis.call(unpack(args))
-    bytes = bytes + size
+    cum = cum + tonumber(size)
+    if nf == 0 then
+      redis.call('XADD', KEYS[1], seq .. '-0', 'p', ARGV[i + 3], 't', now, 'z', size, 'c', cum)
+    else
+      local args = {'XADD', KEYS[1], seq .. '-0', 'p', ARGV[i + 3], 't', now, 'z', size, 'c', cum}
+      for j = 1, nf do args[#args + 1] = ARGV[i + 3 + j] end
+      redis.call(unpack(args))
+    end
     if id ~= '' and window > 0 then
       redis.call('HSET', KEYS[3], id, seq)
       redis.call('ZADD', KEYS[4], now_ms + window, id)
@@ -76,29 +82,40 @@ for k = 1, tonumber(ARGV[4]) do
   end
   i = i + 4 + nf
 end
-local maxn = tonumber(ARGV[1])
-local maxb = tonumber(ARGV[2])
-local len = redis.call('XLEN', KEYS[1])
-if len > maxn or bytes > maxb then
-  local from = '-'
-  local trim_to = nil
-  while len > maxn or bytes > maxb do
-    local es = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 100)
-    if #es == 0 then break end
-    for _, e in ipairs(es) do
-      if len <= maxn and bytes <= maxb then break end
-      local f = e[2]
-      for q = 1, #f, 2 do
-        if f[q] == 'z' then bytes = bytes - tonumber(f[q + 1]) break end
-      end
-      len = len - 1
-      trim_to = tonumber(string.match(e[1], '^(%d+)')) + 1
-    end
-    from = '(' .. es[#es][1]
+-- Retention: every entry carries `c`, the bytes appended to the address up to and including
+-- it, so the bytes retained from sequence s on are cum - (c(s) - z(s)): one entry read, not
+-- one per evicted message. Sequences are dense, so the new first one is found directly (count)
+-- or by binary search (bytes).
+local function before(s)
+  local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+  local f = e[1][2]
+  local c, z = 0, 0
+  for q = 1, #f, 2 do
+    if f[q] == 'c' then c = tonumber(f[q + 1]) elseif f[q] == 'z' then z = tonumber(f[q + 1]) end
   end
-  if trim_to then redis.call('XTRIM', KEYS[1], 'MINID', trim_to .. '-0') end
+  return c - z
 end
-redis.call('HSET', KEYS[2], 'seq', seq, 'bytes', bytes, 't', now)
+local len = redis.call('XLEN', KEYS[1])
+local bytes = 0
+if len > 0 then
+  local oldest = seq - len + 1
+  local from = oldest
+  local maxn = tonumber(ARGV[1])
+  local maxb = tonumber(ARGV[2])
+  if len > maxn then from = seq - maxn + 1 end
+  bytes = cum - before(from)
+  if bytes > maxb then
+    local lo, hi = from, seq
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      if cum - before(mid) <= maxb then hi = mid else lo = mid + 1 end
+    end
+    from = lo
+    bytes = cum - before(from)
+  end
+  if from > oldest then redis.call('XTRIM', KEYS[1], 'MINID', from .. '-0') end
+end
+redis.call('HSET', KEYS[2], 'seq', seq, 'bytes', bytes, 'cum', cum, 't', now)
 return out
 ";
 
