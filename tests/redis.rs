@@ -631,3 +631,102 @@ async fn retention_on_redis_reports_exact_loss() {
     assert_eq!(r.messages.len(), 1);
     node.stop().await;
 }
+
+/// The conformance case `evicted_pending_messages_are_reported_dropped` on Redis: pending
+/// messages that retention takes are reported to the group at its next read (not when their
+/// lease falls due), and an Ack of one is answered "not pending".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_pending_messages_are_reported_dropped() {
+    let redis = RedisServer::start();
+    let config = common::redis::config(&redis.url(), &common::redis::namespace());
+    let node = TestServer::with_redis(
+        Limits {
+            retention_messages: 3,
+            ..Limits::default()
+        },
+        &config,
+    )
+    .await;
+    let mut c = node.client().await;
+    for i in 0..3u8 {
+        common::send(&mut c, "ep", &[i]).await;
+    }
+    c.create_group(CreateGroupRequest {
+        address: "ep".into(),
+        group: "w".into(),
+        start_sequence: 1,
+        ack_wait: Some(Duration::from_secs(600).try_into().unwrap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = common::recv(&mut c, "ep", "w", 2, Duration::ZERO).await;
+    assert_eq!(
+        r.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    for i in 3..6u8 {
+        common::send(&mut c, "ep", &[i]).await;
+    }
+    let r = common::recv(&mut c, "ep", "w", 10, Duration::ZERO).await;
+    assert_eq!(r.dropped, 3, "1 and 2 (pending) and 3 (never taken)");
+    assert_eq!(
+        r.messages
+            .iter()
+            .map(|m| (m.sequence, m.delivery_attempt))
+            .collect::<Vec<_>>(),
+        [(4, 1), (5, 1), (6, 1)]
+    );
+    let not = c
+        .ack(AckRequest {
+            address: "ep".into(),
+            group: "w".into(),
+            sequences: vec![1],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(not.not_pending, [1]);
+    node.stop().await;
+}
+
+/// One SendStream's messages keep their order although a node has several append scripts in
+/// flight for the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_stream_keeps_its_order() {
+    let redis = RedisServer::start();
+    let node = nodes(&redis, 1).await.remove(0);
+    let mut c = node.client().await;
+    const N: u32 = 20_000;
+    let requests =
+        tokio_stream::iter((0..N).map(|i| send_req("ordered", i.to_be_bytes().to_vec())));
+    let mut responses = c.send_stream(requests).await.unwrap().into_inner();
+    let mut seqs = Vec::new();
+    while let Some(r) = step("responses", responses.message()).await.unwrap() {
+        assert!(r.error.is_none(), "{r:?}");
+        seqs.push(r.sequence);
+    }
+    assert_eq!(
+        seqs,
+        (1..=u64::from(N)).collect::<Vec<_>>(),
+        "responses in order"
+    );
+    let mut stream = c
+        .subscribe(SubscribeRequest {
+            address: "ordered".into(),
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = take_messages(&mut stream, N as usize).await;
+    for (s, p) in got {
+        assert_eq!(
+            p,
+            u32::try_from(s - 1).unwrap().to_be_bytes(),
+            "sequence {s}"
+        );
+    }
+    node.stop().await;
+}

@@ -182,7 +182,8 @@ impl Keys {
         self.of(address, "m")
     }
 
-    /// A group's hash; `suffix` `""`, `:l` (leases), `:n` (deliveries), `:o` (holders).
+    /// A group's hash; `suffix` `""`, `:l` (leases), `:q` (pending by sequence), `:n`
+    /// (deliveries), `:o` (holders).
     pub(crate) fn group(&self, address: &str, group: &str, suffix: &str) -> String {
         self.of(address, &format!("g:{group}{suffix}"))
     }
@@ -770,6 +771,7 @@ impl RedisEngine {
             .key(self.keys.group(a, group, ":n"))
             .key(self.keys.group(a, group, ":o"))
             .key(self.keys.of(a, "groups"))
+            .key(self.keys.group(a, group, ":q"))
             .arg(group)
             .arg(max)
             .arg(self.holder(holder))
@@ -845,6 +847,7 @@ impl RedisEngine {
             .key(self.keys.group(address, group, ":l"))
             .key(self.keys.group(address, group, ":n"))
             .key(self.keys.group(address, group, ":o"))
+            .key(self.keys.group(address, group, ":q"))
             .arg(inc);
         for s in sequences {
             inv.arg(*s);
@@ -961,6 +964,7 @@ impl RedisEngine {
             .key(self.keys.group(a, group, ":l"))
             .key(self.keys.group(a, group, ":n"))
             .key(self.keys.group(a, group, ":o"))
+            .key(self.keys.group(a, group, ":q"))
             .arg(name)
             .arg(delay);
         for s in sequences {
@@ -1028,6 +1032,7 @@ impl RedisEngine {
             .key(self.keys.group(address, group, ":n"))
             .key(self.keys.group(address, group, ":o"))
             .key(self.keys.of(address, "groups"))
+            .key(self.keys.group(address, group, ":q"))
             .arg(group)
             .invoke_async(&mut self.conn())
             .await
@@ -1066,7 +1071,7 @@ impl RedisEngine {
             del.arg(self.keys.of(address, k));
         }
         for g in &groups {
-            for suffix in ["", ":l", ":n", ":o"] {
+            for suffix in ["", ":l", ":n", ":o", ":q"] {
                 del.arg(self.keys.group(address, g, suffix));
             }
         }

@@ -17,6 +17,7 @@
 //!   re-created group gets a new one), `desc` (its settings as CreateGroup's error shows them),
 //!   `wait` (ack_wait, ms; 0: at most once), `maxdel`, `maxpend`, `dlq`.
 //! - `sb:{A}:g:<group>:l`: leases, sorted set sequence → due time (ms, Redis clock);
+//!   `:q` the same sequences scored by sequence (to find those retention took);
 //!   `:n` hash sequence → deliveries so far; `:o` hash sequence → lease holder.
 
 /// Appends messages: assigns consecutive sequences, skips duplicates, trims to retention.
@@ -201,7 +202,8 @@ return {{'created', p}}
 /// Takes messages for a group: due redeliveries first (dead-lettering those at
 /// `max_deliveries`), then new ones up to `max_ack_pending`.
 ///
-/// KEYS: stream, meta, group, leases, deliveries, holders, groups set. ARGV: name, max, holder,
+/// KEYS: stream, meta, group, leases, deliveries, holders, groups set, pending by sequence.
+/// ARGV: name, max, holder,
 /// expected incarnation (`""`: create the group at the end if missing), incarnation for a new
 /// group, `1` if a new group starts at sequence 1 (the default group), desc for a new group.
 /// Returns `['deleted']` or `['ok', incarnation, dropped, next due in ms or -1, dlq, n, (seq,
@@ -229,6 +231,18 @@ local msgs = {}
 local dead = {}
 local dropped = 0
 if wait > 0 then
+  -- Pending messages retention took are gone for good: reported now, not when they fall due.
+  local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  local first = last + 1
+  if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', '(' .. first)
+  for _, s in ipairs(gone) do
+    redis.call('ZREM', KEYS[4], s)
+    redis.call('ZREM', KEYS[8], s)
+    redis.call('HDEL', KEYS[5], s)
+    redis.call('HDEL', KEYS[6], s)
+    dropped = dropped + 1
+  end
   local maxdel = tonumber(cfg[2] or '0')
   local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, max)
   for _, s in ipairs(due) do
@@ -236,6 +250,7 @@ if wait > 0 then
     local att = tonumber(redis.call('HGET', KEYS[5], s) or '0')
     if #e == 0 then
       redis.call('ZREM', KEYS[4], s)
+      redis.call('ZREM', KEYS[8], s)
       redis.call('HDEL', KEYS[5], s)
       redis.call('HDEL', KEYS[6], s)
       dropped = dropped + 1
@@ -278,6 +293,7 @@ if room > 0 and nxt <= last then
       if wait > 0 then
         att = 1
         redis.call('ZADD', KEYS[4], now + wait, s)
+        redis.call('ZADD', KEYS[8], s, s)
         redis.call('HSET', KEYS[5], s, 1)
         redis.call('HSET', KEYS[6], s, ARGV[3])
       end
@@ -306,7 +322,8 @@ return r
 
 /// Ack, Nack (with a delay) or ExtendLease.
 ///
-/// KEYS: stream, group, leases, deliveries, holders. ARGV: op (`ack`, `nack`, `extend`), delay
+/// KEYS: stream, group, leases, deliveries, holders, pending by sequence. ARGV: op (`ack`,
+/// `nack`, `extend`), delay
 /// (ms), sequences... Returns `['nogroup']`, `['noack']` or `['ok', dlq, acked, n, not-pending * n, d,
 /// (seq, deliveries, fields) * d]`.
 pub(super) const SETTLE: &str = r"
@@ -318,17 +335,28 @@ local maxdel = tonumber(cfg[3] or '0')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op = ARGV[1]
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local first = nil
+if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
 local notp = {}
 local dead = {}
 local acked = 0
 for i = 3, #ARGV do
   local s = ARGV[i]
   local holder = redis.call('HGET', KEYS[5], s)
-  if not redis.call('ZSCORE', KEYS[3], s) or not holder or holder == '!' or holder == '-' then
+  if redis.call('ZSCORE', KEYS[3], s) and (first == nil or tonumber(s) < first) then
+    -- Retention took it while it was pending: not pending any more.
+    redis.call('ZREM', KEYS[3], s)
+    redis.call('ZREM', KEYS[6], s)
+    redis.call('HDEL', KEYS[4], s)
+    redis.call('HDEL', KEYS[5], s)
+    notp[#notp + 1] = s
+  elseif not redis.call('ZSCORE', KEYS[3], s) or not holder or holder == '!' or holder == '-' then
     notp[#notp + 1] = s
   elseif op == 'ack' then
     acked = acked + 1
     redis.call('ZREM', KEYS[3], s)
+    redis.call('ZREM', KEYS[6], s)
     redis.call('HDEL', KEYS[4], s)
     redis.call('HDEL', KEYS[5], s)
   elseif op == 'extend' then
@@ -338,6 +366,7 @@ for i = 3, #ARGV do
     local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
     if #e == 0 then
       redis.call('ZREM', KEYS[3], s)
+      redis.call('ZREM', KEYS[6], s)
       redis.call('HDEL', KEYS[4], s)
       redis.call('HDEL', KEYS[5], s)
     elseif maxdel > 0 and att >= maxdel then
@@ -360,12 +389,14 @@ for _, v in ipairs(dead) do r[#r + 1] = v end
 return r
 ";
 
-/// A dead letter is stored: forget its original. KEYS: group, leases, deliveries, holders.
+/// A dead letter is stored: forget its original. KEYS: group, leases, deliveries, holders,
+/// pending by sequence.
 /// ARGV: incarnation, sequences...
 pub(super) const FINISH: &str = r"
 if redis.call('HGET', KEYS[1], 'inc') ~= ARGV[1] then return 0 end
 for i = 2, #ARGV do
   redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('ZREM', KEYS[5], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
   redis.call('HDEL', KEYS[4], ARGV[i])
 end
@@ -428,11 +459,12 @@ end
 return r
 ";
 
-/// DeleteGroup. KEYS: group, leases, deliveries, holders, groups set. ARGV: name. Returns 1 if
+/// DeleteGroup. KEYS: group, leases, deliveries, holders, groups set, pending by sequence.
+/// ARGV: name. Returns 1 if
 /// it existed.
 pub(super) const DELETE_GROUP: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6])
 redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 ";
