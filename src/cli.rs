@@ -579,6 +579,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_REDIS_NAMESPACE", default_value = "sb")]
     pub redis_namespace: String,
 
+    /// With --engine redis and a `rediss://` URL: PEM CA certificate(s) to verify Redis's
+    /// certificate with (default: the system's trust store).
+    #[arg(long, env = "SWITCHBOARD_REDIS_CA_CERT", value_name = "PATH")]
+    pub redis_ca_cert: Option<std::path::PathBuf>,
+
     /// With --data-dir: `always` (default) fsyncs before answering; `interval` fsyncs every
     /// --fsync-interval-ms and can lose that much to a power cut.
     #[arg(long, env = "SWITCHBOARD_FSYNC", value_enum, default_value_t = Fsync::Always, requires = "data_dir")]
@@ -701,6 +706,7 @@ impl ServeArgs {
                     urls: self.redis_url.clone(),
                     cluster: self.redis_cluster,
                     namespace: ns.clone(),
+                    ca_cert: self.redis_ca_cert.clone(),
                 })
             }
         };

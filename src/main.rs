@@ -84,6 +84,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // Before anything opens TLS (a `rediss://` Redis, the listener with --tls-cert).
+    switchboard::grpc::tls::install_provider();
     // Recover the data directory before listening, so health turns SERVING only when every
     // address is back.
     let broker = match (&config.storage, &config.redis) {
@@ -105,7 +107,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    switchboard::grpc::tls::install_provider();
     if !addr.ip().is_loopback() {
         let missing: Vec<&str> = [
             (config.security.tls.is_none(), "TLS (--tls-cert)"),

@@ -730,3 +730,50 @@ async fn a_send_stream_keeps_its_order() {
     }
     node.stop().await;
 }
+
+/// `rediss://`: Redis serving TLS only (certificates made here), verified with
+/// `--redis-ca-cert`; a node that does not trust the CA is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_ca_certificate() {
+    switchboard::grpc::tls::install_provider();
+    let pki = common::pki::Pki::new("redis-tls");
+    let (cert, key, ca) = (
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    let port = common::redis::free_port().to_string();
+    let redis = RedisServer::start_with(&[
+        "--port",
+        "0",
+        "--tls-port",
+        &port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{port}");
+    let mut config = common::redis::config(&url, &common::redis::namespace());
+    // Without the CA, the server's certificate is not trusted.
+    let refused = switchboard::Broker::with_redis(Limits::default(), &config)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("redis"), "{refused}");
+    config.ca_cert = Some(ca.clone());
+    let node = TestServer::with_redis(Limits::default(), &config).await;
+    let mut c = node.client().await;
+    assert_eq!(common::send(&mut c, "tls", b"over TLS").await, 1);
+    let r = common::recv(&mut c, "tls", "", 10, Duration::ZERO).await;
+    assert_eq!(r.messages[0].payload.as_ref(), b"over TLS");
+    node.stop().await;
+    drop(redis);
+}

@@ -75,6 +75,7 @@ async fn three_nodes_on_a_three_master_cluster() {
         urls: masters.iter().map(RedisServer::url).collect(),
         cluster: true,
         namespace: common::redis::namespace(),
+        ca_cert: None,
     };
     let mut nodes = Vec::new();
     for _ in 0..3 {

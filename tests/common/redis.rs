@@ -114,5 +114,6 @@ pub fn config(url: &str, namespace: &str) -> RedisConfig {
         urls: vec![url.to_string()],
         cluster: false,
         namespace: namespace.to_string(),
+        ca_cert: None,
     }
 }

@@ -61,6 +61,9 @@ pub struct RedisConfig {
     /// Prefix of every key (`<namespace>:{address}:...`): brokers with different namespaces
     /// share one Redis without seeing each other's addresses.
     pub namespace: String,
+    /// PEM CA certificate(s) to verify a `rediss://` Redis with; `None`: the system's trust
+    /// store.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// `url` without its password (`redis://user:***@host:port`), for logs and errors.
@@ -384,13 +387,25 @@ impl RedisEngine {
         config: &RedisConfig,
     ) -> Result<Self, String> {
         let urls: Vec<&str> = config.urls.iter().map(String::as_str).collect();
+        let certs = match &config.ca_cert {
+            None => None,
+            Some(path) => Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(
+                    std::fs::read(path)
+                        .map_err(|e| format!("--redis-ca-cert {}: {e}", path.display()))?,
+                ),
+            }),
+        };
         let (conn, clients) = if config.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(urls)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
                 .tcp_settings(tcp())
                 .response_timeout(RESPONSE_TIMEOUT)
-                .connection_timeout(RESPONSE_TIMEOUT)
-                .build()
-                .map_err(|e| format!("--redis-url: {e}"))?;
+                .connection_timeout(RESPONSE_TIMEOUT);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().map_err(|e| format!("--redis-url: {e}"))?;
             let conn = client
                 .get_async_connection()
                 .await
@@ -406,7 +421,11 @@ impl RedisEngine {
             let info = redis::IntoConnectionInfo::into_connection_info(*url)
                 .map_err(|e| format!("--redis-url: {e}"))?
                 .set_tcp_settings(tcp());
-            let client = redis::Client::open(info).map_err(|e| format!("--redis-url: {e}"))?;
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(info, certs),
+                None => redis::Client::open(info),
+            }
+            .map_err(|e| format!("--redis-url: {e}"))?;
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
                 .set_connection_timeout(Some(RESPONSE_TIMEOUT))
