@@ -77,9 +77,14 @@ async fn three_nodes_on_a_three_master_cluster() {
         namespace: common::redis::namespace(),
         ca_cert: None,
     };
+    // Retention above what is sent: nothing may be evicted here (dedup needs the first message).
+    let limits = Limits {
+        retention_messages: usize::try_from(2 * n).unwrap().max(65_536),
+        ..Limits::default()
+    };
     let mut nodes = Vec::new();
     for _ in 0..3 {
-        nodes.push(TestServer::with_redis(Limits::default(), &config).await);
+        nodes.push(TestServer::with_redis(limits.clone(), &config).await);
     }
     let addresses: Vec<String> = (0..6).map(|i| format!("cl.{i}")).collect();
     // A fan-out subscriber per address on node 2, a group per address created on node 3.

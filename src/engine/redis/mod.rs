@@ -565,6 +565,22 @@ impl RedisEngine {
         cmd
     }
 
+    /// Adds `address` to the set of addresses (ListAddresses, the age sweep), once per node.
+    /// A failure is retried by the next Send, so it is not reported.
+    async fn register(&self, address: &str) {
+        if self.registered.contains_key(address) {
+            return;
+        }
+        let added: redis::RedisResult<()> = redis::cmd("SADD")
+            .arg(self.keys.addresses())
+            .arg(address)
+            .query_async(&mut self.conn())
+            .await;
+        if added.is_ok() {
+            self.registered.insert(address.into(), ());
+        }
+    }
+
     /// The append script's reply as what each message became.
     async fn appended(
         &self,
@@ -576,14 +592,7 @@ impl RedisEngine {
         if reply.len() != n * 2 {
             return Err(protocol("send"));
         }
-        if !self.registered.contains_key(address) {
-            let _: redis::RedisResult<()> = redis::cmd("SADD")
-                .arg(self.keys.addresses())
-                .arg(address)
-                .query_async(&mut self.conn())
-                .await;
-            self.registered.insert(address.into(), ());
-        }
+        self.register(address).await;
         let out: Vec<Appended> = reply
             .chunks_exact(2)
             .map(|p| Appended {
@@ -930,14 +939,7 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
-        if !self.registered.contains_key(address) {
-            let _: redis::RedisResult<()> = redis::cmd("SADD")
-                .arg(self.keys.addresses())
-                .arg(address)
-                .query_async(&mut self.conn())
-                .await;
-            self.registered.insert(address.into(), ());
-        }
+        self.register(address).await;
         let n = || reply.1.parse::<u64>().map_err(|_| protocol("create_group"));
         match reply.0.as_str() {
             "created" => Ok((true, n()?)),
