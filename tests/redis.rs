@@ -777,3 +777,45 @@ async fn rediss_with_a_ca_certificate() {
     node.stop().await;
     drop(redis);
 }
+
+/// Sequences past 10^14 keep their exact digits in entry ids (Lua would write `1e+14`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_past_ten_to_the_fourteen_stay_exact() {
+    let redis = RedisServer::start();
+    let ns = common::redis::namespace();
+    let node =
+        TestServer::with_redis(Limits::default(), &common::redis::config(&redis.url(), &ns)).await;
+    let mut c = node.client().await;
+    // Start the address's sequence as if it had lived long.
+    let mut r = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let last: u64 = 99_999_999_999_998;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{ns}:{{big}}:m"))
+        .arg("seq")
+        .arg(last)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    for (i, want) in (last + 1..=last + 3).enumerate() {
+        assert_eq!(
+            common::send(&mut c, "big", &[u8::try_from(i).unwrap()]).await,
+            want
+        );
+    }
+    let mut stream = c
+        .subscribe(SubscribeRequest {
+            address: "big".into(),
+            start_sequence: last + 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = take_messages(&mut stream, 2).await;
+    assert_eq!(got, [(last + 2, vec![1]), (last + 3, vec![2])]);
+    node.stop().await;
+}

@@ -1266,7 +1266,7 @@ local len = redis.call('XLEN', KEYS[1])
 if len == 0 then return 0 end
 local oldest = last - len + 1
 local function field(s, name)
-  local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+  local e = redis.call('XRANGE', KEYS[1], string.format('%d-0', s), string.format('%d-0', s))
   local f = e[1][2]
   for q = 1, #f, 2 do
     if f[q] == name then return tonumber(f[q + 1]) end
@@ -1282,7 +1282,7 @@ end
 if lo == oldest then return 0 end
 local bytes = 0
 if lo <= last then bytes = cum - (field(lo, 'c') - field(lo, 'z')) end
-redis.call('XTRIM', KEYS[1], 'MINID', lo .. '-0')
+redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', lo))
 redis.call('HSET', KEYS[2], 'bytes', bytes)
 return lo - oldest
 ";

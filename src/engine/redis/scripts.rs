@@ -68,9 +68,9 @@ for k = 1, tonumber(ARGV[4]) do
     seq = seq + 1
     cum = cum + tonumber(size)
     if nf == 0 then
-      redis.call('XADD', KEYS[1], seq .. '-0', 'p', ARGV[i + 3], 't', now, 'z', size, 'c', cum)
+      redis.call('XADD', KEYS[1], string.format('%d-0', seq), 'p', ARGV[i + 3], 't', now, 'z', size, 'c', cum)
     else
-      local args = {'XADD', KEYS[1], seq .. '-0', 'p', ARGV[i + 3], 't', now, 'z', size, 'c', cum}
+      local args = {'XADD', KEYS[1], string.format('%d-0', seq), 'p', ARGV[i + 3], 't', now, 'z', size, 'c', cum}
       for j = 1, nf do args[#args + 1] = ARGV[i + 3 + j] end
       redis.call(unpack(args))
     end
@@ -88,7 +88,7 @@ end
 -- one per evicted message. Sequences are dense, so the new first one is found directly (count)
 -- or by binary search (bytes).
 local function before(s)
-  local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+  local e = redis.call('XRANGE', KEYS[1], string.format('%d-0', s), string.format('%d-0', s))
   local f = e[1][2]
   local c, z = 0, 0
   for q = 1, #f, 2 do
@@ -114,7 +114,7 @@ if len > 0 then
     from = lo
     bytes = cum - before(from)
   end
-  if from > oldest then redis.call('XTRIM', KEYS[1], 'MINID', from .. '-0') end
+  if from > oldest then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', from)) end
 end
 redis.call('HSET', KEYS[2], 'seq', seq, 'bytes', bytes, 'cum', cum, 't', now)
 return out
@@ -132,7 +132,7 @@ local function first_seq(stream, last)
   return last + 1
 end
 local function time_of(stream, s)
-  local e = redis.call('XRANGE', stream, s .. '-0', s .. '-0')
+  local e = redis.call('XRANGE', stream, string.format('%d-0', s), string.format('%d-0', s))
   if #e == 0 then return nil end
   local f = e[1][2]
   for q = 1, #f, 2 do
@@ -246,7 +246,7 @@ if wait > 0 then
   local maxdel = tonumber(cfg[2] or '0')
   local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, max)
   for _, s in ipairs(due) do
-    local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+    local e = redis.call('XRANGE', KEYS[1], string.format('%d-0', s), string.format('%d-0', s))
     local att = tonumber(redis.call('HGET', KEYS[5], s) or '0')
     if #e == 0 then
       redis.call('ZREM', KEYS[4], s)
@@ -280,7 +280,7 @@ if wait > 0 then
 end
 local nxt = tonumber(cfg[4])
 if room > 0 and nxt <= last then
-  local es = redis.call('XRANGE', KEYS[1], nxt .. '-0', '+', 'COUNT', room)
+  local es = redis.call('XRANGE', KEYS[1], string.format('%d-0', nxt), '+', 'COUNT', room)
   if #es == 0 then
     dropped = dropped + (last + 1 - nxt)
     nxt = last + 1
@@ -363,7 +363,7 @@ for i = 3, #ARGV do
     redis.call('ZADD', KEYS[3], now + wait, s)
   else
     local att = tonumber(redis.call('HGET', KEYS[4], s) or '0')
-    local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+    local e = redis.call('XRANGE', KEYS[1], string.format('%d-0', s), string.format('%d-0', s))
     if #e == 0 then
       redis.call('ZREM', KEYS[3], s)
       redis.call('ZREM', KEYS[6], s)
