@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use common::{TestServer, STEP};
+use common::{step_limit, TestServer};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use prost::Message as _;
@@ -53,7 +53,9 @@ fn send_req(address: &str, payload: &[u8]) -> SendRequest {
 }
 
 async fn step<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.expect("step timed out")
+    tokio::time::timeout(step_limit(), f)
+        .await
+        .expect("step timed out")
 }
 
 /// Send, Recv and a Subscribe stream of 1,000 messages in order, all over gRPC-Web, against

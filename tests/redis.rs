@@ -541,14 +541,14 @@ async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resume
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
     // Health follows (probed every second).
-    let deadline = tokio::time::Instant::now() + common::STEP;
+    let deadline = tokio::time::Instant::now() + common::step_limit();
     while status(&mut health).await != ServingStatus::NotServing as i32 {
         assert!(tokio::time::Instant::now() < deadline, "never NOT_SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     let redis = RedisServer::start_in(dir, Some(port), &aof);
-    let deadline = tokio::time::Instant::now() + common::STEP;
+    let deadline = tokio::time::Instant::now() + common::step_limit();
     while status(&mut health).await != ServingStatus::Serving as i32 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -616,7 +616,7 @@ async fn retention_on_redis_reports_exact_loss() {
         Event::Dropped(d) => panic!("dropped twice: {}", d.count),
     }
     // The age sweep empties it with no Send or read on the address.
-    let deadline = tokio::time::Instant::now() + common::STEP;
+    let deadline = tokio::time::Instant::now() + common::step_limit();
     while node.retained("kept").await > 0 {
         assert!(tokio::time::Instant::now() < deadline, "never aged out");
         tokio::time::sleep(Duration::from_millis(100)).await;

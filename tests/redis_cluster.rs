@@ -48,7 +48,7 @@ fn cluster() -> Vec<RedisServer> {
     assert!(out.status.success(), "cluster create: {out:?}");
     // `--cluster create` returns once every slot is assigned; wait until each master agrees.
     for m in &masters {
-        let deadline = std::time::Instant::now() + common::STEP;
+        let deadline = std::time::Instant::now() + common::step_limit();
         loop {
             let info = std::process::Command::new("redis-cli")
                 .args(["-p", &m.port.to_string(), "cluster", "info"])
