@@ -819,3 +819,86 @@ async fn sequences_past_ten_to_the_fourteen_stay_exact() {
     assert_eq!(got, [(last + 2, vec![1]), (last + 3, vec![2])]);
     node.stop().await;
 }
+
+/// Take scripts Redis has run (`EVALSHA` calls; the send script goes by `EVAL`).
+async fn take_scripts(redis: &RedisServer) -> u64 {
+    let mut r = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A pool of 16 waiting Recv calls in one group and one waiter in a second group, on one node:
+/// each message wakes one waiting reader per group, not the whole pool (each woken reader runs
+/// a take script in Redis), and both groups still get every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_wakes_one_waiting_reader_per_group_not_the_pool() {
+    const N: u64 = 100;
+    const POOL: usize = 16;
+    let redis = RedisServer::start();
+    let node = nodes(&redis, 1).await.remove(0);
+    let addr = node.addr.to_string();
+    let mut c = client(&addr).await;
+    // Both groups begin at the first message.
+    for g in ["pool", "audit"] {
+        common::recv(&mut c, "jobs", g, 1, Duration::ZERO).await;
+    }
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, u64)>();
+    let mut workers = Vec::new();
+    for w in 0..=POOL {
+        let group = if w == POOL { "audit" } else { "pool" };
+        let (mut c, tx, done) = (client(&addr).await, tx.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            while !*done.borrow() {
+                let r = common::recv(&mut c, "jobs", group, 10, Duration::from_secs(1)).await;
+                for m in r.messages {
+                    tx.send((group, m.sequence)).unwrap();
+                }
+            }
+        }));
+    }
+    drop(tx);
+    // Let the readers begin to wait, then send one message at a time, each once both groups
+    // have it, so the whole pool is waiting when the next one arrives.
+    common::eventually("17 readers waiting", || {
+        node.broker.redis_waiters("jobs") == POOL + 1
+    })
+    .await;
+    let before = take_scripts(&redis).await;
+    let mut got: HashMap<&str, Vec<u64>> = HashMap::new();
+    for i in 0..N {
+        let seq = common::send(&mut c, "jobs", &i.to_be_bytes()).await;
+        for _ in 0..2 {
+            let (group, s) = step("receive", rx.recv()).await.expect("a worker");
+            got.entry(group).or_default().push(s);
+        }
+        assert_eq!(got["pool"].last(), Some(&seq));
+        assert_eq!(got["audit"].last(), Some(&seq));
+    }
+    let takes = take_scripts(&redis).await - before;
+    done_tx.send(true).unwrap();
+    for w in workers {
+        step("worker", w).await.unwrap();
+    }
+    assert!(rx.recv().await.is_none(), "nothing received twice");
+    assert_eq!(got["pool"], (1..=N).collect::<Vec<_>>());
+    assert_eq!(got["audit"], (1..=N).collect::<Vec<_>>());
+    // Per message and group: the woken reader's take and its next Recv's, plus each waiter's
+    // 500 ms re-poll. Waking the pool would run at least 17 per message.
+    assert!(
+        takes < 8 * N,
+        "{takes} take scripts for {N} messages in 2 groups (16 + 1 waiting readers)"
+    );
+    node.stop().await;
+}

@@ -135,6 +135,12 @@ impl Broker {
         }
     }
 
+    /// Long-polling Recv calls waiting on this node for `address` on the Redis engine (which
+    /// counts them to wake one per new message per group); 0 on the local engines.
+    pub fn redis_waiters(&self, address: &str) -> usize {
+        self.redis().map_or(0, |r| r.waiters(address))
+    }
+
     /// Whether the broker can serve: always, but on the Redis engine only while Redis answered
     /// the last [`Broker::probe`].
     pub fn serving(&self) -> bool {

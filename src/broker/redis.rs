@@ -44,10 +44,14 @@ impl Broker {
     ) -> Result<Batch, BrokerError> {
         let deadline = Instant::now() + wait;
         let name: Arc<str> = Arc::from(address.as_str());
-        let following = (!wait.is_zero()).then(|| r.follow(address.as_str()).as_waiter());
+        let following = (!wait.is_zero()).then(|| {
+            r.follow(address.as_str())
+                .as_waiter()
+                .as_taker(group.as_str())
+        });
         let mut incarnation: Option<String> = None;
         loop {
-            let notified = following.as_ref().map(|f| f.feed().notify().notified());
+            let notified = following.as_ref().map(|f| f.notify().notified());
             tokio::pin!(notified);
             if let Some(n) = notified.as_mut().as_pin_mut() {
                 n.enable();
@@ -98,9 +102,10 @@ impl Broker {
                 flag: "--max-subscribers-per-address",
             });
         }
-        let kind = if group.is_default() {
+        let following = r.follow(address.as_str()).as_subscriber();
+        let (kind, following) = if group.is_default() {
             let next = r.start_position(address.as_str(), start).await?;
-            Kind::Fanout { next }
+            (Kind::Fanout { next }, following)
         } else {
             if start != StartAt::End {
                 return Err(BrokerError::invalid(
@@ -116,18 +121,21 @@ impl Broker {
                 .inner
                 .next_holder
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Kind::Group {
-                group: group.clone(),
-                incarnation,
-                holder,
-                next_due: None,
-            }
+            (
+                Kind::Group {
+                    group: group.clone(),
+                    incarnation,
+                    holder,
+                    next_due: None,
+                },
+                following.as_taker(group.as_str()),
+            )
         };
         self.inner.metrics.subscribers.inc();
         Ok(super::Subscription::redis(RedisSubscription {
             broker: self.clone(),
             engine: Arc::clone(r),
-            following: r.follow(address.as_str()).as_subscriber(),
+            following,
             kind,
             buffer: VecDeque::new(),
             shutdown,
@@ -226,7 +234,7 @@ impl RedisSubscription {
                 self.done = true;
                 return Some(Err(BrokerError::AddressDeleted));
             }
-            let notified = feed.notify().notified();
+            let notified = self.following.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut wake = None;

@@ -2,7 +2,11 @@
 //! `XREAD BLOCK` (batches of up to [`READ_BATCH`]) on a connection of its own and keeps the
 //! newest messages in a ring ([`RING_MESSAGES`] / [`RING_BYTES`]) with their wire frames,
 //! encoded once and shared by every local fan-out subscriber. It also wakes the node's waiting
-//! Recv calls and group streams on the address when a message arrives, whichever node sent it.
+//! Recv calls and group streams on the address when a message arrives, whichever node sent it:
+//! fan-out subscribers all (they copy from the ring), but per consumer group only as many group
+//! readers as messages arrived ([`Takers`]), since each woken group reader runs a take script in
+//! Redis. Waking every one of a group's readers per message made 8 Recv workers run ~4 take
+//! scripts per message, and a pool of N workers would run N.
 //!
 //! A reader behind the ring reads Redis directly (`XRANGE`); a reader in the ring copies from it
 //! under a short lock. The task ends once the address has no local reader (checked at least
@@ -13,7 +17,7 @@
 //! were when it is back.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -51,12 +55,30 @@ struct State {
     deleted: bool,
 }
 
+/// One consumer group's readers on this node (waiting Recv calls and group streams) for one
+/// followed address: woken one per new message, in the order they began to wait (`notify_one`;
+/// a reader that stops waiting after it was woken hands the wake-up to the next).
+#[derive(Debug, Default)]
+pub struct Takers {
+    notify: Notify,
+    readers: AtomicUsize,
+}
+
+impl Takers {
+    /// Woken when messages arrive (one reader per message) or the address is deleted (all).
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
 /// One followed address on this node. See the module docs.
 #[derive(Debug)]
 pub struct Feed {
     address: Arc<str>,
     state: Mutex<State>,
     notify: Notify,
+    /// Group readers by group name.
+    groups: Mutex<HashMap<Arc<str>, Arc<Takers>>>,
     /// Local readers: fan-out subscribers, group streams, waiting Recv calls.
     users: AtomicUsize,
     subscribers: AtomicUsize,
@@ -77,9 +99,27 @@ pub enum Found {
 }
 
 impl Feed {
-    /// Woken when messages arrive or the address is deleted.
+    /// Woken when messages arrive or the address is deleted (fan-out subscribers).
     pub fn notify(&self) -> &Notify {
         &self.notify
+    }
+
+    /// Wakes every reader: fan-out subscribers and all group readers.
+    fn wake_all(&self) {
+        self.notify.notify_waiters();
+        for takers in self.groups.lock().values() {
+            takers.notify.notify_waiters();
+        }
+    }
+
+    /// `n` messages arrived: wakes every fan-out subscriber and, per group, up to `n` readers.
+    fn wake(&self, n: usize) {
+        self.notify.notify_waiters();
+        for takers in self.groups.lock().values() {
+            for _ in 0..n.min(takers.readers.load(Ordering::Relaxed)) {
+                takers.notify.notify_one();
+            }
+        }
     }
 
     /// The address.
@@ -129,10 +169,12 @@ impl Feed {
     /// `max_bytes` (never more than retention keeps, so a lagging reader loses what Redis lost).
     fn push(&self, batch: Vec<Message>, max_messages: usize, max_bytes: usize) {
         let mut st = self.state.lock();
+        let mut added = 0;
         for m in batch {
             if m.sequence < st.next {
                 continue;
             }
+            added += 1;
             if m.sequence > st.next && !st.ring.is_empty() {
                 // Retention took messages before this node read them: the ring restarts, and
                 // readers in the gap read Redis (which reports what is gone).
@@ -151,7 +193,7 @@ impl Feed {
             }
         }
         drop(st);
-        self.notify.notify_waiters();
+        self.wake(added);
     }
 }
 
@@ -162,6 +204,8 @@ pub struct Following {
     feed: Arc<Feed>,
     subscriber: bool,
     waiter: bool,
+    /// As a group reader: the group's name and wake-ups.
+    takers: Option<(Arc<str>, Arc<Takers>)>,
 }
 
 impl Following {
@@ -183,6 +227,28 @@ impl Following {
         self.waiter = true;
         self
     }
+
+    /// Makes this reader one of `group`'s readers: it waits on [`Following::notify`], then woken
+    /// once per new message among the group's readers on this node.
+    pub fn as_taker(mut self, group: &str) -> Self {
+        let takers = {
+            let mut groups = self.feed.groups.lock();
+            let t = Arc::clone(groups.entry(Arc::from(group)).or_default());
+            t.readers.fetch_add(1, Ordering::Relaxed);
+            t
+        };
+        self.takers = Some((Arc::from(group), takers));
+        self
+    }
+
+    /// What this reader waits on: its group's wake-ups ([`Following::as_taker`]), else the
+    /// feed's.
+    pub fn notify(&self) -> &Notify {
+        match &self.takers {
+            Some((_, t)) => &t.notify,
+            None => &self.feed.notify,
+        }
+    }
 }
 
 impl Drop for Following {
@@ -192,6 +258,12 @@ impl Drop for Following {
         }
         if self.waiter {
             self.feed.waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some((group, takers)) = self.takers.take() {
+            let mut groups = self.feed.groups.lock();
+            if takers.readers.fetch_sub(1, Ordering::Relaxed) == 1 {
+                groups.remove(&group);
+            }
         }
         self.feed.users.fetch_sub(1, Ordering::AcqRel);
     }
@@ -205,6 +277,7 @@ pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
                 address: Arc::from(address),
                 state: Mutex::new(State::default()),
                 notify: Notify::new(),
+                groups: Mutex::new(HashMap::new()),
                 users: AtomicUsize::new(0),
                 subscribers: AtomicUsize::new(0),
                 waiters: AtomicUsize::new(0),
@@ -228,6 +301,7 @@ pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
         feed,
         subscriber: false,
         waiter: false,
+        takers: None,
     }
 }
 
@@ -278,7 +352,7 @@ async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
                     st.next = seq.unwrap_or(0) + 1;
                     st.epoch = epoch;
                     drop(st);
-                    feed.notify.notify_waiters();
+                    feed.wake_all();
                 })
         } else {
             let block = u64::try_from(BLOCK.as_millis()).unwrap_or(1000);
@@ -348,7 +422,7 @@ async fn check_epoch(feed: &Feed, c: &mut Conn, meta: &str) -> redis::RedisResul
         (Some(old), new) if new.as_ref() != Some(old) => {
             st.deleted = true;
             drop(st);
-            feed.notify.notify_waiters();
+            feed.wake_all();
         }
         (None, Some(new)) => st.epoch = Some(new),
         _ => {}
