@@ -60,15 +60,9 @@ struct State {
 /// a reader that stops waiting after it was woken hands the wake-up to the next).
 #[derive(Debug, Default)]
 pub struct Takers {
+    /// Woken when messages arrive (one reader per message) or the address is deleted (all).
     notify: Notify,
     readers: AtomicUsize,
-}
-
-impl Takers {
-    /// Woken when messages arrive (one reader per message) or the address is deleted (all).
-    pub fn notify(&self) -> &Notify {
-        &self.notify
-    }
 }
 
 /// One followed address on this node. See the module docs.
@@ -231,13 +225,14 @@ impl Following {
     /// Makes this reader one of `group`'s readers: it waits on [`Following::notify`], then woken
     /// once per new message among the group's readers on this node.
     pub fn as_taker(mut self, group: &str) -> Self {
+        let name: Arc<str> = Arc::from(group);
         let takers = {
             let mut groups = self.feed.groups.lock();
-            let t = Arc::clone(groups.entry(Arc::from(group)).or_default());
+            let t = Arc::clone(groups.entry(Arc::clone(&name)).or_default());
             t.readers.fetch_add(1, Ordering::Relaxed);
             t
         };
-        self.takers = Some((Arc::from(group), takers));
+        self.takers = Some((name, takers));
         self
     }
 

@@ -37,7 +37,7 @@ if now < last_t then now = last_t end
 redis.call('HSETNX', KEYS[2], 'epoch', ARGV[5])
 local now_ms = math.floor(now / 1000)
 -- Numbers handed to redis.call are formatted with %.17g per call; the fields are strings made
--- once (`t`) or with %d (`c`), which costs Redis ~1.5 µs less per message.
+-- once (`t`) or with %d (`c`), which costs Redis ~0.75 µs less per message.
 local now_s = string.format('%d', now)
 local window = tonumber(ARGV[3])
 local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms, 'LIMIT', 0, 100)
