@@ -61,6 +61,22 @@ async fn create_acked_group(c: &mut BrokerClient<Channel>, address: &str, ack_wa
     .expect("create group");
 }
 
+/// A fan-out stream of `address` from sequence `from` on.
+async fn replay(
+    c: &mut BrokerClient<Channel>,
+    address: &str,
+    from: u64,
+) -> tonic::Streaming<switchboard::pb::SubscribeResponse> {
+    c.subscribe(SubscribeRequest {
+        address: address.into(),
+        start_sequence: from,
+        ..Default::default()
+    })
+    .await
+    .expect("subscribe")
+    .into_inner()
+}
+
 /// Reads a fan-out stream until `n` messages came: their (sequence, payload).
 async fn take_messages(
     stream: &mut tonic::Streaming<switchboard::pb::SubscribeResponse>,
@@ -292,15 +308,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
     let last = acknowledged.keys().next_back().copied().unwrap();
 
     // Every acknowledged Send is there, byte-identical, read through the surviving node.
-    let mut stream = ca
-        .subscribe(SubscribeRequest {
-            address: "work".into(),
-            start_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = replay(&mut ca, "work", 1).await;
     let mut stored = BTreeMap::new();
     while stored.keys().next_back().copied().unwrap_or(0) < last {
         if let Event::Message(m) = next_event(&mut stream).await {
@@ -360,15 +368,7 @@ async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
         common::send(&mut sender, "moves", &i.to_be_bytes()).await;
     }
     let mut c1 = nodes[0].client().await;
-    let mut s1 = c1
-        .subscribe(SubscribeRequest {
-            address: "moves".into(),
-            start_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s1 = replay(&mut c1, "moves", 1).await;
     let first = take_messages(&mut s1, 60).await;
     drop(s1);
     let resume = first.last().unwrap().0 + 1;
@@ -377,15 +377,7 @@ async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
         common::send(&mut sender, "moves", &i.to_be_bytes()).await;
     }
     let mut c2 = nodes[1].client().await;
-    let mut s2 = c2
-        .subscribe(SubscribeRequest {
-            address: "moves".into(),
-            start_sequence: resume,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s2 = replay(&mut c2, "moves", resume).await;
     let rest = take_messages(&mut s2, 90).await;
     let all: Vec<u64> = first.iter().chain(&rest).map(|(s, _)| *s).collect();
     assert_eq!(all, (1..=150).collect::<Vec<_>>(), "no gap, no duplicate");
@@ -458,15 +450,7 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
     }
     let last = acknowledged.iter().map(|(s, _)| *s).max().unwrap();
     let mut c = node.client().await;
-    let mut stream = c
-        .subscribe(SubscribeRequest {
-            address: "durable".into(),
-            start_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = replay(&mut c, "durable", 1).await;
     let stored: BTreeMap<u64, Vec<u8>> = take_messages(&mut stream, usize::try_from(last).unwrap())
         .await
         .into_iter()
@@ -598,15 +582,7 @@ async fn retention_on_redis_reports_exact_loss() {
         r.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
         (16..=25).collect::<Vec<_>>()
     );
-    let mut stream = c
-        .subscribe(SubscribeRequest {
-            address: "kept".into(),
-            start_sequence: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = replay(&mut c, "kept", 3).await;
     match next_event(&mut stream).await {
         Event::Dropped(d) => assert_eq!(d.count, 13, "a replay from 3 lost 3..=15"),
         Event::Message(m) => panic!("expected Dropped, got {}", m.sequence),
@@ -711,15 +687,7 @@ async fn a_send_stream_keeps_its_order() {
         (1..=u64::from(N)).collect::<Vec<_>>(),
         "responses in order"
     );
-    let mut stream = c
-        .subscribe(SubscribeRequest {
-            address: "ordered".into(),
-            start_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = replay(&mut c, "ordered", 1).await;
     let got = take_messages(&mut stream, N as usize).await;
     for (s, p) in got {
         assert_eq!(
@@ -806,15 +774,7 @@ async fn sequences_past_ten_to_the_fourteen_stay_exact() {
             want
         );
     }
-    let mut stream = c
-        .subscribe(SubscribeRequest {
-            address: "big".into(),
-            start_sequence: last + 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = replay(&mut c, "big", last + 2).await;
     let got = take_messages(&mut stream, 2).await;
     assert_eq!(got, [(last + 2, vec![1]), (last + 3, vec![2])]);
     node.stop().await;
