@@ -264,3 +264,125 @@ async fn replaying_a_1_gib_backlog_stays_within_the_retention_bound() {
     sigterm(&broker);
     assert!(step("exit", broker.wait()).await.unwrap().success());
 }
+
+/// Sends a pre-encoded request body as it is (a test codec: the request type is raw bytes).
+#[derive(Default)]
+struct RawRequest;
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawRequest {
+    type Encode = bytes::Bytes;
+    type Decode = switchboard::pb::SendBatchResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<switchboard::pb::SendBatchResponse>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_two_million_empty_entries_is_refused_before_it_is_decoded() {
+    // 2,000,000 empty `messages` entries are 4 MB on the wire (2 bytes each, under the decode
+    // limit) but ~200 MiB once decoded. The broker must refuse them from a scan of the encoded
+    // request (more than 1,000 entries) without decoding: two such calls at once leave the
+    // peak RSS within 64 MiB of where it was, and other clients are served.
+    let BrokerProcess {
+        child: mut broker,
+        addr,
+        mut logs,
+    } = BrokerProcess::start(&[]).await;
+    let pid = broker.id().unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let url = format!("http://{addr}");
+    let mut c = BrokerClient::connect(url.clone()).await.unwrap();
+    c.send(SendRequest {
+        address: "mem.batch".into(),
+        payload: b"warm".to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let before = vm(pid, "VmHWM:");
+    let mut body = Vec::with_capacity(4_000_010);
+    body.extend_from_slice(b"\x0a\x09mem.batch"); // field 1, address
+    for _ in 0..2_000_000 {
+        body.extend_from_slice(b"\x12\x00"); // field 2, an empty BatchMessage
+    }
+    let body = bytes::Bytes::from(body);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let calls = (0..2).map(|_| {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        let body = body.clone();
+        async move {
+            grpc.ready().await.unwrap();
+            grpc.unary(
+                tonic::Request::new(body),
+                http::uri::PathAndQuery::from_static("/switchboard.v1.Broker/SendBatch"),
+                RawRequest,
+            )
+            .await
+        }
+    });
+    for result in step(
+        "two oversized batches",
+        futures_util::future::join_all(calls),
+    )
+    .await
+    {
+        let e = result.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with("messages:") && e.message().contains("1000"),
+            "{}",
+            e.message()
+        );
+    }
+    let peak = vm(pid, "VmHWM:");
+    eprintln!(
+        "peak RSS {} MiB before, {} MiB after two batches of 2,000,000 empty entries",
+        before / MIB,
+        peak / MIB
+    );
+    assert!(
+        peak < before + OVERHEAD,
+        "peak RSS grew by {} MiB",
+        (peak - before) / MIB
+    );
+    let sent = c
+        .send(SendRequest {
+            address: "mem.batch".into(),
+            payload: b"after".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.sequence, 2, "the broker serves others afterwards");
+    sigterm(&broker);
+    assert!(step("exit", broker.wait()).await.unwrap().success());
+}
