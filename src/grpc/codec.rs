@@ -7,10 +7,12 @@
 //! profile (BENCHMARKS.md). This codec starts them at [`BUFFER_BYTES`]; larger messages grow
 //! the buffer as before.
 //!
-//! Its decoder also refuses a `SendBatchRequest` with more than [`MAX_BATCH_MESSAGES`] entries
-//! *before* prost decodes it ([`GuardedDecoder`]): an entry can be 2 bytes on the wire and
-//! ~100 bytes decoded, so a request at the decode limit (~4 MiB) of empty entries would
-//! otherwise cost ~200 MiB of transient allocations before the count check could refuse it.
+//! Its decoder also refuses a `SendBatchRequest` with more than [`MAX_BATCH_MESSAGES`] entries,
+//! and a `SendRequest` or batch entry with more than [`MAX_HEADERS`] headers, *before* prost
+//! decodes it ([`GuardedDecoder`]): a batch entry can be 2 bytes on the wire and ~100 bytes
+//! decoded, so a request at the decode limit (~4 MiB) of empty entries would otherwise cost
+//! ~200 MiB of transient allocations before the count check could refuse it (headers with
+//! tiny distinct keys: ~15x).
 
 use std::{any::TypeId, marker::PhantomData};
 
@@ -21,7 +23,7 @@ use tonic::{
 };
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-use crate::{broker::MAX_BATCH_MESSAGES, error::BrokerError, pb};
+use crate::{broker::MAX_BATCH_MESSAGES, error::BrokerError, pb, validate::MAX_HEADERS};
 
 /// Initial size of a call's encode and decode buffer, in bytes.
 pub const BUFFER_BYTES: usize = 1024;
@@ -63,9 +65,11 @@ where
     }
 }
 
-/// prost's decoder, after a scan of a `SendBatchRequest`'s top-level fields that refuses more
-/// than [`MAX_BATCH_MESSAGES`] `messages` entries with `INVALID_ARGUMENT` (the same status the
-/// broker gives after decoding). Other message types are decoded as they are.
+/// prost's decoder, after a scan of the encoded request that refuses repeated fields over
+/// their limits with `INVALID_ARGUMENT` before anything is decoded: a `SendBatchRequest` with
+/// more than [`MAX_BATCH_MESSAGES`] `messages`, and a `SendRequest` or a batch entry with more
+/// than [`MAX_HEADERS`] `headers` entries (counted on the wire, so repeated keys count each
+/// time). The statuses match the broker's after decoding. Other types are decoded as they are.
 #[derive(Debug)]
 pub struct GuardedDecoder<U>(ProstDecoder<U>);
 
@@ -77,19 +81,14 @@ where
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        if TypeId::of::<U>() == TypeId::of::<pb::SendBatchRequest>()
-            && buf.chunk().len() == buf.remaining()
-        {
-            // `SendBatchRequest.messages` is field 2.
-            let entries = count_entries(buf.chunk(), 2, MAX_BATCH_MESSAGES + 1);
-            if entries > MAX_BATCH_MESSAGES {
-                return Err(BrokerError::invalid(
-                    "messages",
-                    format!(
-                        "more than {MAX_BATCH_MESSAGES} given; a batch holds 1 to {MAX_BATCH_MESSAGES} messages"
-                    ),
-                )
-                .into());
+        // `chunk()` is the whole message: tonic decodes from one contiguous buffer.
+        if buf.chunk().len() == buf.remaining() {
+            let ty = TypeId::of::<U>();
+            if ty == TypeId::of::<pb::SendBatchRequest>() {
+                check_batch(buf.chunk())?;
+            } else if ty == TypeId::of::<pb::SendRequest>() {
+                // `SendRequest.headers` is field 3.
+                check_headers(buf.chunk(), 3)?;
             }
         }
         self.0.decode(buf)
@@ -100,42 +99,65 @@ where
     }
 }
 
-/// Counts the length-delimited occurrences of top-level `field` in the encoded message
-/// `bytes`, stopping at `stop`. A malformed encoding ends the scan early; prost then reports
-/// it when it decodes.
-fn count_entries(mut bytes: &[u8], field: u64, stop: usize) -> usize {
-    let mut count = 0;
-    while !bytes.is_empty() && count < stop {
-        let Ok(key) = prost::encoding::decode_varint(&mut bytes) else {
-            break;
-        };
-        let skip = match key & 7 {
-            0 => match prost::encoding::decode_varint(&mut bytes) {
-                Ok(_) => 0,
-                Err(_) => break,
-            },
-            1 => 8,
-            2 => match prost::encoding::decode_varint(&mut bytes) {
-                Ok(len) => {
-                    if key >> 3 == field {
-                        count += 1;
-                    }
-                    match usize::try_from(len) {
-                        Ok(len) => len,
-                        Err(_) => break,
-                    }
-                }
-                Err(_) => break,
-            },
-            5 => 4,
-            _ => break, // groups (deprecated) or an invalid wire type: leave it to prost
-        };
-        if skip > bytes.len() {
-            break;
+/// `SendBatchRequest.messages` (field 2): at most [`MAX_BATCH_MESSAGES`], each with at most
+/// [`MAX_HEADERS`] `headers` (`BatchMessage` field 2).
+fn check_batch(request: &[u8]) -> Result<(), BrokerError> {
+    for (index, entry) in entries(request, 2).enumerate() {
+        if index == MAX_BATCH_MESSAGES {
+            return Err(BrokerError::invalid(
+                "messages",
+                format!(
+                    "more than {MAX_BATCH_MESSAGES} given; a batch holds 1 to {MAX_BATCH_MESSAGES} messages"
+                ),
+            ));
         }
-        bytes = &bytes[skip..];
+        check_headers(entry, 2).map_err(|e| BrokerError::InBatch {
+            index,
+            error: Box::new(e),
+        })?;
     }
-    count
+    Ok(())
+}
+
+/// At most [`MAX_HEADERS`] entries of the map in `field` of the encoded message.
+fn check_headers(message: &[u8], field: u64) -> Result<(), BrokerError> {
+    if entries(message, field).nth(MAX_HEADERS).is_some() {
+        return Err(BrokerError::invalid(
+            "headers",
+            format!("more than {MAX_HEADERS} entries; the limit is {MAX_HEADERS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The contents of each length-delimited occurrence of top-level `field` in the encoded
+/// message `bytes`, in order. A malformed encoding ends the iteration early; prost then
+/// reports it when it decodes.
+fn entries(mut bytes: &[u8], field: u64) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        while !bytes.is_empty() {
+            let key = prost::encoding::decode_varint(&mut bytes).ok()?;
+            let (skip, delimited) = match key & 7 {
+                0 => {
+                    prost::encoding::decode_varint(&mut bytes).ok()?;
+                    (0, false)
+                }
+                1 => (8, false),
+                2 => {
+                    let len = prost::encoding::decode_varint(&mut bytes).ok()?;
+                    (usize::try_from(len).ok()?, true)
+                }
+                5 => (4, false),
+                _ => return None, // groups (deprecated) or an invalid wire type: prost's to report
+            };
+            let (value, rest) = bytes.split_at_checked(skip)?;
+            bytes = rest;
+            if delimited && key >> 3 == field {
+                return Some(value);
+            }
+        }
+        None
+    })
 }
 
 #[cfg(test)]
@@ -144,37 +166,67 @@ mod tests {
 
     use super::*;
 
+    fn batch(n: usize, headers: usize) -> Vec<u8> {
+        pb::SendBatchRequest {
+            address: "a.b".into(),
+            messages: (0..n)
+                .map(|i| pb::BatchMessage {
+                    payload: vec![1; i % 3].into(),
+                    message_id: if i % 2 == 0 {
+                        String::new()
+                    } else {
+                        format!("id{i}")
+                    },
+                    headers: (0..headers)
+                        .map(|h| (format!("k{h}"), "v".into()))
+                        .collect(),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
     #[test]
-    fn counts_batch_entries_and_stops_at_the_bound() {
-        let request = |n: usize| {
-            pb::SendBatchRequest {
-                address: "a.b".into(),
-                messages: (0..n)
-                    .map(|i| pb::BatchMessage {
-                        payload: vec![1; i % 3].into(),
-                        message_id: if i % 2 == 0 {
-                            String::new()
-                        } else {
-                            format!("id{i}")
-                        },
-                        headers: [("k".to_string(), "v".to_string())].into(),
-                    })
-                    .collect(),
-            }
-            .encode_to_vec()
-        };
-        assert_eq!(count_entries(&request(0), 2, 10), 0);
-        assert_eq!(count_entries(&request(7), 2, 10), 7);
-        assert_eq!(count_entries(&request(50), 2, 10), 10, "stops at the bound");
-        assert_eq!(count_entries(&request(7), 1, 10), 1, "the address field");
-        // Truncated in the middle of an entry: the scan stops without overrunning.
-        let mut cut = request(7);
+    fn finds_each_entry_of_a_field_and_stops_at_a_malformed_one() {
+        assert_eq!(entries(&batch(0, 1), 2).count(), 0);
+        assert_eq!(entries(&batch(7, 1), 2).count(), 7);
+        assert_eq!(entries(&batch(7, 1), 1).collect::<Vec<_>>(), [b"a.b"]);
+        let first = entries(&batch(3, 5), 2)
+            .next()
+            .map(|e| entries(e, 2).count());
+        assert_eq!(first, Some(5), "an entry's headers");
+        // Cut in the middle of the last entry: that entry is not yielded.
+        let mut cut = batch(7, 1);
         cut.truncate(cut.len() - 2);
-        assert!(count_entries(&cut, 2, 10) <= 7);
+        assert_eq!(entries(&cut, 2).count(), 6);
         assert_eq!(
-            count_entries(&[0xff; 3], 2, 10),
+            entries(&[0xff; 3], 2).count(),
             0,
             "a bad varint ends the scan"
         );
+    }
+
+    #[test]
+    fn refuses_batches_and_headers_over_their_limits() {
+        assert!(check_batch(&batch(MAX_BATCH_MESSAGES, MAX_HEADERS)).is_ok());
+        let e = check_batch(&batch(MAX_BATCH_MESSAGES + 1, 0)).unwrap_err();
+        assert!(e.to_string().starts_with("messages: more than 1000"), "{e}");
+        let e = check_batch(&batch(2, MAX_HEADERS + 1)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("messages[0]: headers: more than 64"),
+            "{e}"
+        );
+        let send = |n: usize| {
+            pb::SendRequest {
+                address: "a.b".into(),
+                headers: (0..n).map(|h| (format!("k{h}"), "v".into())).collect(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        assert!(check_headers(&send(MAX_HEADERS), 3).is_ok());
+        let e = check_headers(&send(MAX_HEADERS + 1), 3).unwrap_err();
+        assert!(e.to_string().starts_with("headers: more than 64"), "{e}");
     }
 }
