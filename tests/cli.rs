@@ -281,6 +281,24 @@ async fn json_logs_have_connections_and_rejections_and_no_deliveries() {
     assert_eq!(rejected["fields"]["method"], "Send");
     assert_eq!(rejected["fields"]["address"], "has space");
     assert_eq!(rejected["fields"]["code"], "INVALID_ARGUMENT");
+    // A batch over the entry limit is refused by the codec before it is decoded: logged the
+    // same way, with the address it was sent to.
+    let status = c
+        .send_batch(switchboard::pb::SendBatchRequest {
+            address: "logs.batch".into(),
+            messages: vec![switchboard::pb::BatchMessage::default(); 1001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let rejected = log_event(&mut lines, "request rejected").await;
+    assert_eq!(rejected["fields"]["method"], "SendBatch");
+    assert_eq!(rejected["fields"]["address"], "logs.batch");
+    assert_eq!(rejected["fields"]["code"], "INVALID_ARGUMENT");
+    assert!(rejected["fields"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("messages: more than 1000"));
     drop(c);
     log_event(&mut lines, "connection closed").await;
     // SIGTERM our own child by its PID, then check nothing was logged per message.

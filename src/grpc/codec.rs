@@ -23,6 +23,7 @@ use tonic::{
 };
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
+use super::service::rejected;
 use crate::{broker::MAX_BATCH_MESSAGES, error::BrokerError, pb, validate::MAX_HEADERS};
 
 /// Initial size of a call's encode and decode buffer, in bytes.
@@ -84,11 +85,22 @@ where
         // `chunk()` is the whole message: tonic decodes from one contiguous buffer.
         if buf.chunk().len() == buf.remaining() {
             let ty = TypeId::of::<U>();
-            if ty == TypeId::of::<pb::SendBatchRequest>() {
-                check_batch(buf.chunk())?;
+            let (method, checked) = if ty == TypeId::of::<pb::SendBatchRequest>() {
+                (Decoding("SendBatch"), check_batch(buf.chunk()))
             } else if ty == TypeId::of::<pb::SendRequest>() {
-                // `SendRequest.headers` is field 3.
-                check_headers(buf.chunk(), 3)?;
+                // `SendRequest.headers` is field 3. One type serves two methods.
+                (
+                    Decoding("Send or SendStream"),
+                    check_headers(buf.chunk(), 3),
+                )
+            } else {
+                (Decoding(""), Ok(()))
+            };
+            if let Err(e) = checked {
+                // Logged like the service's refusals (`request rejected`), with the address
+                // (field 1 of both requests) as sent.
+                let address = entries(buf.chunk(), 1).next().unwrap_or_default();
+                return Err(rejected(method, &String::from_utf8_lossy(address), e));
             }
         }
         self.0.decode(buf)
@@ -96,6 +108,15 @@ where
 
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
+    }
+}
+
+/// The method a refusal is logged under: the codec knows the request's type, not its path.
+struct Decoding(&'static str);
+
+impl std::fmt::Debug for Decoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
     }
 }
 

@@ -112,8 +112,13 @@ impl BrokerService {
 }
 
 /// Logs one rejected request (method, address, code) and turns the error into its status.
-/// The address is cut to 64 characters: it may be anything the client sent.
-pub(crate) fn rejected(method: Method, address: &str, e: impl Into<Status>) -> Status {
+/// The address is cut to 64 characters: it may be anything the client sent. `method` is a
+/// [`Method`], or what the codec knows of it when it refuses a request before decoding.
+pub(crate) fn rejected(
+    method: impl std::fmt::Debug,
+    address: &str,
+    e: impl Into<Status>,
+) -> Status {
     let status = e.into();
     if !super::admission::REJECTION_LOGS.allow("request rejected") {
         return status;
