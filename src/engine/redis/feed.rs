@@ -8,6 +8,16 @@
 //! Redis. Waking every one of a group's readers per message made 8 Recv workers run ~4 take
 //! scripts per message, and a pool of N workers would run N.
 //!
+//! The node's own appends do not come back through Redis: when an append script's reply
+//! arrives, the appending node puts the messages straight into its feed (`Feed::push_own`,
+//! with the sequences and `sent_at` from the reply) if they follow the ring's newest one. The
+//! task then blocks with `COUNT 1` (a probe) rather than a full batch; when the probe returns an
+//! entry it first waits for this node's append scripts issued so far to be answered (Redis runs
+//! an append and answers a blocked read in the same turn, on two connections), and reads a
+//! batch only if the entry is still missing, which means another node sent it. Reading back a
+//! node's own appends was ~70 % of its CPU on the Redis SendStream benchmark (BENCHMARKS, W10).
+//! After a probe that had to read, the task reads full batches until a batch brings nothing new.
+//!
 //! A reader behind the ring reads Redis directly (`XRANGE`); a reader in the ring copies from it
 //! under a short lock. The task ends once the address has no local reader (checked at least
 //! every [`BLOCK`]). A deleted address is noticed by its epoch (see `scripts`): when a blocking
@@ -19,7 +29,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -77,6 +87,11 @@ pub struct Feed {
     users: AtomicUsize,
     subscribers: AtomicUsize,
     waiters: AtomicUsize,
+    /// Append scripts for the address this node has issued / had answered while followed.
+    issued: AtomicU64,
+    answered: AtomicU64,
+    /// Woken when an append script is answered.
+    answer: Notify,
 }
 
 /// What a reader at sequence `next` finds in the ring.
@@ -159,9 +174,49 @@ impl Feed {
         self.state.lock().deleted
     }
 
-    /// Adds messages read from the stream; the ring keeps at most `max_messages` /
-    /// `max_bytes` (never more than retention keeps, so a lagging reader loses what Redis lost).
-    fn push(&self, batch: Vec<Message>, max_messages: usize, max_bytes: usize) {
+    /// This node is sending an append script for the address: a probe that returns an entry
+    /// waits for it to be answered (see the module docs).
+    pub(super) fn issue(&self) {
+        self.issued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// This node's append script was answered, with `appended` (its stored messages, in
+    /// sequence order) when it succeeded: they go into the ring if they follow its newest
+    /// message; otherwise the task reads them from Redis as any other node's.
+    pub(super) fn push_own(&self, appended: Vec<Message>, max_messages: usize, max_bytes: usize) {
+        let follows = appended.first().is_some_and(|m| {
+            let st = self.state.lock();
+            !st.deleted && st.next != 0 && m.sequence == st.next
+        });
+        if follows {
+            self.push(appended, max_messages, max_bytes);
+        }
+        self.answered.fetch_add(1, Ordering::AcqRel);
+        self.answer.notify_waiters();
+    }
+
+    /// Waits (at most [`BLOCK`]) until every append script this node issued before the call
+    /// has been answered.
+    async fn answers(&self) {
+        let issued = self.issued.load(Ordering::Acquire);
+        let _ = tokio::time::timeout(BLOCK, async {
+            loop {
+                let answered = self.answer.notified();
+                tokio::pin!(answered);
+                answered.as_mut().enable();
+                if self.answered.load(Ordering::Acquire) >= issued {
+                    return;
+                }
+                answered.await;
+            }
+        })
+        .await;
+    }
+
+    /// Adds messages read from the stream (or appended by this node); the ring keeps at most
+    /// `max_messages` / `max_bytes` (never more than retention keeps, so a lagging reader loses
+    /// what Redis lost). Returns how many were new to the ring.
+    fn push(&self, batch: Vec<Message>, max_messages: usize, max_bytes: usize) -> usize {
         let mut st = self.state.lock();
         let mut added = 0;
         for m in batch {
@@ -187,7 +242,10 @@ impl Feed {
             }
         }
         drop(st);
-        self.wake(added);
+        if added > 0 {
+            self.wake(added);
+        }
+        added
     }
 }
 
@@ -276,6 +334,9 @@ pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
                 users: AtomicUsize::new(0),
                 subscribers: AtomicUsize::new(0),
                 waiters: AtomicUsize::new(0),
+                issued: AtomicU64::new(0),
+                answered: AtomicU64::new(0),
+                answer: Notify::new(),
             });
             started = Some(Arc::clone(&feed));
             feed
@@ -315,6 +376,8 @@ async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
     let (stream, meta) = (engine.keys.stream(address), engine.keys.meta(address));
     let mut conn: Option<Conn> = None;
     let mut failing = false;
+    // Block with `COUNT 1` while this node's own appends fill the ring (module docs).
+    let mut probe = true;
     loop {
         if leave_if_unused(&engine, &feed) {
             return;
@@ -353,7 +416,7 @@ async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
             let block = u64::try_from(BLOCK.as_millis()).unwrap_or(1000);
             match redis::cmd("XREAD")
                 .arg("COUNT")
-                .arg(READ_BATCH)
+                .arg(if probe { 1 } else { READ_BATCH })
                 .arg("BLOCK")
                 .arg(block)
                 .arg("STREAMS")
@@ -365,16 +428,28 @@ async fn run(engine: Arc<RedisEngine>, feed: Arc<Feed>) {
                 Ok(Value::Nil) => check_epoch(&feed, c, &meta).await,
                 Ok(v) => {
                     let batch = read_reply(&feed.address, v);
-                    if batch.is_empty() {
-                        check_epoch(&feed, c, &meta).await
-                    } else {
-                        let limits = &engine.limits;
-                        feed.push(
-                            batch,
-                            RING_MESSAGES.min(limits.retention_messages),
-                            RING_BYTES.min(limits.retention_bytes),
-                        );
-                        Ok(())
+                    let limits = &engine.limits;
+                    let (max_messages, max_bytes) = (
+                        RING_MESSAGES.min(limits.retention_messages),
+                        RING_BYTES.min(limits.retention_bytes),
+                    );
+                    match batch.last().map(|m| m.sequence) {
+                        None => check_epoch(&feed, c, &meta).await,
+                        Some(newest) if probe => {
+                            // Sent by this node, and in the ring once its script is answered?
+                            feed.answers().await;
+                            if feed.state.lock().next <= newest {
+                                // Another node's: read full batches from here on.
+                                feed.push(batch, max_messages, max_bytes);
+                                probe = false;
+                            }
+                            Ok(())
+                        }
+                        Some(_) => {
+                            // A batch with nothing new was this node's own: probe again.
+                            probe = feed.push(batch, max_messages, max_bytes) == 0;
+                            Ok(())
+                        }
                     }
                 }
                 Err(e) => Err(e),

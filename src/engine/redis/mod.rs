@@ -11,7 +11,8 @@
 //!   exact count of what retention took from a group, which our semantics promise;
 //! - fan-out: each node reads each address that has local readers once ([`feed`], `XREAD
 //!   BLOCK`, batches of up to 512) and hands the messages to its local subscribers as shared
-//!   wire frames, with no Redis round trip per subscriber.
+//!   wire frames, with no Redis round trip per subscriber; messages the node appended itself
+//!   go into its feed from the append script's reply instead of being read back.
 //!
 //! All keys of one address share the hash tag `{address}` (see `Keys`), so every script
 //! touches one slot and runs on Redis Cluster. Times (`sent_at`, lease due times) come from
@@ -530,11 +531,56 @@ impl RedisEngine {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(BrokerError::ShuttingDown);
         }
+        let feed = self.issue(address);
         let reply = self
             .append_cmd(address, messages)
             .query_async::<Vec<u64>>(&mut self.conn())
             .await;
-        self.appended(address, messages.len(), reply).await
+        let appended = self.appended(address, messages.len(), reply).await;
+        if let Some(feed) = feed {
+            let own = messages
+                .iter()
+                .map(|m| (m.payload.clone(), m.headers.clone(), m.size));
+            self.own(&feed, own, appended.as_ref().ok());
+        }
+        appended.map(|(out, _)| out)
+    }
+
+    /// The feed of `address` if this node follows it, told that an append script is on its
+    /// way (see [`Feed::push_own`]).
+    fn issue(&self, address: &str) -> Option<Arc<Feed>> {
+        let feed = Arc::clone(self.feeds.get(address)?.value());
+        feed.issue();
+        Some(feed)
+    }
+
+    /// Hands `feed` what this node's append script stored: `messages` (payload, headers,
+    /// size, in the order sent) with the script's answer, or only that it was answered.
+    fn own(
+        &self,
+        feed: &Feed,
+        messages: impl Iterator<Item = (Bytes, Headers, usize)>,
+        answer: Option<&(Vec<Appended>, SystemTime)>,
+    ) {
+        let stored = answer.map_or_else(Vec::new, |(appended, sent_at)| {
+            messages
+                .zip(appended)
+                .filter(|(_, a)| !a.duplicate)
+                .map(|((payload, headers, size), a)| Message {
+                    address: Arc::clone(feed.address()),
+                    sequence: a.sequence,
+                    payload,
+                    headers,
+                    sent_at: *sent_at,
+                    size,
+                })
+                .collect()
+        });
+        feed.push_own(
+            stored,
+            feed::RING_MESSAGES.min(self.limits.retention_messages),
+            feed::RING_BYTES.min(self.limits.retention_bytes),
+        );
     }
 
     /// The append script as one `EVAL` (not `EVALSHA`: a script Redis has forgotten, after a
@@ -581,14 +627,15 @@ impl RedisEngine {
         }
     }
 
-    /// The append script's reply as what each message became.
+    /// The append script's reply as what each message became, and their `sent_at`.
     async fn appended(
         &self,
         address: &str,
         n: usize,
         reply: redis::RedisResult<Vec<u64>>,
-    ) -> Result<Vec<Appended>, BrokerError> {
-        let reply = reply.map_err(|e| unavailable(&e))?;
+    ) -> Result<(Vec<Appended>, SystemTime), BrokerError> {
+        let mut reply = reply.map_err(|e| unavailable(&e))?;
+        let micros = reply.pop().ok_or_else(|| protocol("send"))?;
         if reply.len() != n * 2 {
             return Err(protocol("send"));
         }
@@ -602,7 +649,7 @@ impl RedisEngine {
             .collect();
         let stored = out.iter().filter(|a| !a.duplicate).count() as u64;
         self.metrics.sent.inc_by(stored);
-        Ok(out)
+        Ok((out, UNIX_EPOCH + Duration::from_micros(micros)))
     }
 
     /// Queues `messages` for `address` and returns where their sequences (or the refusal)
@@ -673,12 +720,17 @@ impl RedisEngine {
                 }
                 let cmd = self.append_cmd(address, &all);
                 let mut conn = self.conn();
-                let n = all.len();
+                let feed = self.issue(address);
                 in_flight.push_back(async move {
-                    (pending, n, cmd.query_async::<Vec<u64>>(&mut conn).await)
+                    (
+                        pending,
+                        all,
+                        feed,
+                        cmd.query_async::<Vec<u64>>(&mut conn).await,
+                    )
                 });
             }
-            let Some(((replies, counts), n, reply)) = in_flight.next().await else {
+            let Some(((replies, counts), all, feed, reply)) = in_flight.next().await else {
                 let mut o = outbox.lock();
                 if !o.queue.is_empty() {
                     continue;
@@ -692,7 +744,12 @@ impl RedisEngine {
                 });
                 return;
             };
-            match self.appended(address, n, reply).await {
+            let answer = self.appended(address, all.len(), reply).await;
+            if let Some(feed) = feed {
+                let own = all.into_iter().map(|m| (m.payload, m.headers, m.size));
+                self.own(&feed, own, answer.as_ref().ok());
+            }
+            match answer.map(|(appended, _)| appended) {
                 Ok(appended) => {
                     let mut rest = appended.as_slice();
                     for (tx, n) in replies.into_iter().zip(counts) {

@@ -25,7 +25,8 @@
 /// KEYS: stream, meta, dedup hash, dedup zset. ARGV: retention messages, retention bytes, dedup
 /// window (ms, 0 = off), message count, epoch for a new address; then per message: message id
 /// (`""`: none), size, header field count (2 per header), payload, header fields.
-/// Returns `[sequence, duplicate (0/1), ...]`, one pair per message.
+/// Returns `[sequence, duplicate (0/1), ...]`, one pair per message, then the messages'
+/// `sent_at` (µs; the node that sent them puts them in its own feed with it, see `feed`).
 pub(super) const SEND: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -120,6 +121,7 @@ if len > 0 then
   if from > oldest then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', from)) end
 end
 redis.call('HSET', KEYS[2], 'seq', seq, 'bytes', bytes, 'cum', cum, 't', now)
+out[#out + 1] = now
 return out
 ";
 
