@@ -108,6 +108,21 @@ pub enum Found {
 }
 
 impl Feed {
+    fn new(address: &str) -> Self {
+        Self {
+            address: Arc::from(address),
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            groups: Mutex::new(HashMap::new()),
+            users: AtomicUsize::new(0),
+            subscribers: AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
+            issued: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            answer: Notify::new(),
+        }
+    }
+
     /// Woken when messages arrive or the address is deleted (fan-out subscribers).
     pub fn notify(&self) -> &Notify {
         &self.notify
@@ -175,14 +190,16 @@ impl Feed {
     }
 
     /// This node is sending an append script for the address: a probe that returns an entry
-    /// waits for it to be answered (see the module docs).
-    pub(super) fn issue(&self) {
+    /// waits until the returned guard is dropped (see the module docs), which happens once the
+    /// script is answered and its messages pushed, or when the Send is abandoned.
+    pub(super) fn issue(self: &Arc<Self>) -> Issued {
         self.issued.fetch_add(1, Ordering::AcqRel);
+        Issued(Arc::clone(self))
     }
 
-    /// This node's append script was answered, with `appended` (its stored messages, in
-    /// sequence order) when it succeeded: they go into the ring if they follow its newest
-    /// message; otherwise the task reads them from Redis as any other node's.
+    /// This node's append script stored `appended` (in sequence order): they go into the ring
+    /// if they follow its newest message; otherwise the task reads them from Redis as any other
+    /// node's.
     pub(super) fn push_own(&self, appended: Vec<Message>, max_messages: usize, max_bytes: usize) {
         let follows = appended.first().is_some_and(|m| {
             let st = self.state.lock();
@@ -191,8 +208,6 @@ impl Feed {
         if follows {
             self.push(appended, max_messages, max_bytes);
         }
-        self.answered.fetch_add(1, Ordering::AcqRel);
-        self.answer.notify_waiters();
     }
 
     /// Waits (at most [`BLOCK`]) until every append script this node issued before the call
@@ -246,6 +261,25 @@ impl Feed {
             self.wake(added);
         }
         added
+    }
+}
+
+/// An append script of this node in flight for a followed address (`Feed::issue`); dropping
+/// it counts the script as answered.
+#[derive(Debug)]
+pub struct Issued(Arc<Feed>);
+
+impl Issued {
+    /// The feed.
+    pub fn feed(&self) -> &Feed {
+        &self.0
+    }
+}
+
+impl Drop for Issued {
+    fn drop(&mut self) {
+        self.0.answered.fetch_add(1, Ordering::AcqRel);
+        self.0.answer.notify_waiters();
     }
 }
 
@@ -326,18 +360,7 @@ pub(super) fn follow(engine: &Arc<RedisEngine>, address: &str) -> Following {
     let mut started = None;
     let feed = {
         let entry = engine.feeds.entry(Arc::from(address)).or_insert_with(|| {
-            let feed = Arc::new(Feed {
-                address: Arc::from(address),
-                state: Mutex::new(State::default()),
-                notify: Notify::new(),
-                groups: Mutex::new(HashMap::new()),
-                users: AtomicUsize::new(0),
-                subscribers: AtomicUsize::new(0),
-                waiters: AtomicUsize::new(0),
-                issued: AtomicU64::new(0),
-                answered: AtomicU64::new(0),
-                answer: Notify::new(),
-            });
+            let feed = Arc::new(Feed::new(address));
             started = Some(Arc::clone(&feed));
             feed
         });
@@ -533,4 +556,41 @@ fn read_reply(address: &Arc<str>, v: Value) -> Vec<Message> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+
+    use super::{Feed, BLOCK};
+
+    /// A probe waits for this node's append scripts in flight, and no longer: an abandoned
+    /// append (its Send cancelled) counts as answered, or every later probe would wait
+    /// [`BLOCK`].
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_waits_for_appends_in_flight_and_not_for_abandoned_ones() {
+        let feed = Arc::new(Feed::new("a"));
+        let abandoned = feed.issue();
+        drop(abandoned);
+        let start = Instant::now();
+        feed.answers().await;
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO);
+
+        let in_flight = feed.issue();
+        let waiting = {
+            let feed = Arc::clone(&feed);
+            tokio::spawn(async move {
+                let start = Instant::now();
+                feed.answers().await;
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(BLOCK / 4).await;
+        assert!(!waiting.is_finished(), "answered before the append was");
+        drop(in_flight);
+        let waited = waiting.await.unwrap();
+        assert!(waited >= BLOCK / 4 && waited < BLOCK, "waited {waited:?}");
+    }
 }

@@ -531,51 +531,47 @@ impl RedisEngine {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(BrokerError::ShuttingDown);
         }
-        let feed = self.issue(address);
+        let issued = self.issue(address);
         let reply = self
             .append_cmd(address, messages)
             .query_async::<Vec<u64>>(&mut self.conn())
             .await;
         let appended = self.appended(address, messages.len(), reply).await;
-        if let Some(feed) = feed {
+        if let (Some(issued), Ok(answer)) = (issued, &appended) {
             let own = messages
                 .iter()
                 .map(|m| (m.payload.clone(), m.headers.clone(), m.size));
-            self.own(&feed, own, appended.as_ref().ok());
+            self.own(issued.feed(), own, answer);
         }
         appended.map(|(out, _)| out)
     }
 
-    /// The feed of `address` if this node follows it, told that an append script is on its
-    /// way (see [`Feed::push_own`]).
-    fn issue(&self, address: &str) -> Option<Arc<Feed>> {
-        let feed = Arc::clone(self.feeds.get(address)?.value());
-        feed.issue();
-        Some(feed)
+    /// If this node follows `address`, tells its feed an append script is on its way (see
+    /// `Feed::push_own`); the script counts as answered when the guard is dropped.
+    fn issue(&self, address: &str) -> Option<feed::Issued> {
+        Some(self.feeds.get(address)?.value().issue())
     }
 
     /// Hands `feed` what this node's append script stored: `messages` (payload, headers,
-    /// size, in the order sent) with the script's answer, or only that it was answered.
+    /// size, in the order sent) with the script's answer.
     fn own(
         &self,
         feed: &Feed,
         messages: impl Iterator<Item = (Bytes, Headers, usize)>,
-        answer: Option<&(Vec<Appended>, SystemTime)>,
+        (appended, sent_at): &(Vec<Appended>, SystemTime),
     ) {
-        let stored = answer.map_or_else(Vec::new, |(appended, sent_at)| {
-            messages
-                .zip(appended)
-                .filter(|(_, a)| !a.duplicate)
-                .map(|((payload, headers, size), a)| Message {
-                    address: Arc::clone(feed.address()),
-                    sequence: a.sequence,
-                    payload,
-                    headers,
-                    sent_at: *sent_at,
-                    size,
-                })
-                .collect()
-        });
+        let stored = messages
+            .zip(appended)
+            .filter(|(_, a)| !a.duplicate)
+            .map(|((payload, headers, size), a)| Message {
+                address: Arc::clone(feed.address()),
+                sequence: a.sequence,
+                payload,
+                headers,
+                sent_at: *sent_at,
+                size,
+            })
+            .collect();
         feed.push_own(
             stored,
             feed::RING_MESSAGES.min(self.limits.retention_messages),
@@ -720,17 +716,17 @@ impl RedisEngine {
                 }
                 let cmd = self.append_cmd(address, &all);
                 let mut conn = self.conn();
-                let feed = self.issue(address);
+                let issued = self.issue(address);
                 in_flight.push_back(async move {
                     (
                         pending,
                         all,
-                        feed,
+                        issued,
                         cmd.query_async::<Vec<u64>>(&mut conn).await,
                     )
                 });
             }
-            let Some(((replies, counts), all, feed, reply)) = in_flight.next().await else {
+            let Some(((replies, counts), all, issued, reply)) = in_flight.next().await else {
                 let mut o = outbox.lock();
                 if !o.queue.is_empty() {
                     continue;
@@ -745,9 +741,9 @@ impl RedisEngine {
                 return;
             };
             let answer = self.appended(address, all.len(), reply).await;
-            if let Some(feed) = feed {
+            if let (Some(issued), Ok(answer)) = (issued, &answer) {
                 let own = all.into_iter().map(|m| (m.payload, m.headers, m.size));
-                self.own(&feed, own, answer.as_ref().ok());
+                self.own(issued.feed(), own, answer);
             }
             match answer.map(|(appended, _)| appended) {
                 Ok(appended) => {
