@@ -780,19 +780,25 @@ async fn sequences_past_ten_to_the_fourteen_stay_exact() {
     node.stop().await;
 }
 
-/// Take scripts Redis has run (`EVALSHA` calls; the send script goes by `EVAL`).
-async fn take_scripts(redis: &RedisServer) -> u64 {
+/// One section of Redis's `INFO`.
+async fn redis_info(redis: &RedisServer, section: &str) -> String {
     let mut r = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
+    redis::cmd("INFO")
+        .arg(section)
         .query_async(&mut r)
         .await
-        .unwrap();
-    info.lines()
+        .unwrap()
+}
+
+/// Take scripts Redis has run (`EVALSHA` calls; the send script goes by `EVAL`).
+async fn take_scripts(redis: &RedisServer) -> u64 {
+    redis_info(redis, "commandstats")
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
         .and_then(|l| l.split(',').next())
         .map_or(0, |n| n.parse().unwrap())
@@ -865,17 +871,9 @@ async fn a_message_wakes_one_waiting_reader_per_group_not_the_pool() {
 
 /// Bytes Redis has sent to its clients so far (`INFO stats`).
 async fn redis_output_bytes(redis: &RedisServer) -> u64 {
-    let mut r = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
+    redis_info(redis, "stats")
         .await
-        .unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut r)
-        .await
-        .unwrap();
-    info.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
         .map_or(0, |n| n.trim().parse().unwrap())
 }
