@@ -630,21 +630,12 @@ impl RedisEngine {
         n: usize,
         reply: redis::RedisResult<Vec<u64>>,
     ) -> Result<(Vec<Appended>, SystemTime), BrokerError> {
-        let mut reply = reply.map_err(|e| unavailable(&e))?;
-        let micros = reply.pop().ok_or_else(|| protocol("send"))?;
-        if reply.len() != n * 2 {
-            return Err(protocol("send"));
-        }
+        let reply = reply.map_err(|e| unavailable(&e))?;
+        let out = expand_reply(&reply, n).ok_or_else(|| protocol("send"))?;
         self.register(address).await;
-        let out: Vec<Appended> = reply
-            .chunks_exact(2)
-            .map(|p| Appended {
-                sequence: p[0],
-                duplicate: p[1] == 1,
-            })
-            .collect();
         let stored = out.iter().filter(|a| !a.duplicate).count() as u64;
         self.metrics.sent.inc_by(stored);
+        let micros = reply.last().copied().unwrap_or(0);
         Ok((out, UNIX_EPOCH + Duration::from_micros(micros)))
     }
 
@@ -1345,6 +1336,36 @@ fn tcp() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
+/// What each of `n` messages became, from the append script's compact reply `[d, (index,
+/// sequence) * d, first, sent_at]` (see `scripts::SEND`): the duplicates at their indexes, the
+/// others consecutive from `first`. `None` if the reply does not fit `n`.
+fn expand_reply(reply: &[u64], n: usize) -> Option<Vec<Appended>> {
+    let d = usize::try_from(*reply.first()?).ok()?;
+    if reply.len() != 2 * d + 3 || d > n {
+        return None;
+    }
+    let (dups, tail) = reply[1..].split_at(2 * d);
+    let mut next = tail[0];
+    let mut dups = dups.chunks_exact(2).peekable();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        if let Some(&[_, sequence]) = dups.next_if(|p| p[0] == i) {
+            out.push(Appended {
+                sequence,
+                duplicate: true,
+            });
+        } else {
+            out.push(Appended {
+                sequence: next,
+                duplicate: false,
+            });
+            next += 1;
+        }
+    }
+    // Every duplicate index named a message of the batch, in order.
+    dups.next().is_none().then_some(out)
+}
+
 fn start_args(start: StartAt) -> (&'static str, u64) {
     match start {
         StartAt::End => ("end", 0),
@@ -1367,4 +1388,46 @@ fn dead_letters(group: &str, dlq: &str, dead: Vec<(Arc<Message>, u32)>) -> Vec<D
             to: Address::checked(dlq.to_string()),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_reply;
+
+    fn pairs(reply: &[u64], n: usize) -> Option<Vec<(u64, bool)>> {
+        expand_reply(reply, n).map(|v| v.iter().map(|a| (a.sequence, a.duplicate)).collect())
+    }
+
+    #[test]
+    fn a_compact_reply_expands_to_one_answer_per_message() {
+        // No duplicates: 3 messages stored from 7; sent_at last.
+        assert_eq!(
+            pairs(&[0, 7, 99], 3),
+            Some(vec![(7, false), (8, false), (9, false)])
+        );
+        // Messages 0 and 2 of 4 matched sequences 3 and 5; the others were stored as 10, 11.
+        assert_eq!(
+            pairs(&[2, 0, 3, 2, 5, 10, 99], 4),
+            Some(vec![(3, true), (10, false), (5, true), (11, false)])
+        );
+        // All duplicates: `first` is 0 and unused.
+        assert_eq!(pairs(&[1, 0, 4, 0, 99], 1), Some(vec![(4, true)]));
+    }
+
+    #[test]
+    fn a_reply_that_does_not_fit_the_batch_is_refused() {
+        assert_eq!(pairs(&[], 1), None);
+        assert_eq!(pairs(&[0, 7], 1), None, "no sent_at");
+        assert_eq!(pairs(&[1, 5, 3, 7, 99], 2), None, "index past the batch");
+        assert_eq!(
+            pairs(&[2, 1, 3, 0, 4, 7, 99], 2),
+            None,
+            "indexes out of order"
+        );
+        assert_eq!(
+            pairs(&[3, 0, 1, 1, 2, 2, 3, 7, 99], 2),
+            None,
+            "more duplicates than messages"
+        );
+    }
 }

@@ -25,8 +25,11 @@
 /// KEYS: stream, meta, dedup hash, dedup zset. ARGV: retention messages, retention bytes, dedup
 /// window (ms, 0 = off), message count, epoch for a new address; then per message: message id
 /// (`""`: none), size, header field count (2 per header), payload, header fields.
-/// Returns `[sequence, duplicate (0/1), ...]`, one pair per message, then the messages'
-/// `sent_at` (µs; the node that sent them puts them in its own feed with it, see `feed`).
+/// Returns `[d, (index, sequence) * d, first, sent_at]`: the `d` duplicates (their 0-based index
+/// in the batch and the sequence they matched), the sequence of the first message stored (the
+/// others follow it in order; 0 if none was stored), and the messages' `sent_at` (µs; the node
+/// that sent them puts them in its own feed with it, see `feed`). A compact answer: the node
+/// parses a few integers per call, not two per message.
 pub(super) const SEND: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -47,7 +50,8 @@ if #old > 0 then
   redis.call('HDEL', KEYS[3], unpack(old))
 end
 local first = nil
-local out = {}
+local first_new = 0
+local dups = {}
 local i = 6
 for k = 1, tonumber(ARGV[4]) do
   local id = ARGV[i]
@@ -66,10 +70,11 @@ for k = 1, tonumber(ARGV[4]) do
     end
   end
   if dup then
-    out[#out + 1] = dup
-    out[#out + 1] = 1
+    dups[#dups + 1] = k - 1
+    dups[#dups + 1] = dup
   else
     seq = seq + 1
+    if first_new == 0 then first_new = seq end
     cum = cum + tonumber(size)
     if nf == 0 then
       redis.call('XADD', KEYS[1], string.format('%d-0', seq), 'p', ARGV[i + 3], 't', now_s, 'z', size, 'c', string.format('%d', cum))
@@ -82,8 +87,6 @@ for k = 1, tonumber(ARGV[4]) do
       redis.call('HSET', KEYS[3], id, seq)
       redis.call('ZADD', KEYS[4], now_ms + window, id)
     end
-    out[#out + 1] = seq
-    out[#out + 1] = 0
   end
   i = i + 4 + nf
 end
@@ -121,6 +124,9 @@ if len > 0 then
   if from > oldest then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', from)) end
 end
 redis.call('HSET', KEYS[2], 'seq', seq, 'bytes', bytes, 'cum', cum, 't', now)
+local out = {#dups / 2}
+for _, v in ipairs(dups) do out[#out + 1] = v end
+out[#out + 1] = first_new
 out[#out + 1] = now
 return out
 ";
