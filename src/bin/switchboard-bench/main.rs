@@ -1057,7 +1057,7 @@ fn targets(rows: &[Row]) {
     let ratio = |id: &str| get(id).and_then(Row::ratio);
     let broker = |id: &str| get(id).map(|r| r.broker);
     let div = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
-    let checks: [(&str, Option<f64>, &str, f64); 18] = [
+    let checks: [(&str, Option<f64>, &str, f64); 19] = [
         (
             "unary Send 64 in flight / ceiling",
             ratio("W1b"),
@@ -1108,6 +1108,12 @@ fn targets(rows: &[Row]) {
         (
             "redis SendStream / direct XADD+XREAD",
             ratio("W10.direct"),
+            ">=",
+            0.7,
+        ),
+        (
+            "redis fan-out 1->16 / direct 16 XREADs",
+            ratio("W10.fanout_direct"),
             ">=",
             0.7,
         ),

@@ -5,7 +5,8 @@
 //! - SendStream 1 → 1, 128 B, delivered msgs/s: Redis engine / memory engine, and Redis engine /
 //!   direct client. The direct client is the engine's ceiling: one publisher pipelining `XADD`s
 //!   (batches of 100, 8 batches in flight) and one reader with `XREAD BLOCK COUNT 512`;
-//! - fan-out 1 → 16 (W2's shape), Redis engine / memory engine;
+//! - fan-out 1 → 16 (W2's shape), Redis engine / memory engine, and Redis engine / the direct
+//!   client with 16 readers (each its own connection and `XREAD BLOCK`), deliveries/s;
 //! - fan-out 1 → 15 with the subscribers on 3 nodes (5 each) / all 15 on 1 node: on one
 //!   2-core machine the three nodes share the cores with Redis and the publisher, so this
 //!   bounds what spreading can show.
@@ -86,49 +87,58 @@ async fn node(bin: &PathBuf, redis: &Redis, ns: &str) -> Res<Server> {
     .await
 }
 
-/// The direct client: `n` 128-byte `XADD`s pipelined (100 per pipeline, 8 pipelines in flight)
-/// while one reader follows the stream with `XREAD BLOCK`; delivered msgs/s.
-async fn direct(redis: &Redis, key: &str, n: u64, payload_len: usize) -> Res<f64> {
-    let client = redis::Client::open(redis.url())?;
+/// One direct reader: follows `key` from the start with `XREAD BLOCK … COUNT 512` until it has
+/// seen `n` entries; returns when it saw the last.
+async fn follow(
+    client: redis::Client,
+    key: String,
+    n: u64,
+) -> Result<Instant, Box<dyn std::error::Error + Send + Sync>> {
     let mut reader = client.get_multiplexed_async_connection().await?;
-    let writer = client.get_multiplexed_async_connection().await?;
-    let key_r = key.to_string();
-    let read = tokio::spawn(async move {
-        let mut last = "0-0".to_string();
-        let mut got = 0u64;
-        while got < n {
-            let v: Value = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(512)
-                .arg("BLOCK")
-                .arg(5000)
-                .arg("STREAMS")
-                .arg(&key_r)
-                .arg(&last)
-                .query_async(&mut reader)
-                .await?;
-            let Value::Array(streams) = v else {
-                return Err::<Instant, Box<dyn std::error::Error + Send + Sync>>(
-                    "XREAD timed out".into(),
-                );
+    let mut last = "0-0".to_string();
+    let mut got = 0u64;
+    while got < n {
+        let v: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(512)
+            .arg("BLOCK")
+            .arg(5000)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(&last)
+            .query_async(&mut reader)
+            .await?;
+        let Value::Array(streams) = v else {
+            return Err("XREAD timed out".into());
+        };
+        for s in streams {
+            let Value::Array(mut kv) = s else { continue };
+            let Some(Value::Array(items)) = kv.pop() else {
+                continue;
             };
-            for s in streams {
-                let Value::Array(mut kv) = s else { continue };
-                let Some(Value::Array(items)) = kv.pop() else {
-                    continue;
-                };
-                for item in items {
-                    if let Value::Array(pair) = item {
-                        if let Some(Value::BulkString(id)) = pair.first() {
-                            last = String::from_utf8_lossy(id).into_owned();
-                        }
-                        got += 1;
+            for item in items {
+                if let Value::Array(pair) = item {
+                    if let Some(Value::BulkString(id)) = pair.first() {
+                        last = String::from_utf8_lossy(id).into_owned();
                     }
+                    got += 1;
                 }
             }
         }
-        Ok(Instant::now())
-    });
+    }
+    Ok(Instant::now())
+}
+
+/// The direct client: `n` 128-byte `XADD`s pipelined (100 per pipeline, 8 pipelines in flight)
+/// while `readers` readers, each on a connection of its own, follow the stream with `XREAD
+/// BLOCK` (see [`follow`]); deliveries per second (`readers` × `n` over the time until the last
+/// reader has the last entry).
+async fn direct(redis: &Redis, key: &str, n: u64, payload_len: usize, readers: usize) -> Res<f64> {
+    let client = redis::Client::open(redis.url())?;
+    let writer = client.get_multiplexed_async_connection().await?;
+    let reads: Vec<_> = (0..readers)
+        .map(|_| tokio::spawn(follow(client.clone(), key.to_string(), n)))
+        .collect();
     let payload = vec![0xabu8; payload_len];
     let start = Instant::now();
     let mut inflight = FuturesOrdered::new();
@@ -156,8 +166,11 @@ async fn direct(redis: &Redis, key: &str, n: u64, payload_len: usize) -> Res<f64
             r?;
         }
     }
-    let end = read.await??;
-    Ok(n as f64 / (end - start).as_secs_f64().max(1e-9))
+    let mut end = start;
+    for r in reads {
+        end = end.max(r.await??);
+    }
+    Ok((n * readers as u64) as f64 / (end - start).as_secs_f64().max(1e-9))
 }
 
 /// One publisher (SendStream into the first node) → subscribers spread over `nodes`:
@@ -198,7 +211,7 @@ pub(super) async fn run(
     }
     let n = s.w1_stream / 5;
     let (mut on_redis, mut memory, mut ceiling) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut fan_redis, mut fan_memory) = (Vec::new(), Vec::new());
+    let (mut fan_redis, mut fan_memory, mut fan_direct) = (Vec::new(), Vec::new(), Vec::new());
     let (mut three, mut one) = (Vec::new(), Vec::new());
     for round in 0..repeat.max(1) {
         let redis = Redis::start().await?;
@@ -206,7 +219,8 @@ pub(super) async fn run(
         let r = node(bin, &redis, &ns).await?;
         on_redis.push(throughput(&r, 1, n, 128, Publish::Stream).await?.0);
         drop(r);
-        ceiling.push(direct(&redis, &format!("direct{round}"), n, 128).await?);
+        ceiling.push(direct(&redis, &format!("direct{round}"), n, 128, 1).await?);
+        fan_direct.push(direct(&redis, &format!("fandirect{round}"), s.w2 / 5, 128, 16).await?);
         let m = Server::broker(bin).await?;
         memory.push(throughput(&m, 1, n, 128, Publish::Stream).await?.0);
         fan_memory.push(throughput(&m, 16, s.w2 / 5, 128, Publish::Stream).await?.0);
@@ -245,8 +259,16 @@ pub(super) async fn run(
         workload: "W10",
         variant: "redis fan-out 1->16 / memory engine".into(),
         unit: "deliv/s",
-        broker: median(&mut fan_redis),
+        broker: median(&mut fan_redis.clone()),
         ceiling: Some(median(&mut fan_memory)),
+    });
+    emit(Row {
+        id: "W10.fanout_direct".into(),
+        workload: "W10",
+        variant: "redis fan-out 1->16 / direct 16 XREADs".into(),
+        unit: "deliv/s",
+        broker: median(&mut fan_redis),
+        ceiling: Some(median(&mut fan_direct)),
     });
     emit(Row {
         id: "W10.nodes".into(),
