@@ -89,11 +89,7 @@ async fn node(bin: &PathBuf, redis: &Redis, ns: &str) -> Res<Server> {
 
 /// One direct reader: follows `key` from the start with `XREAD BLOCK … COUNT 512` until it has
 /// seen `n` entries; returns when it saw the last.
-async fn follow(
-    client: redis::Client,
-    key: String,
-    n: u64,
-) -> Result<Instant, Box<dyn std::error::Error + Send + Sync>> {
+async fn follow(client: redis::Client, key: String, n: u64) -> Res<Instant> {
     let mut reader = client.get_multiplexed_async_connection().await?;
     let mut last = "0-0".to_string();
     let mut got = 0u64;
