@@ -10,6 +10,7 @@ use common::{recv, send, TestServer};
 use proptest::prelude::*;
 use switchboard::{
     config::Limits,
+    pb::{BatchMessage, SendBatchRequest},
     shutdown::Shutdown,
     validate::{Address, Group},
     Broker,
@@ -51,6 +52,44 @@ async fn global_bound_evicts_oldest_across_addresses_and_tells_the_group() {
     // Retention is history: consumed messages stay until a bound removes them.
     assert_eq!(server.broker.total_retained_bytes(), 10 * MSG);
     assert_eq!(server.broker.retained_messages("third"), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_bound_counts_batched_messages_like_single_sends() {
+    let limits = Limits {
+        max_message_bytes: 1024,
+        retention_bytes: 10 * MSG,
+        max_retained_bytes: 10 * MSG,
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let mut c = server.client().await;
+    let batch = |address: &str, n: usize, byte: u8| SendBatchRequest {
+        address: address.into(),
+        messages: (0..n)
+            .map(|_| BatchMessage {
+                payload: vec![byte; 1000].into(),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    c.send_batch(batch("old", 5, 1)).await.unwrap();
+    c.send_batch(batch("new", 5, 2)).await.unwrap();
+    // Every batched message is charged to the broker-wide budget.
+    assert_eq!(server.broker.total_retained_bytes(), 10 * MSG);
+    // A batch of two more: the two oldest broker-wide ("old" 1 and 2) leave.
+    c.send_batch(batch("third", 2, 3)).await.unwrap();
+    assert_eq!(server.broker.total_retained_bytes(), 10 * MSG);
+    let old = recv(&mut c, "old", "", 100, Duration::ZERO).await;
+    assert_eq!(old.dropped, 2);
+    assert_eq!(
+        old.messages.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert!(old.messages.iter().all(|m| m.payload.as_ref() == [1; 1000]));
+    let third = recv(&mut c, "third", "", 100, Duration::ZERO).await;
+    assert_eq!((third.dropped, third.messages.len()), (0, 2));
     server.stop().await;
 }
 

@@ -57,6 +57,44 @@ async fn a_batch_gets_consecutive_sequences_and_is_delivered_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_shares_one_sent_at_and_counts_each_message_sent() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let before = server.scrape().await;
+    send(&mut c, "b.stamp", b"before").await;
+    // Small payloads of mixed sizes (some share a copy buffer, the largest get their own).
+    let payloads: Vec<Vec<u8>> = (0..300usize)
+        .map(|i| vec![u8::try_from(i % 251).unwrap(); [0, 1, 100, 1500][i % 4]])
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    step("batch", c.send_batch(batch("b.stamp", &refs)))
+        .await
+        .unwrap();
+    let after = server.scrape().await;
+    let key = "switchboard_messages_sent_total";
+    let sent = after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0);
+    assert_eq!(sent, 301.0, "the single Send and every batched message");
+    let got = recv(&mut c, "b.stamp", "", 1000, Duration::ZERO).await;
+    assert_eq!(got.messages.len(), 301);
+    let stamps: Vec<_> = got.messages.iter().map(|m| m.sent_at.unwrap()).collect();
+    assert!(
+        stamps[1..].iter().all(|t| *t == stamps[1]),
+        "one sent_at per batch"
+    );
+    let at = |t: &prost_types::Timestamp| (t.seconds, t.nanos);
+    assert!(at(&stamps[0]) <= at(&stamps[1]));
+    for (m, want) in got.messages[1..].iter().zip(&payloads) {
+        assert_eq!(
+            m.payload.as_ref(),
+            want.as_slice(),
+            "sequence {}",
+            m.sequence
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bad_message_refuses_the_whole_batch_naming_its_index() {
     let server = TestServer::start().await;
     let mut c = server.client().await;

@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 pub use subscription::{Event, PatternSubscription, Subscription};
@@ -40,6 +40,56 @@ use crate::{
 
 /// Payloads smaller than this are copied out of the receive buffer on Send (see `send`).
 const UNPIN_BELOW_BYTES: usize = 64 * 1024;
+
+/// A batch packs its small payloads into shared chunks of at most this many bytes (see
+/// [`Unpin`]).
+const UNPIN_CHUNK_BYTES: usize = 4096;
+
+/// Copies small payloads out of the request's receive buffer.
+///
+/// A small payload decoded by tonic is a slice of the connection's receive buffer; kept as is,
+/// it would pin that whole buffer for as long as it is retained. Copying it (small, once per
+/// message) keeps retained memory close to what the budget counts.
+///
+/// A batch's messages all go to one address and leave its window in order, so consecutive
+/// payloads of up to a quarter of [`UNPIN_CHUNK_BYTES`] share one chunk: one allocation per
+/// chunk instead of one per message. A chunk is freed when its last message is evicted, so
+/// what chunks hold beyond the budget's count is at most one chunk per address (the one at the
+/// front of its window, partly evicted). Single Sends (whose consecutive messages may go to
+/// different addresses) get a copy of their own.
+struct Unpin {
+    /// The current chunk's free space; `None` for single Sends.
+    chunk: Option<BytesMut>,
+}
+
+impl Unpin {
+    fn single() -> Self {
+        Self { chunk: None }
+    }
+
+    fn batch() -> Self {
+        Self {
+            chunk: Some(BytesMut::new()),
+        }
+    }
+
+    fn copy(&mut self, payload: Bytes) -> Bytes {
+        let n = payload.len();
+        if n >= UNPIN_BELOW_BYTES {
+            return payload;
+        }
+        match &mut self.chunk {
+            Some(chunk) if n > 0 && n <= UNPIN_CHUNK_BYTES / 4 => {
+                if chunk.capacity() - chunk.len() < n {
+                    *chunk = BytesMut::with_capacity(UNPIN_CHUNK_BYTES);
+                }
+                chunk.extend_from_slice(&payload);
+                chunk.split().freeze()
+            }
+            _ => Bytes::copy_from_slice(&payload),
+        }
+    }
+}
 
 /// A cheap-clone handle to the broker's state.
 #[derive(Clone, Debug)]
@@ -241,7 +291,7 @@ impl Broker {
         headers: Headers,
         message_id: &str,
     ) -> Result<(Appended, Durable), BrokerError> {
-        let m = self.prepare(payload, headers, message_id)?;
+        let m = self.prepare(payload, headers, message_id, &mut Unpin::single())?;
         if let Some(r) = self.redis() {
             // The sequence comes with Redis's reply: the Durable carries it. Queued, so that one
             // stream's Sends stay in order and go to Redis many per call.
@@ -289,9 +339,10 @@ impl Broker {
         }
         let mut prepared = Vec::with_capacity(messages.len());
         let mut total = 0usize;
+        let mut unpin = Unpin::batch();
         for (index, (payload, headers, id)) in messages.into_iter().enumerate() {
             let m = self
-                .prepare(payload, headers, &id)
+                .prepare(payload, headers, &id, &mut unpin)
                 .map_err(|e| BrokerError::InBatch {
                     index,
                     error: Box::new(e),
@@ -319,12 +370,13 @@ impl Broker {
         Ok(appended)
     }
 
-    /// Checks one message and makes it ready to store.
+    /// Checks one message and makes it ready to store (a small payload is copied by `unpin`).
     fn prepare(
         &self,
         payload: Bytes,
         headers: Headers,
         message_id: &str,
+        unpin: &mut Unpin,
     ) -> Result<NewMessage, BrokerError> {
         let limits = &self.inner.limits;
         if message_id.len() > validate::MAX_NAME_BYTES {
@@ -339,14 +391,7 @@ impl Broker {
         }
         validate::payload(payload.len(), limits)?;
         let size = payload.len() + validate::headers(&headers)? + MESSAGE_OVERHEAD_BYTES;
-        // A small payload decoded by tonic is a slice of the connection's receive buffer; kept
-        // as is, it would pin that whole buffer for as long as it is retained. Copying it
-        // (small, once per message) keeps retained memory close to what the budget counts.
-        let payload = if payload.len() < UNPIN_BELOW_BYTES {
-            Bytes::copy_from_slice(&payload)
-        } else {
-            payload
-        };
+        let payload = unpin.copy(payload);
         for (limit, limit_name) in [
             (limits.retention_bytes, "--retention-bytes"),
             (limits.max_retained_bytes, "--max-retained-bytes"),
@@ -887,5 +932,56 @@ struct WaiterGuard<'a>(&'a Log);
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
         self.0.remove_waiter();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where `b`'s bytes are.
+    fn span(b: &Bytes) -> std::ops::Range<usize> {
+        let p = b.as_ptr() as usize;
+        p..p + b.len()
+    }
+
+    #[test]
+    fn a_batch_copies_small_payloads_out_of_the_request_into_shared_chunks() {
+        let request = Bytes::from((0..=255u8).cycle().take(20_000).collect::<Vec<u8>>());
+        let within = |b: &Bytes| {
+            let r = span(&request);
+            b.is_empty() || (r.contains(&span(b).start) && span(b).end <= r.end)
+        };
+        let mut unpin = Unpin::batch();
+        let small: Vec<Bytes> = (0..40)
+            .map(|i| unpin.copy(request.slice(i * 128..(i + 1) * 128)))
+            .collect();
+        for (i, b) in small.iter().enumerate() {
+            assert_eq!(b, &request.slice(i * 128..(i + 1) * 128), "contents kept");
+            assert!(!within(b), "copied out of the request buffer");
+        }
+        // 32 payloads of 128 bytes fill a 4 KiB chunk; the 33rd starts the next one.
+        for i in 1..32 {
+            assert_eq!(span(&small[i]).start, span(&small[i - 1]).end, "same chunk");
+        }
+        assert_ne!(span(&small[32]).start, span(&small[31]).end, "next chunk");
+        // Over a quarter of a chunk: a copy of its own. At 64 KiB and above: kept as is.
+        let mid = unpin.copy(request.slice(0..UNPIN_CHUNK_BYTES / 4 + 1));
+        assert!(!within(&mid));
+        assert_eq!(mid.len(), UNPIN_CHUNK_BYTES / 4 + 1);
+        let big = Bytes::from(vec![9u8; UNPIN_BELOW_BYTES]);
+        assert_eq!(span(&unpin.copy(big.clone())), span(&big));
+        assert!(unpin.copy(Bytes::new()).is_empty());
+    }
+
+    #[test]
+    fn a_single_send_gets_a_copy_of_its_own() {
+        let request = Bytes::from(vec![5u8; 1024]);
+        let mut unpin = Unpin::single();
+        let a = unpin.copy(request.slice(0..100));
+        let b = unpin.copy(request.slice(100..200));
+        assert_eq!((a.as_ref(), b.as_ref()), (&[5u8; 100][..], &[5u8; 100][..]));
+        assert!(!span(&request).contains(&span(&a).start));
+        assert_ne!(span(&b).start, span(&a).end, "no shared chunk across Sends");
     }
 }

@@ -31,7 +31,7 @@ pub use budget::Budget;
 pub(crate) use cold::{ColdIndex, ColdMessage};
 pub use log::AddressLog;
 pub use log::Loc;
-use log::State;
+use log::{Stamp, State};
 
 use patterns::{PatternIndex, PatternSub};
 
@@ -260,8 +260,11 @@ impl MemoryEngine {
                 };
                 return Ok((dup, durable));
             }
-            let m = a.append(st, payload, headers, size, message_id);
+            let m = a.append(st, payload, headers, size, message_id, Stamp::now());
             let sequence = m.sequence;
+            if self.store.is_none() {
+                a.count_committed(1, size);
+            }
             let durable = if self.store.is_some() {
                 a.submit(
                     st,
@@ -299,6 +302,8 @@ impl MemoryEngine {
             let mut out = Vec::with_capacity(messages.len());
             let mut written = Vec::new();
             let mut staged_duplicate = false;
+            let at = Stamp::now();
+            let (mut stored_n, mut stored_bytes) = (0u64, 0usize);
             for m in messages {
                 let id = m.message_id.as_deref();
                 if let Some(sequence) = id.and_then(|id| a.duplicate_of(st, id)) {
@@ -309,7 +314,9 @@ impl MemoryEngine {
                     });
                     continue;
                 }
-                let stored = a.append(st, m.payload, m.headers, m.size, id);
+                let stored = a.append(st, m.payload, m.headers, m.size, id, at);
+                stored_n += 1;
+                stored_bytes += m.size;
                 out.push(Appended {
                     sequence: stored.sequence,
                     duplicate: false,
@@ -317,6 +324,9 @@ impl MemoryEngine {
                 if disk {
                     written.push((stored, m.message_id.map(String::into_boxed_str)));
                 }
+            }
+            if !disk && stored_n > 0 {
+                a.count_committed(stored_n, stored_bytes);
             }
             // One write and one fsync for the whole batch; a job queued after a duplicate's
             // write completes after it.
