@@ -991,7 +991,8 @@ export const Broker: GenService<{
   /**
    * Send many messages to one address in one call: validated as a whole (any invalid message
    * refuses the whole batch with INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming its index, and
-   * nothing is stored), appended atomically with consecutive sequences, one response.
+   * nothing is stored), appended atomically with consecutive sequences and one sent_at, one
+   * response.
    *
    * @generated from rpc switchboard.v1.Broker.SendBatch
    */
