@@ -14,7 +14,10 @@
 //! ~200 MiB of transient allocations before the count check could refuse it (headers with
 //! tiny distinct keys: ~15x).
 
-use std::{any::TypeId, marker::PhantomData};
+use std::{
+    any::{Any, TypeId},
+    marker::PhantomData,
+};
 
 use bytes::Buf;
 use tonic::{
@@ -86,21 +89,41 @@ where
         if buf.chunk().len() == buf.remaining() {
             let ty = TypeId::of::<U>();
             let (method, checked) = if ty == TypeId::of::<pb::SendBatchRequest>() {
-                (Decoding("SendBatch"), check_batch(buf.chunk()))
+                (Decoding("SendBatch"), check_batch(buf.chunk()).map(Some))
             } else if ty == TypeId::of::<pb::SendRequest>() {
                 // `SendRequest.headers` is field 3. One type serves two methods.
                 (
                     Decoding("Send or SendStream"),
-                    check_headers(buf.chunk(), 3),
+                    check_headers(buf.chunk(), 3).map(|()| None),
                 )
             } else {
-                (Decoding(""), Ok(()))
+                (Decoding(""), Ok(None))
             };
-            if let Err(e) = checked {
-                // Logged like the service's refusals (`request rejected`), with the address
-                // (field 1 of both requests) as sent.
-                let address = entries(buf.chunk(), 1).next().unwrap_or_default();
-                return Err(rejected(method, &String::from_utf8_lossy(address), e));
+            match checked {
+                Err(e) => {
+                    // Logged like the service's refusals (`request rejected`), with the
+                    // address (field 1 of both requests) as sent.
+                    let address = entries(buf.chunk(), 1).next().unwrap_or_default();
+                    return Err(rejected(method, &String::from_utf8_lossy(address), e));
+                }
+                // A batch's entry count is known from the scan: its vector is allocated once
+                // instead of growing entry by entry.
+                Ok(Some(count)) => {
+                    let mut batch = pb::SendBatchRequest {
+                        address: String::new(),
+                        messages: Vec::with_capacity(count),
+                    };
+                    prost::Message::merge(&mut batch, &mut *buf)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    let mut decoded = Some(batch);
+                    if let Some(u) = (&mut decoded as &mut dyn Any)
+                        .downcast_mut::<Option<U>>()
+                        .and_then(Option::take)
+                    {
+                        return Ok(Some(u));
+                    }
+                }
+                Ok(None) => {}
             }
         }
         self.0.decode(buf)
@@ -121,9 +144,11 @@ impl std::fmt::Debug for Decoding {
 }
 
 /// `SendBatchRequest.messages` (field 2): at most [`MAX_BATCH_MESSAGES`], each with at most
-/// [`MAX_HEADERS`] `headers` (`BatchMessage` field 2).
-fn check_batch(request: &[u8]) -> Result<(), BrokerError> {
+/// [`MAX_HEADERS`] `headers` (`BatchMessage` field 2). Returns how many entries there are.
+fn check_batch(request: &[u8]) -> Result<usize, BrokerError> {
+    let mut count = 0;
     for (index, entry) in entries(request, 2).enumerate() {
+        count = index + 1;
         if index == MAX_BATCH_MESSAGES {
             return Err(BrokerError::invalid(
                 "messages",
@@ -137,7 +162,7 @@ fn check_batch(request: &[u8]) -> Result<(), BrokerError> {
             error: Box::new(e),
         })?;
     }
-    Ok(())
+    Ok(count)
 }
 
 /// At most [`MAX_HEADERS`] entries of the map in `field` of the encoded message.
@@ -229,7 +254,12 @@ mod tests {
 
     #[test]
     fn refuses_batches_and_headers_over_their_limits() {
-        assert!(check_batch(&batch(MAX_BATCH_MESSAGES, MAX_HEADERS)).is_ok());
+        assert_eq!(
+            check_batch(&batch(MAX_BATCH_MESSAGES, MAX_HEADERS)).unwrap(),
+            MAX_BATCH_MESSAGES,
+            "the entry count sizes the decoded vector"
+        );
+        assert_eq!(check_batch(&batch(7, 0)).unwrap(), 7);
         let e = check_batch(&batch(MAX_BATCH_MESSAGES + 1, 0)).unwrap_err();
         assert!(e.to_string().starts_with("messages: more than 1000"), "{e}");
         let e = check_batch(&batch(2, MAX_HEADERS + 1)).unwrap_err();

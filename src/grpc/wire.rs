@@ -46,6 +46,8 @@ use crate::{
 
 /// Small frames ready at once are coalesced into one HTTP/2 DATA frame up to this size.
 const COALESCE_BYTES: usize = 32 * 1024;
+/// The coalescing buffer's first size: ~25 small messages before it grows.
+const COALESCE_START_BYTES: usize = 4 * 1024;
 /// Largest Subscribe request body accepted (an address and a group fit many times over).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const SUBSCRIBE_PATH: &str = "/switchboard.v1.Broker/Subscribe";
@@ -137,6 +139,9 @@ impl http_body::Body for SubscribeBody {
         if this.done {
             return Poll::Ready(None);
         }
+        // One small frame ready alone goes out as is (no copy); several are copied into one
+        // buffer, sized for many at once so that it seldom grows.
+        let mut first: Option<Bytes> = None;
         let mut small = BytesMut::new();
         loop {
             let chunk = match this.events.as_mut().poll_next(cx) {
@@ -164,13 +169,24 @@ impl http_body::Body for SubscribeBody {
                     this.trailers = Some(Status::ok(""));
                     break;
                 }
-                Poll::Pending if small.is_empty() => return Poll::Pending,
+                Poll::Pending if first.is_none() && small.is_empty() => return Poll::Pending,
                 Poll::Pending => break,
             };
+            if small.is_empty() {
+                let Some(earlier) = first.take() else {
+                    first = Some(chunk);
+                    continue;
+                };
+                small.reserve(COALESCE_START_BYTES.max(earlier.len() + chunk.len()));
+                small.extend_from_slice(&earlier);
+            }
             small.extend_from_slice(&chunk);
             if small.len() >= COALESCE_BYTES {
                 break;
             }
+        }
+        if let Some(alone) = first {
+            return Poll::Ready(Some(Ok(Frame::data(alone))));
         }
         if !small.is_empty() {
             return Poll::Ready(Some(Ok(Frame::data(small.freeze()))));
@@ -488,5 +504,79 @@ mod tests {
         );
         // Clones (one per subscriber) share the encoded head too.
         assert_eq!(f.clone().head.as_ptr(), f.head.as_ptr());
+    }
+
+    use futures_util::StreamExt as _;
+    use http_body::Body as _;
+
+    /// A body over `events` (then pending, as a live subscription waits for more).
+    fn body(events: Vec<Event>, then_end: bool) -> SubscribeBody {
+        let items = futures_util::stream::iter(events.into_iter().map(Ok));
+        let events: Pin<Box<dyn Stream<Item = Result<Event, BrokerError>> + Send>> = if then_end {
+            Box::pin(items)
+        } else {
+            Box::pin(items.chain(futures_util::stream::pending()))
+        };
+        SubscribeBody {
+            _permit: None,
+            metrics: Arc::new(Metrics::new()),
+            closed: false,
+            events,
+            queued: VecDeque::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn next_data(b: &mut SubscribeBody) -> Option<Bytes> {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match Pin::new(b).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => f.into_data().ok(),
+            _ => None,
+        }
+    }
+
+    fn event(len: usize) -> (Event, WireFrame) {
+        let m = Arc::new(message(len));
+        let f = encode_message(&m, 0);
+        (Event::Message(m, Some(f.clone())), f)
+    }
+
+    #[test]
+    fn a_small_frame_ready_alone_goes_out_without_a_copy() {
+        let (e, f) = event(128);
+        let mut b = body(vec![e], false);
+        let data = next_data(&mut b).unwrap();
+        assert_eq!(data.as_ptr(), f.head.as_ptr(), "the shared frame itself");
+        assert_eq!(data, f.head);
+        assert!(next_data(&mut b).is_none(), "then it waits");
+    }
+
+    #[test]
+    fn small_frames_ready_together_are_coalesced_in_order() {
+        let (events, frames): (Vec<_>, Vec<_>) = (0..40).map(|_| event(100)).unzip();
+        let large = event(INLINE_PAYLOAD_BYTES + 1);
+        let mut all = events;
+        all.push(large.0);
+        let mut b = body(all, true);
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.head.to_vec()).collect();
+        let data = next_data(&mut b).unwrap();
+        assert_eq!(
+            data.len(),
+            expected.len(),
+            "all 40 small frames in one DATA frame"
+        );
+        assert_eq!(data.as_ref(), expected.as_slice());
+        assert_eq!(
+            next_data(&mut b).unwrap(),
+            large.1.head,
+            "then the large one's head"
+        );
+        assert_eq!(next_data(&mut b).unwrap(), large.1.payload.unwrap());
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match Pin::new(&mut b).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => assert!(f.is_trailers(), "then the trailers"),
+            _ => panic!("expected trailers"),
+        }
     }
 }
