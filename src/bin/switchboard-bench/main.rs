@@ -13,6 +13,7 @@
 //! (memory per idle address and per idle subscriber). See BENCHMARKS.md.
 
 mod ceiling;
+mod cpu;
 mod disk;
 mod lean;
 mod redis;
@@ -937,21 +938,26 @@ async fn main() -> Res<()> {
     if wants(&args, "W8") {
         // SendBatch (batches of 100) against SendStream, both 1 -> 1 128 B delivered,
         // alternated on fresh brokers of this binary.
+        // Also the CPU each phase cost per message, broker and bench process apart: on two
+        // shared cores the delivered rate follows the total, and CPU time is steadier than
+        // the rate on a noisy host.
         let (mut batch, mut stream) = (Vec::new(), Vec::new());
+        let (mut cpu_batch, mut cpu_stream) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         for _ in 0..repeat.max(1) {
-            let broker = Server::broker(&bin).await?;
-            batch.push(
-                throughput(&broker, 1, s.w1_stream, 128, Publish::Batch(100))
-                    .await?
-                    .0,
-            );
-            drop(broker);
-            let broker = Server::broker(&bin).await?;
-            stream.push(
-                throughput(&broker, 1, s.w1_stream, 128, Publish::Stream)
-                    .await?
-                    .0,
-            );
+            for (how, rates, cpu) in [
+                (Publish::Batch(100), &mut batch, &mut cpu_batch),
+                (Publish::Stream, &mut stream, &mut cpu_stream),
+            ] {
+                let broker = Server::broker(&bin).await?;
+                let before = cpu::Usage::of(&broker);
+                rates.push(throughput(&broker, 1, s.w1_stream, 128, how).await?.0);
+                if let Some((b, c)) =
+                    cpu::Usage::since(cpu::Usage::of(&broker), before, s.w1_stream)
+                {
+                    cpu[0].push(b);
+                    cpu[1].push(c);
+                }
+            }
         }
         emit(Row {
             id: "W8".into(),
@@ -961,6 +967,19 @@ async fn main() -> Res<()> {
             broker: median(&mut batch),
             ceiling: Some(median(&mut stream)),
         });
+        for (i, who) in ["broker", "bench"].into_iter().enumerate() {
+            if cpu_batch[i].is_empty() {
+                continue;
+            }
+            emit(Row {
+                id: format!("W8.cpu{i}"),
+                workload: "W8",
+                variant: format!("{who} CPU, SendBatch / SendStream"),
+                unit: "us/msg",
+                broker: median(&mut cpu_batch[i]),
+                ceiling: Some(median(&mut cpu_stream[i])),
+            });
+        }
     }
     if wants(&args, "W7") {
         // Sends with 10,000 non-matching pattern subscriptions open vs none, alternated.
