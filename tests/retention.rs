@@ -18,15 +18,19 @@ use switchboard::{
 
 const MSG: usize = 1000 + 128; // payload + per-message overhead
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn global_bound_evicts_oldest_across_addresses_and_tells_the_group() {
-    let limits = Limits {
+/// Room for ten 1,000-byte messages, per address and broker-wide.
+fn ten_messages_broker_wide() -> Limits {
+    Limits {
         max_message_bytes: 1024,
         retention_bytes: 10 * MSG,
         max_retained_bytes: 10 * MSG,
         ..Limits::default()
-    };
-    let server = TestServer::with_limits(limits).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_bound_evicts_oldest_across_addresses_and_tells_the_group() {
+    let server = TestServer::with_limits(ten_messages_broker_wide()).await;
     let mut c = server.client().await;
     for _ in 0..5 {
         send(&mut c, "old", &[1; 1000]).await;
@@ -57,13 +61,7 @@ async fn global_bound_evicts_oldest_across_addresses_and_tells_the_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_bound_counts_batched_messages_like_single_sends() {
-    let limits = Limits {
-        max_message_bytes: 1024,
-        retention_bytes: 10 * MSG,
-        max_retained_bytes: 10 * MSG,
-        ..Limits::default()
-    };
-    let server = TestServer::with_limits(limits).await;
+    let server = TestServer::with_limits(ten_messages_broker_wide()).await;
     let mut c = server.client().await;
     let batch = |address: &str, n: usize, byte: u8| SendBatchRequest {
         address: address.into(),
