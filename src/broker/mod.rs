@@ -43,7 +43,7 @@ const UNPIN_BELOW_BYTES: usize = 64 * 1024;
 
 /// A batch packs its small payloads into shared chunks of at most this many bytes (see
 /// [`Unpin`]).
-const UNPIN_CHUNK_BYTES: usize = 4096;
+const UNPIN_CHUNK_BYTES: usize = 1024;
 
 /// Copies small payloads out of the request's receive buffer.
 ///
@@ -53,36 +53,51 @@ const UNPIN_CHUNK_BYTES: usize = 4096;
 ///
 /// A batch's messages all go to one address and leave its window in order, so consecutive
 /// payloads of up to a quarter of [`UNPIN_CHUNK_BYTES`] share one chunk: one allocation per
-/// chunk instead of one per message. A chunk is freed when its last message is evicted, so
-/// what chunks hold beyond the budget's count is at most one chunk per address (the one at the
-/// front of its window, partly evicted). Single Sends (whose consecutive messages may go to
+/// chunk instead of one per message. Each chunk is sized to the batch's payloads still to come
+/// (no spare room is allocated), and is freed when its last message is evicted, so what chunks
+/// hold beyond the budget's count is at most one chunk (1 KiB) per address: the one at the
+/// front of its window, partly evicted. Single Sends (whose consecutive messages may go to
 /// different addresses) get a copy of their own.
 struct Unpin {
     /// The current chunk's free space; `None` for single Sends.
     chunk: Option<BytesMut>,
+    /// Bytes of the batch's shareable payloads not copied yet.
+    left: usize,
 }
 
 impl Unpin {
     fn single() -> Self {
-        Self { chunk: None }
-    }
-
-    fn batch() -> Self {
         Self {
-            chunk: Some(BytesMut::new()),
+            chunk: None,
+            left: 0,
         }
     }
 
+    /// For a batch whose payloads have these lengths, in order.
+    fn batch(lengths: impl Iterator<Item = usize>) -> Self {
+        Self {
+            chunk: Some(BytesMut::new()),
+            left: lengths.filter(|&n| Self::shares(n)).sum(),
+        }
+    }
+
+    /// Whether a payload of `n` bytes goes into a batch's shared chunk.
+    fn shares(n: usize) -> bool {
+        n > 0 && n <= UNPIN_CHUNK_BYTES / 4
+    }
+
+    /// The payload to store: `payload` itself from [`UNPIN_BELOW_BYTES`] up, else a copy.
     fn copy(&mut self, payload: Bytes) -> Bytes {
         let n = payload.len();
         if n >= UNPIN_BELOW_BYTES {
             return payload;
         }
         match &mut self.chunk {
-            Some(chunk) if n > 0 && n <= UNPIN_CHUNK_BYTES / 4 => {
+            Some(chunk) if Self::shares(n) && n <= self.left => {
                 if chunk.capacity() - chunk.len() < n {
-                    *chunk = BytesMut::with_capacity(UNPIN_CHUNK_BYTES);
+                    *chunk = BytesMut::with_capacity(UNPIN_CHUNK_BYTES.min(self.left));
                 }
+                self.left -= n;
                 chunk.extend_from_slice(&payload);
                 chunk.split().freeze()
             }
@@ -339,7 +354,7 @@ impl Broker {
         }
         let mut prepared = Vec::with_capacity(messages.len());
         let mut total = 0usize;
-        let mut unpin = Unpin::batch();
+        let mut unpin = Unpin::batch(messages.iter().map(|(payload, _, _)| payload.len()));
         for (index, (payload, headers, id)) in messages.into_iter().enumerate() {
             let m = self
                 .prepare(payload, headers, &id, &mut unpin)
@@ -952,24 +967,40 @@ mod tests {
             let r = span(&request);
             b.is_empty() || (r.contains(&span(b).start) && span(b).end <= r.end)
         };
-        let mut unpin = Unpin::batch();
-        let small: Vec<Bytes> = (0..40)
-            .map(|i| unpin.copy(request.slice(i * 128..(i + 1) * 128)))
-            .collect();
-        for (i, b) in small.iter().enumerate() {
-            assert_eq!(b, &request.slice(i * 128..(i + 1) * 128), "contents kept");
+        let small = |i: usize| request.slice(i * 128..(i + 1) * 128);
+        let mid = request.slice(0..UNPIN_CHUNK_BYTES / 4 + 1);
+        let big = Bytes::from(vec![9u8; UNPIN_BELOW_BYTES]);
+        // 20 payloads of 128 bytes (2,560 shareable bytes), one just over a quarter of a
+        // chunk, one at the copy threshold, one empty.
+        let lengths = (0..20).map(|_| 128).chain([mid.len(), big.len(), 0]);
+        let mut unpin = Unpin::batch(lengths);
+        let copies: Vec<Bytes> = (0..20).map(|i| unpin.copy(small(i))).collect();
+        for (i, b) in copies.iter().enumerate() {
+            assert_eq!(b, &small(i), "contents kept");
             assert!(!within(b), "copied out of the request buffer");
         }
-        // 32 payloads of 128 bytes fill a 4 KiB chunk; the 33rd starts the next one.
-        for i in 1..32 {
-            assert_eq!(span(&small[i]).start, span(&small[i - 1]).end, "same chunk");
+        // 8 payloads of 128 bytes fill a 1 KiB chunk; the 9th starts the next one.
+        for i in (1..20).filter(|i| i % 8 != 0) {
+            assert_eq!(
+                span(&copies[i]).start,
+                span(&copies[i - 1]).end,
+                "same chunk"
+            );
         }
-        assert_ne!(span(&small[32]).start, span(&small[31]).end, "next chunk");
+        for i in [8, 16] {
+            assert_ne!(
+                span(&copies[i]).start,
+                span(&copies[i - 1]).end,
+                "next chunk"
+            );
+        }
+        // The last chunk is sized to the 4 payloads left: no spare room is allocated.
+        assert_eq!(unpin.left, 0);
+        assert_eq!(unpin.chunk.as_ref().map(BytesMut::capacity), Some(0));
         // Over a quarter of a chunk: a copy of its own. At 64 KiB and above: kept as is.
-        let mid = unpin.copy(request.slice(0..UNPIN_CHUNK_BYTES / 4 + 1));
-        assert!(!within(&mid));
-        assert_eq!(mid.len(), UNPIN_CHUNK_BYTES / 4 + 1);
-        let big = Bytes::from(vec![9u8; UNPIN_BELOW_BYTES]);
+        let own = unpin.copy(mid.clone());
+        assert!(!within(&own));
+        assert_eq!(own, mid);
         assert_eq!(span(&unpin.copy(big.clone())), span(&big));
         assert!(unpin.copy(Bytes::new()).is_empty());
     }
