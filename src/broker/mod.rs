@@ -42,7 +42,7 @@ use crate::{
 const UNPIN_BELOW_BYTES: usize = 64 * 1024;
 
 /// A batch packs its small payloads into shared chunks of at most this many bytes (see
-/// [`Unpin`]).
+/// [`PayloadCopy`]).
 const UNPIN_CHUNK_BYTES: usize = 1024;
 
 /// Copies small payloads out of the request's receive buffer.
@@ -58,14 +58,14 @@ const UNPIN_CHUNK_BYTES: usize = 1024;
 /// hold beyond the budget's count is at most one chunk (1 KiB) per address: the one at the
 /// front of its window, partly evicted. Single Sends (whose consecutive messages may go to
 /// different addresses) get a copy of their own.
-struct Unpin {
+struct PayloadCopy {
     /// The current chunk's free space; `None` for single Sends.
     chunk: Option<BytesMut>,
     /// Bytes of the batch's shareable payloads not copied yet.
     left: usize,
 }
 
-impl Unpin {
+impl PayloadCopy {
     fn single() -> Self {
         Self {
             chunk: None,
@@ -306,7 +306,7 @@ impl Broker {
         headers: Headers,
         message_id: &str,
     ) -> Result<(Appended, Durable), BrokerError> {
-        let m = self.prepare(payload, headers, message_id, &mut Unpin::single())?;
+        let m = self.prepare(payload, headers, message_id, &mut PayloadCopy::single())?;
         if let Some(r) = self.redis() {
             // The sequence comes with Redis's reply: the Durable carries it. Queued, so that one
             // stream's Sends stay in order and go to Redis many per call.
@@ -354,7 +354,7 @@ impl Broker {
         }
         let mut prepared = Vec::with_capacity(messages.len());
         let mut total = 0usize;
-        let mut unpin = Unpin::batch(messages.iter().map(|(payload, _, _)| payload.len()));
+        let mut unpin = PayloadCopy::batch(messages.iter().map(|(payload, _, _)| payload.len()));
         for (index, (payload, headers, id)) in messages.into_iter().enumerate() {
             let m = self
                 .prepare(payload, headers, &id, &mut unpin)
@@ -391,7 +391,7 @@ impl Broker {
         payload: Bytes,
         headers: Headers,
         message_id: &str,
-        unpin: &mut Unpin,
+        unpin: &mut PayloadCopy,
     ) -> Result<NewMessage, BrokerError> {
         let limits = &self.inner.limits;
         if message_id.len() > validate::MAX_NAME_BYTES {
@@ -973,7 +973,7 @@ mod tests {
         // 20 payloads of 128 bytes (2,560 shareable bytes), one just over a quarter of a
         // chunk, one at the copy threshold, one empty.
         let lengths = (0..20).map(|_| 128).chain([mid.len(), big.len(), 0]);
-        let mut unpin = Unpin::batch(lengths);
+        let mut unpin = PayloadCopy::batch(lengths);
         let copies: Vec<Bytes> = (0..20).map(|i| unpin.copy(small(i))).collect();
         for (i, b) in copies.iter().enumerate() {
             assert_eq!(b, &small(i), "contents kept");
@@ -1008,7 +1008,7 @@ mod tests {
     #[test]
     fn a_single_send_gets_a_copy_of_its_own() {
         let request = Bytes::from(vec![5u8; 1024]);
-        let mut unpin = Unpin::single();
+        let mut unpin = PayloadCopy::single();
         let a = unpin.copy(request.slice(0..100));
         let b = unpin.copy(request.slice(100..200));
         assert_eq!((a.as_ref(), b.as_ref()), (&[5u8; 100][..], &[5u8; 100][..]));
