@@ -115,13 +115,16 @@ where
                     };
                     prost::Message::merge(&mut batch, &mut *buf)
                         .map_err(|e| Status::internal(e.to_string()))?;
+                    // `U` is `SendBatchRequest` (matched by `TypeId` above), so this succeeds;
+                    // the buffer is consumed either way, so there is no falling back.
                     let mut decoded = Some(batch);
-                    if let Some(u) = (&mut decoded as &mut dyn Any)
+                    return (&mut decoded as &mut dyn Any)
                         .downcast_mut::<Option<U>>()
                         .and_then(Option::take)
-                    {
-                        return Ok(Some(u));
-                    }
+                        .map(Some)
+                        .ok_or_else(|| {
+                            Status::internal("SendBatch request decoded as another type")
+                        });
                 }
                 Ok(None) => {}
             }

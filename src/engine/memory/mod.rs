@@ -262,9 +262,6 @@ impl MemoryEngine {
             }
             let m = a.append(st, payload, headers, size, message_id, Stamp::now());
             let sequence = m.sequence;
-            if self.store.is_none() {
-                a.count_committed(1, size);
-            }
             let durable = if self.store.is_some() {
                 a.submit(
                     st,
@@ -272,6 +269,7 @@ impl MemoryEngine {
                     true,
                 )
             } else {
+                a.count_committed(1, size);
                 Durable::done()
             };
             let new = Appended {
