@@ -45,6 +45,15 @@ pub struct Limits {
     pub max_subscribers_per_address: usize,
 }
 
+impl Limits {
+    /// The largest gRPC message the broker decodes or encodes, in bytes:
+    /// `max_message_bytes` plus room for headers, the address and framing (96 KiB). Also the
+    /// ceiling of a Recv's `max_bytes`.
+    pub fn grpc_message_bytes(&self) -> usize {
+        self.max_message_bytes + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -178,7 +187,7 @@ impl ServerConfig {
     /// refused from its length prefix, unread (`grpc::frame_limit`), also with
     /// `RESOURCE_EXHAUSTED`. Also bounds a SendBatch request.
     pub fn decode_limit(&self) -> usize {
-        self.limits.max_message_bytes + crate::validate::MAX_HEADER_BYTES * 2 + 64 * 1024
+        self.limits.grpc_message_bytes()
     }
 }
 

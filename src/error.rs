@@ -23,6 +23,15 @@ pub enum BrokerError {
         /// Which limit (the flag that sets it).
         limit_name: &'static str,
     },
+    /// Recv: the next message does not fit the response's byte limit (`max_bytes`, or the
+    /// broker's response limit); nothing was taken. Maps to `RESOURCE_EXHAUSTED`.
+    #[error("max_bytes: the next message (sequence {sequence}) needs a response of {bytes} bytes, more than max_bytes allows (0 = 4194304, the usual client receive limit); nothing was taken: raise max_bytes and the client's receive limit")]
+    BatchTooLarge {
+        /// The message's sequence.
+        sequence: u64,
+        /// The encoded `RecvResponse` holding it alone (upper bound), bytes.
+        bytes: usize,
+    },
     /// An operator deleted the address (Admin `DeleteAddress`) while this call was open.
     /// Maps to `NOT_FOUND`.
     #[error("address deleted")]
@@ -127,7 +136,9 @@ impl BrokerError {
     pub fn code(&self) -> tonic::Code {
         match self {
             Self::Invalid { .. } => tonic::Code::InvalidArgument,
-            Self::TooLarge { .. } | Self::LimitReached { .. } => tonic::Code::ResourceExhausted,
+            Self::TooLarge { .. } | Self::LimitReached { .. } | Self::BatchTooLarge { .. } => {
+                tonic::Code::ResourceExhausted
+            }
             Self::AddressDeleted
             | Self::NoSuchAddress(_)
             | Self::NoSuchGroup { .. }

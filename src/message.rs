@@ -44,6 +44,43 @@ pub struct WireFrame {
     pub payload: Option<Bytes>,
 }
 
+/// Bytes of a length-delimited field `tag` holding `len` bytes.
+fn field_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// Bytes of `m` encoded as a wire `Message` (without its own tag and length).
+fn message_len(m: &Message, sent_at: &prost_types::Timestamp, delivery_attempt: u32) -> usize {
+    let mut len = hash_map::encoded_len(string::encoded_len, string::encoded_len, 4, &m.headers)
+        + message::encoded_len(5, sent_at);
+    if !m.address.is_empty() {
+        len += field_len(1, m.address.len());
+    }
+    if m.sequence != 0 {
+        len += key_len(2) + encoded_len_varint(m.sequence);
+    }
+    if !m.payload.is_empty() {
+        len += field_len(3, m.payload.len());
+    }
+    if delivery_attempt != 0 {
+        len += key_len(6) + encoded_len_varint(u64::from(delivery_attempt));
+    }
+    len
+}
+
+/// Bytes `m` adds to a `RecvResponse` (one entry of its repeated `messages` field: tag, length
+/// and the message), with the largest `delivery_attempt` a message can carry, so the figure is
+/// an upper bound whatever attempt it is handed out with (at most 6 bytes above the exact one).
+/// What a Recv batch is bounded by (see `RecvRequest.max_bytes`).
+pub fn recv_entry_len(m: &Message) -> usize {
+    let sent_at = prost_types::Timestamp::from(m.sent_at);
+    field_len(1, message_len(m, &sent_at, u32::MAX))
+}
+
+/// Bytes a `RecvResponse` holds besides its messages, at most: its `dropped` field (a tag and
+/// a 64-bit varint).
+pub const RECV_RESPONSE_OVERHEAD: usize = 11;
+
 /// Encodes `m` as a `SubscribeResponse` frame (done once per message for all its fan-out
 /// subscribers; see the memory engine's `read_fanout`).
 ///
@@ -55,23 +92,8 @@ pub fn encode_message(m: &Message, delivery_attempt: u32) -> WireFrame {
     let address = m.address.as_bytes();
     let sent_at = prost_types::Timestamp::from(m.sent_at);
     let plen = m.payload.len();
-    let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
-    let mut msg_len =
-        hash_map::encoded_len(string::encoded_len, string::encoded_len, 4, &m.headers)
-            + message::encoded_len(5, &sent_at);
-    if !address.is_empty() {
-        msg_len += field(1, address.len());
-    }
-    if m.sequence != 0 {
-        msg_len += key_len(2) + encoded_len_varint(m.sequence);
-    }
-    if plen > 0 {
-        msg_len += field(3, plen);
-    }
-    if delivery_attempt != 0 {
-        msg_len += key_len(6) + encoded_len_varint(u64::from(delivery_attempt));
-    }
-    let resp_len = field(1, msg_len);
+    let msg_len = message_len(m, &sent_at, delivery_attempt);
+    let resp_len = field_len(1, msg_len);
     let inline = plen <= INLINE_PAYLOAD_BYTES;
     let mut buf = BytesMut::with_capacity(5 + resp_len - if inline { 0 } else { plen });
     buf.put_u8(0); // not compressed

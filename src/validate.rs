@@ -252,6 +252,20 @@ pub fn headers(headers: &Headers) -> Result<usize, BrokerError> {
     Ok(bytes)
 }
 
+/// A Recv's `max_bytes` when the request leaves it 0: 4 MiB, the receive limit gRPC clients
+/// have by default, so that a default client can always decode the batch.
+pub const DEFAULT_RECV_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// The byte budget of a Recv batch: `max_bytes` (0 means [`DEFAULT_RECV_MAX_BYTES`]), at most
+/// `ceiling` (the broker's largest response, [`crate::config::Limits::grpc_message_bytes`]).
+pub fn recv_max_bytes(max_bytes: u32, ceiling: usize) -> usize {
+    let asked = match max_bytes {
+        0 => DEFAULT_RECV_MAX_BYTES,
+        n => usize::try_from(n).unwrap_or(usize::MAX),
+    };
+    asked.min(ceiling)
+}
+
 /// Checks `max_messages`: 0 means 1, at most [`MAX_RECV_MESSAGES`]. Returns the effective count.
 ///
 /// # Errors

@@ -44,6 +44,7 @@ async fn take(
             group: group.into(),
             max_messages: max,
             wait: Some(pd(wait)),
+            max_bytes: 0,
         }),
     )
     .await

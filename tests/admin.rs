@@ -156,6 +156,7 @@ async fn delete_address_purges_and_ends_its_subscribers_with_not_found() {
                     seconds: 30,
                     nanos: 0,
                 }),
+                max_bytes: 0,
             })
             .await
     });

@@ -231,6 +231,7 @@ async fn sigkill_at_a_random_moment_loses_nothing_acknowledged() {
                                 seconds: 1,
                                 nanos: 0,
                             }),
+                            max_bytes: 0,
                         })
                         .await
                     else {
@@ -312,6 +313,7 @@ async fn sigkill_at_a_random_moment_loses_nothing_acknowledged() {
                     group: "workers".into(),
                     max_messages: 1000,
                     wait: None,
+                    max_bytes: 0,
                 }),
             )
             .await
@@ -763,6 +765,7 @@ async fn recv_seqs(
             group: group.into(),
             max_messages: max,
             wait: None,
+            max_bytes: 0,
         }),
     )
     .await
@@ -859,6 +862,7 @@ async fn group_positions_settings_and_dedup_survive_sigkill() {
             group: "audit".into(),
             max_messages: 100,
             wait: None,
+            max_bytes: 0,
         }),
     )
     .await
@@ -970,6 +974,7 @@ async fn the_group_journal_is_compacted_while_running_and_still_recovers() {
             group: "w".into(),
             max_messages: 1000,
             wait: None,
+            max_bytes: 0,
         }),
     )
     .await
@@ -1060,6 +1065,7 @@ async fn dead_letters_survive_sigkill_and_last_deliveries_are_dead_lettered_afte
                 seconds: 10,
                 nanos: 0,
             }),
+            max_bytes: 0,
         }),
     )
     .await
@@ -1091,6 +1097,7 @@ async fn dead_letters_survive_sigkill_and_last_deliveries_are_dead_lettered_afte
                 seconds: 10,
                 nanos: 0,
             }),
+            max_bytes: 0,
         }),
     )
     .await

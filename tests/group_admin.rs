@@ -122,6 +122,7 @@ async fn delete_group_ends_its_streams_and_waiting_recvs() {
                     seconds: 30,
                     nanos: 0,
                 }),
+                max_bytes: 0,
             })
             .await
     });

@@ -62,6 +62,7 @@ async fn flood_of_large_messages_stays_under_the_bound() {
             group: "audit".into(),
             max_messages: 1,
             wait: None,
+            max_bytes: 0,
         })
         .await
         .unwrap();
@@ -147,6 +148,7 @@ async fn flood_of_large_messages_stays_under_the_bound() {
                 group: "audit".into(),
                 max_messages: 10,
                 wait: None,
+                max_bytes: 0,
             })
             .await
             .unwrap()

@@ -124,6 +124,7 @@ proptest! {
             group: group.clone(),
             max_messages,
             wait: Some(prost_types::Duration { seconds, nanos }),
+            max_bytes: 0,
         })));
         prop_assert_eq!(r.is_ok(), expected, "{:?}", r.as_ref().err());
         if r.is_err() {

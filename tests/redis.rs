@@ -190,6 +190,7 @@ async fn six_workers_over_three_nodes_take_ten_thousand_exactly_once() {
                         group: "workers".into(),
                         max_messages: 50,
                         wait: Some(Duration::from_millis(200).try_into().unwrap()),
+                        max_bytes: 0,
                     })
                     .await
                     .expect("recv")
@@ -291,6 +292,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
                 group: "workers".into(),
                 max_messages: u32::try_from(20 - leased.len()).unwrap(),
                 wait: Some(Duration::from_secs(5).try_into().unwrap()),
+                max_bytes: 0,
             })
             .await
             .expect("recv on the doomed node")
@@ -333,6 +335,7 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
                 group: "workers".into(),
                 max_messages: 1000,
                 wait: Some(Duration::from_secs(5).try_into().unwrap()),
+                max_bytes: 0,
             })
             .await
             .expect("recv")

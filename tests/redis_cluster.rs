@@ -176,6 +176,7 @@ async fn three_nodes_on_a_three_master_cluster() {
                     group: "w".into(),
                     max_messages: 97,
                     wait: Some(Duration::from_secs(1).try_into().unwrap()),
+                    max_bytes: 0,
                 }),
             )
             .await

@@ -162,7 +162,7 @@ proptest! {
                 }
                 Op::Recv { address, max } => {
                     let a = Address::parse(format!("p{address}")).unwrap();
-                    let b = rt.block_on(broker.recv(&a, &group, max, Duration::ZERO, &mut token)).unwrap();
+                    let b = rt.block_on(broker.recv(&a, &group, max, usize::MAX, Duration::ZERO, &mut token)).unwrap();
                     let i = address as usize;
                     next[i] += b.dropped;
                     for m in &b.messages {
@@ -182,7 +182,7 @@ proptest! {
         // Drain: everything sent is now received or reported dropped.
         for i in 0..4u8 {
             let a = Address::parse(format!("p{i}")).unwrap();
-            let b = rt.block_on(broker.recv(&a, &group, 1000, Duration::ZERO, &mut token)).unwrap();
+            let b = rt.block_on(broker.recv(&a, &group, 1000, usize::MAX, Duration::ZERO, &mut token)).unwrap();
             accounted[i as usize] += b.dropped + b.messages.len() as u64;
             prop_assert_eq!(accounted[i as usize], sent[i as usize]);
         }

@@ -247,6 +247,7 @@ async fn recv_argument_limits() {
         group: String::new(),
         max_messages,
         wait: Some(prost_types::Duration { seconds, nanos }),
+        max_bytes: 0,
     };
     assert_status(
         c.recv(req(1001, 0, 0)).await,

@@ -428,8 +428,9 @@ impl Broker {
         })
     }
 
-    /// Takes up to `max` messages (1–1000) for `group`, waiting up to `wait` for the first one.
-    /// Returns early with an empty batch when `shutdown` fires.
+    /// Takes up to `max` messages (1–1000) for `group`, at most `max_bytes` encoded as a
+    /// `RecvResponse` (the batch ends before the message that would cross it), waiting up to
+    /// `wait` for the first one. Returns early with an empty batch when `shutdown` fires.
     ///
     /// Each message goes to exactly one caller of a group (competing consumers, like NATS queue
     /// groups or a Kafka consumer group). The default group (`""`) exists from the address's
@@ -437,41 +438,46 @@ impl Broker {
     /// its first use.
     ///
     /// # Errors
-    /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached;
+    /// `RESOURCE_EXHAUSTED` when the address does not exist and `--max-addresses` is reached,
+    /// or when the next message alone is larger than `max_bytes` (then nothing is taken);
     /// `NOT_FOUND` when an operator deletes the address or the group during the wait.
     pub async fn recv(
         &self,
         address: &Address,
         group: &Group,
         max: usize,
+        max_bytes: usize,
         wait: Duration,
         shutdown: &mut ShutdownToken,
     ) -> Result<Batch, BrokerError> {
         if let Some(r) = self.redis() {
             return self
-                .recv_redis(r, address, group, max, wait, shutdown)
+                .recv_redis(r, address, group, (max, max_bytes), wait, shutdown)
                 .await;
         }
         let deadline = Instant::now() + wait;
         let (log, id, mut batch) =
             self.inner
                 .engine
-                .take(address, group.as_str(), max, !wait.is_zero())?;
+                .take(address, group.as_str(), max, max_bytes, !wait.is_zero())?;
+        // An empty batch registered a waiting Recv (undone however this call ends).
+        let _waiting = (batch.is_empty() && !wait.is_zero()).then(|| WaiterGuard(&log));
         self.dead_letter(std::mem::take(&mut batch.dead_letters));
         std::mem::take(&mut batch.durable).wait().await?;
+        batch.refuse_if_too_large()?;
         if !batch.is_empty() || wait.is_zero() {
             return Ok(batch);
         }
-        let _waiting = WaiterGuard(&log);
         let mut next_due = batch.next_due;
         loop {
             let notified = log.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             log.check_deleted()?;
-            let mut batch = log.take(group.as_str(), id, max, 0)?;
+            let mut batch = log.take(group.as_str(), id, max, max_bytes, 0)?;
             self.dead_letter(std::mem::take(&mut batch.dead_letters));
             std::mem::take(&mut batch.durable).wait().await?;
+            batch.refuse_if_too_large()?;
             if !batch.is_empty() {
                 return Ok(batch);
             }

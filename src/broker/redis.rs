@@ -38,7 +38,7 @@ impl Broker {
         r: &Arc<RedisEngine>,
         address: &Address,
         group: &Group,
-        max: usize,
+        (max, max_bytes): (usize, usize),
         wait: Duration,
         shutdown: &mut ShutdownToken,
     ) -> Result<Batch, BrokerError> {
@@ -60,10 +60,18 @@ impl Broker {
                 return Err(BrokerError::AddressDeleted);
             }
             let (inc, mut batch) = r
-                .take(&name, group.as_str(), incarnation.as_deref(), max, 0)
+                .take(
+                    &name,
+                    group.as_str(),
+                    incarnation.as_deref(),
+                    max,
+                    max_bytes,
+                    0,
+                )
                 .await?;
             incarnation = Some(inc);
             self.dead_letter(std::mem::take(&mut batch.dead_letters));
+            batch.refuse_if_too_large()?;
             if !batch.is_empty() || Instant::now() >= deadline {
                 return Ok(batch);
             }
@@ -115,7 +123,9 @@ impl Broker {
             }
             let name: Arc<str> = Arc::from(address.as_str());
             // Creates the group at the end on first use, and learns its incarnation.
-            let (incarnation, batch) = r.take(&name, group.as_str(), None, 0, 0).await?;
+            let (incarnation, batch) = r
+                .take(&name, group.as_str(), None, 0, usize::MAX, 0)
+                .await?;
             debug_assert!(batch.messages.is_empty());
             let holder = self
                 .inner
@@ -293,6 +303,7 @@ impl RedisSubscription {
                             group.as_str(),
                             Some(incarnation),
                             1,
+                            usize::MAX,
                             *holder,
                         )
                         .await

@@ -200,7 +200,7 @@ impl LocalSubscription {
                 } => {
                     // One at a time, so the group's other members get their share (and, with
                     // acknowledgements, max_ack_pending holds across the group).
-                    match log.take(group.as_str(), *id, 1, *holder) {
+                    match log.take(group.as_str(), *id, 1, usize::MAX, *holder) {
                         Ok(mut batch) => {
                             broker.dead_letter(std::mem::take(&mut batch.dead_letters));
                             // Disk engine: the group's position is durable before the message

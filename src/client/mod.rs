@@ -308,6 +308,8 @@ pub async fn recv(args: RecvArgs) -> Result<u8, ClientError> {
             group: args.group.clone(),
             max_messages: args.max,
             wait: Some(wait),
+            // This client's receive limit is unbounded: the broker's own limit applies.
+            max_bytes: u32::MAX,
         })
         .await
         .map_err(ClientError::Status)?

@@ -83,13 +83,13 @@ pub(super) fn history_survives_consumption(make: Make) {
     let e = make(&limits(100));
     let a = addr("c.history");
     assert_eq!(append_n(&e, &a, 5), seqs(1, 5));
-    let (_, _, batch) = e.take(&a, "", 10, false).unwrap();
+    let (_, _, batch) = e.take(&a, "", 10, usize::MAX, false).unwrap();
     assert_eq!(batch.messages.len(), 5);
     assert_eq!(e.counts("c.history")[2], 5, "taken messages stay retained");
     let (created, next) = create_group(&e, &a, "late", at(StartAt::Sequence(1))).unwrap();
     assert!(created);
     assert_eq!(next, 1);
-    let (_, _, batch) = e.take(&a, "late", 100, false).unwrap();
+    let (_, _, batch) = e.take(&a, "late", 100, usize::MAX, false).unwrap();
     let got: Vec<u64> = batch.messages.iter().map(|m| m.message.sequence).collect();
     assert_eq!(got, seqs(1, 5), "a group created at 1 takes all history");
     assert_eq!(batch.dropped, 0);
@@ -201,7 +201,7 @@ pub(super) fn create_group_is_idempotent(make: Make) {
     let err = create_group(&e, &a, "g", at(StartAt::Sequence(5))).unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
     assert!(err.to_string().contains("start_sequence 4"), "{err}");
-    let (_, _, batch) = e.take(&a, "g", 3, false).unwrap();
+    let (_, _, batch) = e.take(&a, "g", 3, usize::MAX, false).unwrap();
     assert_eq!(batch.messages[0].message.sequence, 4);
     // The same request after reads: still OK, and reports the group's position now.
     assert_eq!(
@@ -209,7 +209,7 @@ pub(super) fn create_group_is_idempotent(make: Make) {
         (false, 7)
     );
     // A group created by its first read started at the end.
-    e.take(&a, "implicit", 1, false).unwrap();
+    e.take(&a, "implicit", 1, usize::MAX, false).unwrap();
     assert_eq!(
         create_group(&e, &a, "implicit", at(StartAt::End)).unwrap(),
         (false, 11)
@@ -222,23 +222,23 @@ pub(super) fn delete_group_ends_its_readers(make: Make) {
     let a = addr("c.delete");
     append_n(&e, &a, 4);
     create_group(&e, &a, "g", at(StartAt::Sequence(1))).unwrap();
-    let (log, id, batch) = e.take(&a, "g", 1, false).unwrap();
+    let (log, id, batch) = e.take(&a, "g", 1, usize::MAX, false).unwrap();
     assert_eq!(batch.messages.len(), 1);
     e.delete_group("c.delete", "g")
         .unwrap()
         .wait_blocking()
         .unwrap();
     assert_eq!(
-        log.take("g", id, 1, 0).unwrap_err(),
+        log.take("g", id, 1, usize::MAX, 0).unwrap_err(),
         BrokerError::GroupDeleted
     );
     // Created again: a new incarnation; the old id still sees it deleted.
     create_group(&e, &a, "g", at(StartAt::Sequence(1))).unwrap();
     assert_eq!(
-        log.take("g", id, 1, 0).unwrap_err(),
+        log.take("g", id, 1, usize::MAX, 0).unwrap_err(),
         BrokerError::GroupDeleted
     );
-    let (_, _, batch) = e.take(&a, "g", 10, false).unwrap();
+    let (_, _, batch) = e.take(&a, "g", 10, usize::MAX, false).unwrap();
     assert_eq!(batch.messages.len(), 4, "the new group starts afresh at 1");
     assert!(matches!(
         e.delete_group("c.delete", "nope"),
@@ -254,7 +254,7 @@ pub(super) fn count_retention_reports_exact_loss_to_groups(make: Make) {
     let e = make(&limits(5));
     let a = addr("c.count");
     append_n(&e, &a, 12);
-    let (_, _, batch) = e.take(&a, "", 100, false).unwrap();
+    let (_, _, batch) = e.take(&a, "", 100, usize::MAX, false).unwrap();
     assert_eq!(batch.dropped, 7);
     let got: Vec<u64> = batch.messages.iter().map(|m| m.message.sequence).collect();
     assert_eq!(got, seqs(8, 12));
@@ -278,7 +278,7 @@ pub(super) async fn age_retention_evicts_with_exact_dropped(make: Make) {
     assert_eq!(e.maintain().aged, 3);
     assert_eq!(e.counts("c.age")[2], 1);
     assert_eq!(drain(&log, &mut cursor), (3, vec![4]));
-    let (_, _, batch) = e.take(&a, "", 10, false).unwrap();
+    let (_, _, batch) = e.take(&a, "", 10, usize::MAX, false).unwrap();
     assert_eq!((batch.dropped, batch.messages.len()), (3, 1));
     log.unsubscribe_fanout(cursor);
     // Without a sweep, reading evicts what has expired too.
@@ -321,12 +321,12 @@ pub(super) async fn lease_expiry_redelivers_then_dead_letters(make: Make) {
         acked(Duration::from_secs(10), 2, Some("c.dlq")),
     )
     .unwrap();
-    let (log, id, b) = e.take(&a, "w", 10, false).unwrap();
+    let (log, id, b) = e.take(&a, "w", 10, usize::MAX, false).unwrap();
     assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
     assert!(b.next_due.is_some(), "a reader knows when to wake");
     e.settle("c.lease", "w", &[2], Settle::Ack).unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
-    let b = log.take("w", id, 10, 0).unwrap();
+    let b = log.take("w", id, 10, usize::MAX, 0).unwrap();
     assert_eq!(taken(&b), vec![(1, 2)], "expired, redelivered; 2 was acked");
     tokio::time::advance(Duration::from_secs(10)).await;
     // Nobody reads again: the sweep dead-letters the message on its last delivery.
@@ -349,11 +349,11 @@ pub(super) async fn released_leases_go_out_at_once(make: Make) {
     append_n(&e, &a, 3);
     create_group(&e, &a, "w", acked(Duration::from_secs(600), 0, None)).unwrap();
     let (log, id) = e.subscribe_group(&a, "w", 10, no_limit).unwrap();
-    let b = log.take("w", id, 2, 42).unwrap();
+    let b = log.take("w", id, 2, usize::MAX, 42).unwrap();
     assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
     log.release("w", id, 42);
     log.unsubscribe_group();
-    let (_, _, b) = e.take(&a, "w", 10, false).unwrap();
+    let (_, _, b) = e.take(&a, "w", 10, usize::MAX, false).unwrap();
     assert_eq!(
         taken(&b),
         vec![(1, 2), (2, 2), (3, 1)],
@@ -366,11 +366,11 @@ pub(super) fn evicted_pending_messages_are_reported_dropped(make: Make) {
     let a = addr("c.evictpending");
     append_n(&e, &a, 3);
     create_group(&e, &a, "w", acked(Duration::from_secs(600), 0, None)).unwrap();
-    let (_, _, b) = e.take(&a, "w", 2, false).unwrap();
+    let (_, _, b) = e.take(&a, "w", 2, usize::MAX, false).unwrap();
     assert_eq!(taken(&b), vec![(1, 1), (2, 1)]);
     append_n(&e, &a, 3);
     // 1 and 2 (pending) and 3 (never taken) were evicted: exactly 3 lost.
-    let (_, _, b) = e.take(&a, "w", 10, false).unwrap();
+    let (_, _, b) = e.take(&a, "w", 10, usize::MAX, false).unwrap();
     assert_eq!(b.dropped, 3);
     assert_eq!(taken(&b), vec![(4, 1), (5, 1), (6, 1)]);
     let s = e.settle("c.evictpending", "w", &[1], Settle::Ack).unwrap();

@@ -295,12 +295,88 @@ pub struct Batch {
     /// Disk engine: the group's new position and leases are durable once this resolves; hand
     /// the messages out only then (at most once holds across a crash).
     pub durable: Durable,
+    /// Set when the batch is empty because its first message did not fit the take's byte
+    /// budget: nothing was taken (the message stays where it was, and `dropped` is kept for
+    /// the next batch). Recv turns it into `RESOURCE_EXHAUSTED`.
+    pub too_large: Option<Oversized>,
+}
+
+/// A message too large for a take's byte budget (`RecvRequest.max_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversized {
+    /// Its sequence.
+    pub sequence: u64,
+    /// The bytes a `RecvResponse` holding it alone would take (upper bound).
+    pub bytes: usize,
+}
+
+/// The byte budget of one take: messages go into the batch while their encoded size
+/// ([`crate::message::recv_entry_len`]) fits what is left of `max_bytes`, so the `RecvResponse`
+/// never exceeds it. The first message that does not fit ends the batch; if nothing was taken
+/// before it, it is recorded as [`Oversized`].
+#[derive(Debug)]
+pub(crate) struct ByteBudget {
+    left: usize,
+    unbounded: bool,
+    taken: bool,
+    pub(crate) refused: Option<Oversized>,
+}
+
+impl ByteBudget {
+    /// A budget of `max_bytes` for a whole `RecvResponse`; `usize::MAX` charges nothing (group
+    /// streams send one message per frame).
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            left: max_bytes.saturating_sub(crate::message::RECV_RESPONSE_OVERHEAD),
+            unbounded: max_bytes == usize::MAX,
+            taken: false,
+            refused: None,
+        }
+    }
+
+    /// Charges `m` and returns true if it fits; otherwise returns false (and records it when
+    /// it would have been the first message of the batch).
+    pub(crate) fn admit(&mut self, m: &Message) -> bool {
+        if self.unbounded {
+            return true;
+        }
+        let n = crate::message::recv_entry_len(m);
+        if n <= self.left {
+            self.left -= n;
+            self.taken = true;
+            true
+        } else {
+            if !self.taken && self.refused.is_none() {
+                self.refused = Some(Oversized {
+                    sequence: m.sequence,
+                    bytes: n + crate::message::RECV_RESPONSE_OVERHEAD,
+                });
+            }
+            false
+        }
+    }
 }
 
 impl Batch {
     /// Nothing to report: no message and no loss.
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty() && self.dropped == 0
+    }
+
+    /// Refuses a batch that holds nothing because its first message is larger than the take's
+    /// byte budget (a loss to report still goes out first, as an otherwise empty batch).
+    ///
+    /// # Errors
+    /// [`BrokerError::BatchTooLarge`] (`RESOURCE_EXHAUSTED`) naming the message's sequence and
+    /// size.
+    pub fn refuse_if_too_large(&self) -> Result<(), BrokerError> {
+        match self.too_large {
+            Some(o) if self.is_empty() => Err(BrokerError::BatchTooLarge {
+                sequence: o.sequence,
+                bytes: o.bytes,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -575,7 +651,8 @@ impl Engine {
         }
     }
 
-    /// Takes up to `max` messages for `group` (created at the end on first use), leased to
+    /// Takes up to `max` messages, at most `max_bytes` encoded (see [`ByteBudget`]), for
+    /// `group` (created at the end on first use), leased to
     /// Recv callers (holder 0) if the group has acknowledgements. With `register_waiter`, an
     /// empty result also registers a waiting Recv (undone by [`Log::remove_waiter`]). Returns
     /// the address, the group's id and the batch.
@@ -587,13 +664,14 @@ impl Engine {
         address: &Address,
         group: &str,
         max: usize,
+        max_bytes: usize,
         register_waiter: bool,
     ) -> Result<(Log, u64, Batch), BrokerError> {
         match self {
             Self::Redis(_) => Err(BrokerError::Unsupported("a synchronous take")),
             Self::Memory(m) | Self::Disk(m) => {
                 let (log, r) = m.with_address(address, |a, st| {
-                    let r = a.take(st, group, None, max, 0);
+                    let r = a.take(st, group, None, max, max_bytes, 0);
                     if register_waiter && r.as_ref().is_ok_and(|(_, b)| b.is_empty()) {
                         AddressLog::add_waiter(st);
                     }
@@ -842,7 +920,8 @@ impl Log {
         }
     }
 
-    /// Takes up to `max` messages for the group whose id is `id`, leased to `holder` (a group
+    /// Takes up to `max` messages (at most `max_bytes` encoded, see [`ByteBudget`]) for the
+    /// group whose id is `id`, leased to `holder` (a group
     /// stream's id, 0 for a Recv caller) if the group has acknowledgements.
     ///
     /// # Errors
@@ -852,11 +931,12 @@ impl Log {
         group: &str,
         id: u64,
         max: usize,
+        max_bytes: usize,
         holder: u64,
     ) -> Result<Batch, BrokerError> {
         match self {
             Self::Memory(a) => a
-                .take(&mut a.state.lock(), group, Some(id), max, holder)
+                .take(&mut a.state.lock(), group, Some(id), max, max_bytes, holder)
                 .map(|(_, b)| b),
         }
     }

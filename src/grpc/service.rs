@@ -57,6 +57,8 @@ impl BrokerService {
             .map_err(reject)?;
         let group = Group::parse(r.group.as_str()).map_err(reject)?;
         let max = validate::max_messages(r.max_messages).map_err(reject)?;
+        let max_bytes =
+            validate::recv_max_bytes(r.max_bytes, self.broker.limits().grpc_message_bytes());
         let mut wait = validate::wait(r.wait.as_ref()).map_err(reject)?;
         if let Some(d) = deadline {
             // Answer (empty) a little before the client gives up, rather than let it time out.
@@ -66,8 +68,9 @@ impl BrokerService {
         let mut shutdown = self.shutdown.clone();
         let batch = self
             .broker
-            .recv(&address, &group, max, wait, &mut shutdown)
-            .await?;
+            .recv(&address, &group, max, max_bytes, wait, &mut shutdown)
+            .await
+            .map_err(reject)?;
         Ok(Response::new(pb::RecvResponse {
             messages: batch
                 .messages

@@ -254,6 +254,7 @@ pub async fn recv(
             group: group.into(),
             max_messages,
             wait: Some(prost_types::Duration::try_from(wait).expect("wait fits")),
+            max_bytes: 0,
         }),
     )
     .await

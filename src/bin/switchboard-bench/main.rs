@@ -567,6 +567,7 @@ async fn work_queue(server: &Server, n: u64, workers: usize, max: u32, ack: bool
                         group: "workers".into(),
                         max_messages: max,
                         wait: None,
+                        max_bytes: 0,
                     })
                     .await?
                     .into_inner();

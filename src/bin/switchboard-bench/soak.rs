@@ -141,6 +141,7 @@ pub(crate) async fn run(bin: &std::path::PathBuf, secs: u64) -> Res<bool> {
             group: "workers".into(),
             max_messages: 1,
             wait: None,
+            max_bytes: 0,
         })
         .await?;
     }
@@ -209,6 +210,7 @@ pub(crate) async fn run(bin: &std::path::PathBuf, secs: u64) -> Res<bool> {
                             seconds: 0,
                             nanos: 300_000_000,
                         }),
+                        max_bytes: 0,
                     })
                     .await;
                 match r {
@@ -251,6 +253,7 @@ pub(crate) async fn run(bin: &std::path::PathBuf, secs: u64) -> Res<bool> {
                         group: String::new(),
                         max_messages: 1,
                         wait: None,
+                        max_bytes: 0,
                     })
                     .await
                 {

@@ -412,7 +412,7 @@ mod tests {
         durable.wait_blocking().unwrap();
         // Messages sent within the same clock tick share a time: the first of them.
         assert!(next <= 600, "{next}");
-        let (_, _, batch) = e.take(&a, "from-time", 1, false).unwrap();
+        let (_, _, batch) = e.take(&a, "from-time", 1, usize::MAX, false).unwrap();
         assert_eq!(batch.messages[0].message.sent_at, sent);
 
         // 1,000 more: the count bound (1,500) trims the oldest 500 from the front run by run,
@@ -453,7 +453,7 @@ mod tests {
         );
         let n = runs(&e, "cold.a");
         assert!((6..=20).contains(&n), "{n} runs for 1,500 messages");
-        let (_, _, batch) = e.take(&a, "", 2_000, false).unwrap();
+        let (_, _, batch) = e.take(&a, "", 2_000, usize::MAX, false).unwrap();
         // The default group holds everything sent before anyone read it: all from disk.
         assert_eq!(batch.messages.len(), 1_500);
         for (k, t) in batch.messages.iter().enumerate() {

@@ -139,29 +139,26 @@ impl Leases {
         dead
     }
 
-    /// Leases up to `max` ready messages again (lowest sequence first) to `holder`; returns
-    /// (sequence, delivery attempt) for each.
-    pub(super) fn redeliver(&mut self, now: Instant, max: usize, holder: u64) -> Vec<(u64, u32)> {
-        let mut out = Vec::new();
+    /// The lowest sequence ready for redelivery, if any.
+    pub(super) fn first_ready(&self) -> Option<u64> {
+        self.ready.first().copied()
+    }
+
+    /// Leases the ready message `seq` again to `holder`; returns its delivery attempt, or
+    /// `None` (and forgets it) if it was not pending. One step of a take, which first checks
+    /// that the message fits the batch (see [`Leases::first_ready`]).
+    pub(super) fn redeliver_one(&mut self, seq: u64, now: Instant, holder: u64) -> Option<u32> {
+        self.ready.remove(&seq);
+        let lease = self.pending.get_mut(&seq)?;
         let deadline = now + self.policy.ack_wait;
-        while out.len() < max {
-            let Some(seq) = self.ready.pop_first() else {
-                break;
-            };
-            let Some(lease) = self.pending.get_mut(&seq) else {
-                continue;
-            };
-            lease.attempts = lease.attempts.saturating_add(1);
-            lease.leased = true;
-            lease.deadline = deadline;
-            lease.holder = holder;
-            out.push((seq, lease.attempts));
-        }
-        if !out.is_empty() {
-            self.redelivered += out.len() as u64;
-            self.due(deadline);
-        }
-        out
+        lease.attempts = lease.attempts.saturating_add(1);
+        lease.leased = true;
+        lease.deadline = deadline;
+        lease.holder = holder;
+        let attempts = lease.attempts;
+        self.redelivered += 1;
+        self.due(deadline);
+        Some(attempts)
     }
 
     /// Restores a message that was leased `attempts` times and not acknowledged when the broker
@@ -269,6 +266,18 @@ impl Leases {
 
 #[cfg(test)]
 mod tests {
+    /// Leases up to `max` ready messages again (lowest first), as a take with room does.
+    fn redeliver_n(l: &mut Leases, now: Instant, max: usize, holder: u64) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(seq) = l.first_ready() else { break };
+            if let Some(a) = l.redeliver_one(seq, now, holder) {
+                out.push((seq, a));
+            }
+        }
+        out
+    }
+
     use std::time::Duration;
 
     use super::*;
@@ -293,7 +302,7 @@ mod tests {
         assert!(l.expire(t0 + Duration::from_secs(9)).is_empty());
         assert!(!l.has_ready());
         assert!(l.expire(t0 + Duration::from_secs(10)).is_empty());
-        let again = l.redeliver(t0 + Duration::from_secs(10), 2, 2);
+        let again = redeliver_n(&mut l, t0 + Duration::from_secs(10), 2, 2);
         assert_eq!(again, vec![(3, 2), (4, 2)]);
         assert_eq!(l.redelivered, 2);
         assert_eq!(l.settle(3, Settle::Ack, t0), Outcome::Settled);
@@ -309,7 +318,7 @@ mod tests {
         l.lease_new(2, t0, 0);
         let t1 = t0 + Duration::from_secs(10);
         assert!(l.expire(t1).is_empty(), "first delivery of 2 may go again");
-        assert_eq!(l.redeliver(t1, 10, 0), vec![(1, 2), (2, 2)]);
+        assert_eq!(redeliver_n(&mut l, t1, 10, 0), vec![(1, 2), (2, 2)]);
         assert_eq!(
             l.settle(2, Settle::Nack(Duration::ZERO), t1),
             Outcome::DeadLetter(2)
@@ -341,7 +350,7 @@ mod tests {
         l.expire(t0 + Duration::from_secs(12));
         // 3 expired at 10 s; 2 was extended to 19 s.
         assert_eq!(
-            l.redeliver(t0 + Duration::from_secs(12), 10, 9),
+            redeliver_n(&mut l, t0 + Duration::from_secs(12), 10, 9),
             vec![(1, 2), (3, 2)]
         );
         assert_eq!(l.release(9), 2);

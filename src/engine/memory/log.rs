@@ -57,8 +57,8 @@ use crate::{
             record::{self, GroupEvent},
             AddressFiles, DiskLog, Job, Work,
         },
-        AddressInfo, Batch, DeadLetter, Delivery, Durable, GroupInfo, GroupSettings, Retention,
-        Settle, Settled, StartAt, Taken,
+        AddressInfo, Batch, ByteBudget, DeadLetter, Delivery, Durable, GroupInfo, GroupSettings,
+        Retention, Settle, Settled, StartAt, Taken,
     },
     error::BrokerError,
     message::{encode_message, Message, WireFrame},
@@ -886,13 +886,16 @@ impl AddressLog {
     /// a named group is created at the current end of the address on first use. For a group
     /// with acknowledgements the messages are leased to `holder` (0: a Recv caller), due
     /// redeliveries go first, and new messages only while `max_ack_pending` allows. Returns the
-    /// group's id with the batch.
+    /// group's id with the batch. The batch holds at most `max_bytes` of encoded messages
+    /// ([`ByteBudget`]); a first message larger than that is left where it is and reported in
+    /// [`Batch::too_large`].
     pub(crate) fn take(
         self: &Arc<Self>,
         st: &mut State,
         group: &str,
         expect: Option<u64>,
         max: usize,
+        max_bytes: usize,
         holder: u64,
     ) -> Result<(u64, Batch), BrokerError> {
         let now = Instant::now();
@@ -928,6 +931,7 @@ impl AddressLog {
             cursor.next = first;
         }
         let mut batch = Batch::default();
+        let mut budget = ByteBudget::new(max_bytes);
         let journaling = self.disk.is_some();
         let mut events = Vec::new();
         let from = cursor.next;
@@ -938,6 +942,7 @@ impl AddressLog {
                 self.read_range(&view, cursor.next, max, &mut read);
                 batch.messages = read
                     .into_iter()
+                    .take_while(|m| budget.admit(m))
                     .map(|message| Taken {
                         message,
                         attempt: 0,
@@ -959,22 +964,36 @@ impl AddressLog {
                         sequences: dead.iter().map(|d| d.0).collect(),
                     });
                 }
-                let again = leases.redeliver(now, max, holder);
-                self.metrics.redelivered.inc_by(again.len() as u64);
-                for (seq, attempt) in again {
-                    if let Some(message) = self.message_at(&view, seq) {
+                // Redeliveries first, lowest sequence first, while they fit the batch. One
+                // that cannot be read back is leased again all the same (it expires again).
+                let mut full = false;
+                while batch.messages.len() < max {
+                    let Some(seq) = leases.first_ready() else {
+                        break;
+                    };
+                    let message = self.message_at(&view, seq);
+                    if message.as_ref().is_some_and(|m| !budget.admit(m)) {
+                        full = true;
+                        break;
+                    }
+                    let Some(attempt) = leases.redeliver_one(seq, now, holder) else {
+                        continue;
+                    };
+                    self.metrics.redelivered.inc();
+                    if let Some(message) = message {
                         batch.messages.push(Taken { message, attempt });
                     }
                 }
                 // Read ahead in one pass (cold messages come from disk), then lease while
                 // there is room.
                 let mut fresh = Vec::new();
-                if leases.has_room() && cursor.next < *next_seq {
+                if !full && leases.has_room() && cursor.next < *next_seq {
                     let want = (max - batch.messages.len().min(max)).min(leases.room());
                     self.read_range(&view, cursor.next, want, &mut fresh);
                 }
                 for message in fresh {
-                    if batch.messages.len() >= max || !leases.has_room() {
+                    if batch.messages.len() >= max || !leases.has_room() || !budget.admit(&message)
+                    {
                         break;
                     }
                     leases.lease_new(cursor.next, now, holder);
@@ -1000,7 +1019,11 @@ impl AddressLog {
                 next: cursor.next,
             });
         }
-        batch.dropped = std::mem::take(&mut cursor.dropped);
+        batch.too_large = budget.refused.filter(|_| batch.messages.is_empty());
+        if batch.too_large.is_none() {
+            // An empty batch refused for its size reports the loss with the next one.
+            batch.dropped = std::mem::take(&mut cursor.dropped);
+        }
         let id = cursor.id;
         self.metrics.delivered.inc_by(batch.messages.len() as u64);
         if batch.dropped > 0 {

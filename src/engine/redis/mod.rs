@@ -826,6 +826,7 @@ impl RedisEngine {
         group: &str,
         incarnation: Option<&str>,
         max: usize,
+        max_bytes: usize,
         holder: u64,
     ) -> Result<(String, Batch), BrokerError> {
         let a: &str = address;
@@ -851,6 +852,8 @@ impl RedisEngine {
             .arg(self.incarnation())
             .arg(if group.is_empty() { "1" } else { "0" })
             .arg(default.describe())
+            .arg(max_bytes.saturating_sub(crate::message::RECV_RESPONSE_OVERHEAD))
+            .arg(a.len())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
@@ -882,6 +885,19 @@ impl RedisEngine {
         let dlq = it.next().as_ref().and_then(text).unwrap_or_default();
         let messages = triples(address, &mut it, "take")?;
         let dead = triples(address, &mut it, "take")?;
+        let too_large = match (
+            it.next().as_ref().and_then(int),
+            it.next().as_ref().and_then(int),
+        ) {
+            (Some(0), _) => None,
+            (Some(seq), Some(bytes)) => Some(super::Oversized {
+                sequence: u64::try_from(seq).map_err(|_| protocol("take"))?,
+                bytes: usize::try_from(bytes)
+                    .map_err(|_| protocol("take"))?
+                    .saturating_add(crate::message::RECV_RESPONSE_OVERHEAD),
+            }),
+            _ => return Err(protocol("take")),
+        };
         let delivered = messages.len() as u64;
         self.metrics.delivered.inc_by(delivered);
         let again = messages.iter().filter(|(_, a)| *a > 1).count() as u64;
@@ -898,6 +914,7 @@ impl RedisEngine {
                 .ok()
                 .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
             durable: super::Durable::done(),
+            too_large,
         };
         Ok((inc, batch))
     }

@@ -216,9 +216,14 @@ return {{'created', p}}
 /// KEYS: stream, meta, group, leases, deliveries, holders, groups set, pending by sequence.
 /// ARGV: name, max, holder,
 /// expected incarnation (`""`: create the group at the end if missing), incarnation for a new
-/// group, `1` if a new group starts at sequence 1 (the default group), desc for a new group.
+/// group, `1` if a new group starts at sequence 1 (the default group), desc for a new group,
+/// byte budget of the batch, the address's length in bytes. Messages go into the batch while
+/// their encoded size (an upper bound: payload + address + headers' keys and values + 12 per
+/// header + 64) fits the budget; a first message that does not fit is not taken and is named
+/// in the reply instead.
 /// Returns `['deleted']` or `['ok', incarnation, dropped, next due in ms or -1, dlq, n, (seq,
-/// attempt, fields) * n, d, (seq, deliveries, fields) * d]`.
+/// attempt, fields) * n, d, (seq, deliveries, fields) * d, too large seq (0: none), its
+/// bytes]`.
 pub(super) const TAKE: &str = r"
 local g = KEYS[3]
 local inc = redis.call('HGET', g, 'inc')
@@ -238,9 +243,26 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cfg = redis.call('HMGET', g, 'wait', 'maxdel', 'maxpend', 'next', 'dlq')
 local wait = tonumber(cfg[1] or '0')
 local max = tonumber(ARGV[2])
+local budget = tonumber(ARGV[8])
+local alen = tonumber(ARGV[9])
+local function cost(f)
+  local c = alen + 64
+  for i = 1, #f, 2 do
+    local k = f[i]
+    if k == 'p' then
+      c = c + #f[i + 1]
+    elseif string.sub(k, 1, 2) == 'h:' then
+      c = c + #k - 2 + #f[i + 1] + 12
+    end
+  end
+  return c
+end
 local msgs = {}
 local dead = {}
 local dropped = 0
+local big_seq = 0
+local big_bytes = 0
+local full = false
 if wait > 0 then
   -- Pending messages retention took are gone for good: reported now, not when they fall due.
   local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
@@ -272,7 +294,15 @@ if wait > 0 then
       dead[#dead + 1] = s
       dead[#dead + 1] = att
       dead[#dead + 1] = e[1][2]
+    elseif cost(e[1][2]) > budget then
+      if #msgs == 0 then
+        big_seq = s
+        big_bytes = cost(e[1][2])
+      end
+      full = true
+      break
     else
+      budget = budget - cost(e[1][2])
       att = att + 1
       redis.call('HSET', KEYS[5], s, att)
       redis.call('ZADD', KEYS[4], now + wait, s)
@@ -285,6 +315,7 @@ if wait > 0 then
   end
 end
 local room = max - #msgs / 3
+if full then room = 0 end
 if wait > 0 then
   local left = tonumber(cfg[3] or '0') - redis.call('ZCARD', KEYS[4])
   if left < room then room = left end
@@ -297,9 +328,21 @@ if room > 0 and nxt <= last then
     nxt = last + 1
   else
     local f = tonumber(string.match(es[1][1], '^(%d+)'))
-    if f > nxt then dropped = dropped + (f - nxt) end
+    if f > nxt then
+      dropped = dropped + (f - nxt)
+      nxt = f
+    end
     for _, e in ipairs(es) do
       local s = string.match(e[1], '^(%d+)')
+      local c = cost(e[2])
+      if c > budget then
+        if #msgs == 0 then
+          big_seq = s
+          big_bytes = c
+        end
+        break
+      end
+      budget = budget - c
       local att = 0
       if wait > 0 then
         att = 1
@@ -328,6 +371,8 @@ local r = {'ok', inc, dropped, due_in, cfg[5] or '', #msgs / 3}
 for _, v in ipairs(msgs) do r[#r + 1] = v end
 r[#r + 1] = #dead / 3
 for _, v in ipairs(dead) do r[#r + 1] = v end
+r[#r + 1] = big_seq
+r[#r + 1] = big_bytes
 return r
 ";
 
