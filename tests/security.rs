@@ -231,6 +231,81 @@ receive = [">"]
     server.stop().await;
 }
 
+/// CreateGroup with a dead-letter address needs `send` on that address as well as `receive` on
+/// the group's: a receive-only principal cannot make the broker write to an address nobody
+/// may send to (before the fix its group was created and its dead letters landed there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_address_needs_send_permission() {
+    let pki = Pki::new("dead-letters");
+    let (reader, worker) = (new_token(), new_token());
+    let auth = write_auth(
+        &pki.dir,
+        &format!(
+            r#"
+[[principal]]
+name = "reader"
+token_sha256 = "{}"
+receive = ["jobs"]
+
+[[principal]]
+name = "worker"
+token_sha256 = "{}"
+receive = ["jobs"]
+send = ["jobs", "jobs.dead"]
+"#,
+            token_sha256(&reader),
+            token_sha256(&worker)
+        ),
+    );
+    let server = TestServer::with_security(Security {
+        auth_file: Some(auth),
+        tls: None,
+    })
+    .await;
+    let create = |group: &str, dead: &str| switchboard::pb::CreateGroupRequest {
+        address: "jobs".into(),
+        group: group.into(),
+        ack_wait: Some(std::time::Duration::from_secs(30).try_into().unwrap()),
+        max_deliveries: 1,
+        dead_letter_address: dead.into(),
+        ..Default::default()
+    };
+    let mut r = plain(server.addr, Some(&reader)).await;
+    let e = r
+        .create_group(create("sneaky", "billing.secret"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("reader") && e.message().contains("billing.secret"),
+        "{}",
+        e.message()
+    );
+    let groups = |b: switchboard::broker::Broker| async move {
+        b.inspect("jobs", true)
+            .await
+            .unwrap()
+            .map(|(_, g)| g.into_iter().map(|g| g.group).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let names = groups(server.broker.clone()).await;
+    assert!(
+        !names.iter().any(|g| g == "sneaky"),
+        "no group created: {names:?}"
+    );
+    // Even to an address it may receive from, a receive-only principal may not dead-letter.
+    let e = r.create_group(create("g", "jobs")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A principal that may send there can.
+    let mut w = plain(server.addr, Some(&worker)).await;
+    assert!(w.create_group(create("workers", "jobs.dead")).await.is_ok());
+    // And a group without dead letters needs receive only.
+    let mut plain_group = create("plain", "");
+    plain_group.max_deliveries = 0;
+    assert!(r.create_group(plain_group).await.is_ok());
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_identities_and_tls_refusals() {
     let pki = Pki::new("mtls");

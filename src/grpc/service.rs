@@ -494,6 +494,11 @@ impl pb::broker_server::Broker for BrokerService {
                 r.max_ack_pending,
             )
             .map_err(reject)?;
+            // The group's dead letters are sends to that address on the caller's behalf.
+            if let Some(to) = ack.as_ref().and_then(|a| a.dead_letter.as_ref()) {
+                self.allow(&caller, Action::Send, to.as_str())
+                    .map_err(reject)?;
+            }
             let (created, next_sequence) = self
                 .broker
                 .create_group(&address, &group, GroupSettings { start, ack })
