@@ -64,6 +64,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
+    switchboard::grpc::admission::install_panic_log();
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {

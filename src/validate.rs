@@ -339,6 +339,15 @@ pub fn start(
                     format!("{}s is before 1970-01-01T00:00:00Z", t.seconds),
                 )
             })?;
+            if secs > MAX_TIMESTAMP_SECONDS {
+                return Err(BrokerError::invalid(
+                    "start_time",
+                    format!(
+                        "{}s is after 9999-12-31T23:59:59Z, the last time a protobuf Timestamp holds",
+                        t.seconds
+                    ),
+                ));
+            }
             let nanos = u32::try_from(t.nanos).unwrap_or(0);
             std::time::UNIX_EPOCH
                 .checked_add(Duration::new(secs, nanos))
@@ -353,6 +362,10 @@ pub fn start(
         )),
     }
 }
+
+/// Seconds since the Unix epoch of 9999-12-31T23:59:59Z, the last second a
+/// `google.protobuf.Timestamp` may hold (its documented range; RFC 3339 has four-digit years).
+pub const MAX_TIMESTAMP_SECONDS: u64 = 253_402_300_799;
 
 /// Shortest `ack_wait`.
 pub const MIN_ACK_WAIT: Duration = Duration::from_secs(1);

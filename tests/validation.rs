@@ -309,3 +309,63 @@ async fn message_alone_above_a_retention_bound_is_refused() {
     let _s = subscribe(&mut c, "tight", "g").await;
     server.stop().await;
 }
+
+/// A start_time past 9999-12-31T23:59:59Z (the end of a protobuf Timestamp's range) is
+/// INVALID_ARGUMENT naming start_time, for CreateGroup and Subscribe, on every engine; the
+/// address gets no group and the broker keeps serving. Before, the Redis engine panicked
+/// formatting the year-10000 time in CreateGroup (and the others accepted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_times_past_the_timestamp_range_are_refused() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    send(&mut c, "far.future", b"x").await;
+    for seconds in [253_402_300_800i64, 253_402_300_800 * 4, i64::MAX] {
+        let t = prost_types::Timestamp { seconds, nanos: 0 };
+        assert_status(
+            c.create_group(switchboard::pb::CreateGroupRequest {
+                address: "far.future".into(),
+                group: "g".into(),
+                start_time: Some(t),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            &["start_time", "9999-12-31"],
+        );
+        assert_status(
+            c.subscribe(SubscribeRequest {
+                address: "far.future".into(),
+                start_time: Some(t),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            &["start_time", "9999-12-31"],
+        );
+    }
+    // The last second of the range is a valid start: the group starts at the end.
+    let r = c
+        .create_group(switchboard::pb::CreateGroupRequest {
+            address: "far.future".into(),
+            group: "last".into(),
+            start_time: Some(prost_types::Timestamp {
+                seconds: 253_402_300_799,
+                nanos: 999_999_999,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("the last second of year 9999 is valid")
+        .into_inner();
+    assert_eq!(r.next_sequence, 2);
+    let groups = server
+        .broker
+        .inspect("far.future", true)
+        .await
+        .unwrap()
+        .map(|(_, g)| g.into_iter().map(|g| g.group).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(!groups.iter().any(|g| g == "g"), "{groups:?}");
+    assert_eq!(send(&mut c, "far.future", b"y").await, 2);
+    server.stop().await;
+}

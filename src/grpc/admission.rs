@@ -114,6 +114,37 @@ pub(crate) static REJECTION_LOGS: LogBudget = LogBudget {
     suppressed: AtomicU64::new(0),
 };
 
+/// Log budget for panics (see [`install_panic_log`]).
+static PANIC_LOGS: LogBudget = LogBudget {
+    second: AtomicU64::new(0),
+    used: AtomicU64::new(0),
+    suppressed: AtomicU64::new(0),
+};
+
+/// Replaces the default panic output (stderr, with a backtrace per panic under
+/// `RUST_BACKTRACE=1`) with one `error` log line per panic under the same per-second budget as
+/// other events ([`LOG_LINES_PER_SECOND`]), so a request that reaches a bug cannot flood the
+/// log. No request path is meant to panic; a panic inside a request's task fails that call
+/// (tonic answers it) and the broker goes on.
+pub fn install_panic_log() {
+    std::panic::set_hook(Box::new(|info| {
+        if !PANIC_LOGS.allow("panic") {
+            return;
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, %message, "panic (a bug: please report it)");
+    }));
+}
+
 /// One admitted connection's slot; frees it when dropped.
 #[derive(Debug)]
 pub(crate) struct Slot(Arc<AtomicUsize>);
