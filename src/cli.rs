@@ -436,6 +436,23 @@ pub struct ServeArgs {
     )]
     pub max_subscribers_per_address: usize,
 
+    /// Most named consumer groups one address holds; CreateGroup, or a Recv or Subscribe
+    /// naming a new group, past it gets RESOURCE_EXHAUSTED. Each group holds ~600 bytes plus
+    /// its leases.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_GROUPS_PER_ADDRESS",
+        default_value_t = 1_000
+    )]
+    pub max_groups_per_address: usize,
+
+    /// How long a group made by its first Recv or Subscribe (not by CreateGroup) may go
+    /// unread, with no group stream or waiting Recv on its address, before it is removed with
+    /// its position (Kafka's offsets retention); a later read creates it again at the end.
+    /// `1h`, `7d`; `0` keeps such groups for ever.
+    #[arg(long, env = "SWITCHBOARD_IDLE_GROUP", default_value = "7d", value_parser = parse_age)]
+    pub idle_group: Duration,
+
     /// Most long-lived streams (Subscribe, SendStream) one client connection may hold open.
     #[arg(
         long,
@@ -639,6 +656,8 @@ impl ServeArgs {
             idle_address: Duration::from_millis(self.idle_address_ms),
             max_addresses: self.max_addresses,
             max_subscribers_per_address: self.max_subscribers_per_address,
+            max_groups_per_address: self.max_groups_per_address,
+            idle_group: self.idle_group,
         };
         limits.validate()?;
         if !(1..=60_000).contains(&self.fsync_interval_ms) {

@@ -43,6 +43,15 @@ pub struct Limits {
     pub max_addresses: usize,
     /// Most Subscribe streams one address may have open. Default 10,000.
     pub max_subscribers_per_address: usize,
+    /// Most named consumer groups one address holds (the default group is not counted);
+    /// creating one more (CreateGroup, or a Recv or Subscribe naming a new group) is refused
+    /// with `RESOURCE_EXHAUSTED`. Default 1,000 (each group holds ~600 bytes plus its leases).
+    pub max_groups_per_address: usize,
+    /// How long a group created by a read (not by CreateGroup) may go unread before it is
+    /// removed, position and all, like Kafka's `offsets.retention.minutes` (7 days) or a
+    /// Google Pub/Sub subscription's expiration policy; a later read creates it again at the
+    /// end. Zero: never. Default 7 days.
+    pub idle_group: Duration,
 }
 
 impl Limits {
@@ -66,6 +75,8 @@ impl Default for Limits {
             idle_address: Duration::from_secs(10),
             max_addresses: 1_000_000,
             max_subscribers_per_address: 10_000,
+            max_groups_per_address: 1_000,
+            idle_group: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

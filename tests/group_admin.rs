@@ -185,3 +185,129 @@ async fn a_created_group_keeps_its_address_past_the_idle_time() {
     assert_eq!(got.messages.len(), 1);
     server.stop().await;
 }
+
+/// Group names seen by GetAddress (any engine).
+async fn group_names(server: &TestServer, address: &str) -> Vec<String> {
+    server
+        .broker
+        .inspect(address, true)
+        .await
+        .expect("inspect")
+        .map(|(_, g)| g.into_iter().map(|g| g.group).collect())
+        .unwrap_or_default()
+}
+
+/// `--max-groups-per-address` bounds the named groups one address holds, however they are
+/// made (Recv, Subscribe, CreateGroup): the next one is RESOURCE_EXHAUSTED naming the flag,
+/// nothing is created, the existing groups and the default group go on, and deleting one makes
+/// room. Before the bound, any Recv with a new name made a group (60,000 in 21 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_per_address_are_bounded() {
+    let server = TestServer::with_limits(switchboard::config::Limits {
+        max_groups_per_address: 3,
+        ..Default::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    let a = "g.bounded";
+    send(&mut c, a, b"m").await;
+    recv(&mut c, a, "by-recv", 1, Duration::ZERO).await;
+    let _stream = subscribe(&mut c, a, "by-stream").await;
+    step("create", c.create_group(create(a, "created", 1)))
+        .await
+        .expect("third group");
+    let refused = |s: tonic::Status| {
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("--max-groups-per-address"), "{s:?}");
+    };
+    refused(
+        c.recv(RecvRequest {
+            address: a.into(),
+            group: "fourth".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    refused(
+        c.subscribe(switchboard::pb::SubscribeRequest {
+            address: a.into(),
+            group: "fourth".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    refused(c.create_group(create(a, "fourth", 1)).await.unwrap_err());
+    let mut names = group_names(&server, a).await;
+    names.sort();
+    assert_eq!(names, ["", "by-recv", "by-stream", "created"]);
+    // The default group and the existing groups are not affected.
+    assert_eq!(
+        recv(&mut c, a, "", 10, Duration::ZERO).await.messages.len(),
+        1
+    );
+    assert_eq!(
+        recv(&mut c, a, "created", 10, Duration::ZERO)
+            .await
+            .messages
+            .len(),
+        1
+    );
+    step("delete", c.delete_group(delete(a, "by-recv")))
+        .await
+        .expect("delete");
+    step("create", c.create_group(create(a, "fourth", 1)))
+        .await
+        .expect("room again");
+    server.stop().await;
+}
+
+/// A group made by a Recv (a typo, a one-off reader) and then left unread is removed after
+/// `--idle-group`; groups made by CreateGroup and the default group stay. Before, such groups
+/// were kept for as long as the address held messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_made_by_a_read_are_removed_when_idle() {
+    let server = TestServer::with_limits(switchboard::config::Limits {
+        idle_group: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    let a = "g.idle";
+    step("create", c.create_group(create(a, "kept", 1)))
+        .await
+        .expect("create");
+    send(&mut c, a, b"m").await;
+    recv(&mut c, a, "typo", 1, Duration::ZERO).await;
+    let mut names = group_names(&server, a).await;
+    names.sort();
+    assert_eq!(names, ["", "kept", "typo"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let names = group_names(&server, a).await;
+        if !names.iter().any(|n| n == "typo") {
+            let mut names = names;
+            names.sort();
+            assert_eq!(names, ["", "kept"], "only the idle read-made group goes");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle group was not removed: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A later read makes it again, at the end.
+    send(&mut c, a, b"n").await;
+    let r = recv(&mut c, a, "typo", 10, Duration::ZERO).await;
+    assert!(r.messages.is_empty(), "made again at the end: {r:?}");
+    assert_eq!(
+        recv(&mut c, a, "kept", 10, Duration::ZERO)
+            .await
+            .messages
+            .len(),
+        2
+    );
+    server.stop().await;
+}

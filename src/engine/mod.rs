@@ -201,6 +201,11 @@ pub struct Retention {
     pub bytes: usize,
     /// Oldest a message may get; `None`: no age bound.
     pub age: Option<Duration>,
+    /// Most named consumer groups one address keeps (`--max-groups-per-address`).
+    pub groups: usize,
+    /// How long a group created by a read may go unread before it is removed (`--idle-group`);
+    /// `None`: never.
+    pub idle_group: Option<Duration>,
 }
 
 impl From<&Limits> for Retention {
@@ -209,6 +214,8 @@ impl From<&Limits> for Retention {
             messages: l.retention_messages,
             bytes: l.retention_bytes,
             age: (!l.retention_age.is_zero()).then_some(l.retention_age),
+            groups: l.max_groups_per_address,
+            idle_group: (!l.idle_group.is_zero()).then_some(l.idle_group),
         }
     }
 }
@@ -729,7 +736,7 @@ impl Engine {
                     if st.subscribers() >= max_subscribers {
                         return Err(full());
                     }
-                    Ok(a.subscribe_group(st, group))
+                    a.subscribe_group(st, group)
                 })?;
                 Ok((Log::Memory(log), r?))
             }

@@ -163,6 +163,9 @@ struct Cursor {
     created: Option<GroupSettings>,
     /// Leases, for a group with acknowledgements.
     leases: Option<Box<Leases>>,
+    /// When it was last read (or created): a group created by a read and unread for
+    /// `--idle-group` is removed (see [`AddressLog::sweep`]).
+    last_read: Instant,
 }
 
 impl Cursor {
@@ -263,6 +266,7 @@ impl AddressLog {
                 used: false,
                 created: None,
                 leases: None,
+                last_read: Instant::now(),
             },
         );
         Self {
@@ -853,7 +857,24 @@ impl AddressLog {
             used,
             created,
             leases,
+            last_read: Instant::now(),
         }
+    }
+
+    /// Refuses a new named group when the address holds `--max-groups-per-address` already.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] (`RESOURCE_EXHAUSTED`) naming the flag.
+    fn room_for_group(&self, st: &State) -> Result<(), BrokerError> {
+        // The default group is always there and not counted.
+        if st.groups.len().saturating_sub(1) >= self.retention.groups {
+            return Err(BrokerError::LimitReached {
+                what: "consumer groups on this address",
+                limit: self.retention.groups,
+                flag: "--max-groups-per-address",
+            });
+        }
+        Ok(())
     }
 
     /// Dead letters for `dead` (sequence, deliveries) of `group`; messages no longer retained
@@ -905,6 +926,7 @@ impl AddressLog {
             if expect.is_some() {
                 return Err(BrokerError::GroupDeleted);
             }
+            self.room_for_group(st)?;
             self.metrics.groups.inc();
             let next = st.next_seq;
             let cursor = Self::new_group(st, next, None, true);
@@ -926,6 +948,7 @@ impl AddressLog {
             return Err(BrokerError::GroupDeleted);
         }
         cursor.used = true;
+        cursor.last_read = now;
         if cursor.next < first {
             cursor.dropped += first - cursor.next;
             cursor.next = first;
@@ -1164,6 +1187,7 @@ impl AddressLog {
             };
             return Ok((false, next, durable));
         }
+        self.room_for_group(st)?;
         let next = self.position(st, settings.start)?;
         self.metrics.groups.inc();
         let event = GroupEvent::Create {
@@ -1223,10 +1247,15 @@ impl AddressLog {
     }
 
     /// Registers a group stream (creating the group on first use); returns the group's id.
-    pub(crate) fn subscribe_group(&self, st: &mut State, group: &str) -> u64 {
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when the group is new and the address holds
+    /// `--max-groups-per-address` groups (nothing registered).
+    pub(crate) fn subscribe_group(&self, st: &mut State, group: &str) -> Result<u64, BrokerError> {
         let id = match st.groups.get(group) {
             Some(c) => c.id,
             None => {
+                self.room_for_group(st)?;
                 self.metrics.groups.inc();
                 let next = st.next_seq;
                 let cursor = Self::new_group(st, next, None, true);
@@ -1238,7 +1267,7 @@ impl AddressLog {
         st.subscribers += 1;
         self.metrics.subscribers.inc();
         st.last_active = Instant::now();
-        id
+        Ok(id)
     }
 
     /// Hands a fan-out subscriber at `cursor` up to `max` messages, each with its wire frame
@@ -1395,6 +1424,7 @@ impl AddressLog {
                 });
             }
         }
+        self.reclaim_idle_groups(&mut st, now, &mut events);
         let _ = self.journal(&st, &events, false);
         drop(st);
         if let Some(d) = &self.disk {
@@ -1405,6 +1435,48 @@ impl AddressLog {
             self.notify.notify_waiters();
         }
         aged
+    }
+
+    /// Removes the groups created by a read (not by CreateGroup, so without acknowledgements
+    /// or leases) that nobody has read for `--idle-group`, while the address has no group
+    /// stream and no waiting Recv (so no reader is inside one). A later read creates such a
+    /// group again at the end; the messages it had not read are logged with the removal.
+    fn reclaim_idle_groups(&self, st: &mut State, now: Instant, events: &mut Vec<GroupEvent>) {
+        let Some(idle) = self.retention.idle_group else {
+            return;
+        };
+        let group_streams = st.subscribers.saturating_sub(st.fanout as usize);
+        if st.waiters > 0 || group_streams > 0 {
+            return;
+        }
+        let next_seq = st.next_seq;
+        let journaling = self.disk.is_some();
+        let name = &self.name;
+        let mut removed = 0;
+        st.groups.retain(|group, c| {
+            let reclaim = !group.is_empty()
+                && c.created.is_none()
+                && c.leases.is_none()
+                && now.saturating_duration_since(c.last_read) >= idle;
+            if reclaim {
+                removed += 1;
+                tracing::info!(
+                    address = %name,
+                    group = %group,
+                    unread = next_seq.saturating_sub(c.next),
+                    "idle consumer group removed (--idle-group)"
+                );
+                if journaling {
+                    events.push(GroupEvent::Delete {
+                        group: group.to_string(),
+                    });
+                }
+            }
+            !reclaim
+        });
+        if removed > 0 {
+            self.metrics.groups.dec_by(gauge(removed));
+        }
     }
 
     /// Closes the address if it has been idle for `idle`: nothing retained, no subscriber, no

@@ -6,7 +6,7 @@
 //! - an address is a stream whose entry ids are `<sequence>-0`; `scripts::SEND` assigns the
 //!   sequence and appends in one atomic step, so sequences stay dense across nodes;
 //! - a consumer group is a hash (position, settings) plus a sorted set of leases keyed by due
-//!   time, taken and settled by scripts (`scripts::TAKE`, `scripts::SETTLE`). Redis's own
+//!   time, taken and settled by scripts (`scripts::take`, `scripts::SETTLE`). Redis's own
 //!   `XREADGROUP` groups are not used: they have no delayed Nack, no `max_ack_pending`, and no
 //!   exact count of what retention took from a group, which our semantics promise;
 //! - fan-out: each node reads each address that has local readers once ([`feed`], `XREAD
@@ -452,7 +452,7 @@ impl RedisEngine {
             scripts: Scripts {
                 start: Script::new(&scripts::start()),
                 create_group: Script::new(&scripts::create_group()),
-                take: Script::new(scripts::TAKE),
+                take: Script::new(&scripts::take()),
                 settle: Script::new(scripts::SETTLE),
                 finish: Script::new(scripts::FINISH),
                 release: Script::new(scripts::RELEASE),
@@ -854,6 +854,9 @@ impl RedisEngine {
             .arg(default.describe())
             .arg(max_bytes.saturating_sub(crate::message::RECV_RESPONSE_OVERHEAD))
             .arg(a.len())
+            .arg(self.limits.max_groups_per_address)
+            .arg(self.keys.of(a, "g:"))
+            .arg(u64::try_from(self.limits.idle_group.as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
@@ -864,6 +867,7 @@ impl RedisEngine {
         match it.next().as_ref().and_then(text).as_deref() {
             Some("ok") => {}
             Some("deleted") => return Err(BrokerError::GroupDeleted),
+            Some("toomany") => return Err(self.too_many_groups()),
             _ => return Err(protocol("take")),
         }
         let inc = it
@@ -963,6 +967,15 @@ impl RedisEngine {
         }
     }
 
+    /// The refusal of a group past `--max-groups-per-address`.
+    fn too_many_groups(&self) -> BrokerError {
+        BrokerError::LimitReached {
+            what: "consumer groups on this address",
+            limit: self.limits.max_groups_per_address,
+            flag: "--max-groups-per-address",
+        }
+    }
+
     /// CreateGroup: whether it was created, and the sequence it hands out next.
     ///
     /// # Errors
@@ -997,12 +1010,15 @@ impl RedisEngine {
             .arg(kind)
             .arg(value)
             .arg(self.incarnation())
+            .arg(self.limits.max_groups_per_address)
+            .arg(self.keys.of(address, "g:"))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable(&e))?;
         self.register(address).await;
         let n = || reply.1.parse::<u64>().map_err(|_| protocol("create_group"));
         match reply.0.as_str() {
+            "toomany" => Err(self.too_many_groups()),
             "created" => Ok((true, n()?)),
             "same" => Ok((false, n()?)),
             "exists" => Err(BrokerError::GroupExists {

@@ -183,20 +183,46 @@ return {{p, last}}
     )
 }
 
+/// Lua: `named_groups(set, prefix, max)`: how many named groups the groups set lists (the
+/// default group `""` is not counted). When that reaches `max`, names whose hash has expired
+/// (groups made by a read and unread for `--idle-group`) are dropped from the set first.
+const NAMED_GROUPS: &str = r"
+local function named_groups(set, prefix, max)
+  local function count()
+    return redis.call('SCARD', set) - redis.call('SISMEMBER', set, '')
+  end
+  local n = count()
+  if n < max then return n end
+  for _, g in ipairs(redis.call('SMEMBERS', set)) do
+    if g ~= '' and redis.call('EXISTS', prefix .. g) == 0 then
+      redis.call('SREM', set, g)
+    end
+  end
+  return count()
+end
+";
+
 /// CreateGroup. KEYS: stream, meta, group, groups set. ARGV: name, desc, wait (ms), maxdel,
-/// maxpend, dlq, start kind, start value, incarnation.
-/// Returns `['created' | 'same', next]`, `['exists', desc]` or `['pastend', last]`.
+/// maxpend, dlq, start kind, start value, incarnation, most named groups, prefix of group keys.
+/// Returns `['created' | 'same', next]`, `['exists', desc]`, `['pastend', last]` or
+/// `['toomany', max]`. A group a read made and CreateGroup names again is kept from then on
+/// (no idle expiry).
 pub(super) fn create_group() -> String {
     format!(
-        "{POSITION}
+        "{POSITION}{NAMED_GROUPS}
 local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 local ex = redis.call('HMGET', KEYS[3], 'desc', 'next')
 if ex[1] then
   if ex[1] ~= ARGV[2] then return {{'exists', ex[1]}} end
+  redis.call('PERSIST', KEYS[3])
+  redis.call('HDEL', KEYS[3], 'auto')
   local first = first_seq(KEYS[1], last)
   local n = tonumber(ex[2])
   if n < first then n = first end
   return {{'same', n}}
+end
+if named_groups(KEYS[4], ARGV[11], tonumber(ARGV[10])) >= tonumber(ARGV[10]) then
+  return {{'toomany', ARGV[10]}}
 end
 local p = position(KEYS[1], ARGV[7], ARGV[8], last)
 if p == nil then return {{'pastend', last}} end
@@ -217,26 +243,40 @@ return {{'created', p}}
 /// ARGV: name, max, holder,
 /// expected incarnation (`""`: create the group at the end if missing), incarnation for a new
 /// group, `1` if a new group starts at sequence 1 (the default group), desc for a new group,
-/// byte budget of the batch, the address's length in bytes. Messages go into the batch while
+/// byte budget of the batch, the address's length in bytes, most named groups, prefix of group
+/// keys, idle expiry of a group made by a read (ms, 0: none). Messages go into the batch while
 /// their encoded size (an upper bound: payload + address + headers' keys and values + 12 per
 /// header + 64) fits the budget; a first message that does not fit is not taken and is named
 /// in the reply instead.
-/// Returns `['deleted']` or `['ok', incarnation, dropped, next due in ms or -1, dlq, n, (seq,
+/// A group made here (by a read) expires after the idle time without a take (each take
+/// renews it); past the most named groups, making one is refused.
+/// Returns `['deleted']`, `['toomany']` or `['ok', incarnation, dropped, next due in ms or -1, dlq, n, (seq,
 /// attempt, fields) * n, d, (seq, deliveries, fields) * d, too large seq (0: none), its
 /// bytes]`.
-pub(super) const TAKE: &str = r"
+pub(super) fn take() -> String {
+    format!("{NAMED_GROUPS}{TAKE}")
+}
+
+const TAKE: &str = r"
 local g = KEYS[3]
 local inc = redis.call('HGET', g, 'inc')
 local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 if not inc then
   if ARGV[4] ~= '' then return {'deleted'} end
+  if ARGV[1] ~= '' and named_groups(KEYS[7], ARGV[11], tonumber(ARGV[10])) >= tonumber(ARGV[10]) then
+    return {'toomany'}
+  end
   local start = last + 1
   if ARGV[6] == '1' then start = 1 end
   inc = ARGV[5]
   redis.call('HSET', g, 'next', start, 'inc', inc, 'wait', 0, 'desc', ARGV[7])
+  if ARGV[1] ~= '' then redis.call('HSET', g, 'auto', 1) end
   redis.call('SADD', KEYS[7], ARGV[1])
 elseif ARGV[4] ~= '' and ARGV[4] ~= inc then
   return {'deleted'}
+end
+if ARGV[1] ~= '' and tonumber(ARGV[12]) > 0 and redis.call('HEXISTS', g, 'auto') == 1 then
+  redis.call('PEXPIRE', g, ARGV[12])
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -490,7 +530,11 @@ if len > 0 then
   local e = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
   first = tonumber(string.match(e[1][1], '^(%d+)'))
 end
-local names = redis.call('SMEMBERS', KEYS[3])
+local names = {}
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  -- A group a read made that expired (--idle-group) is gone; the set forgets it lazily.
+  if n == '' or redis.call('EXISTS', ARGV[2] .. n) == 1 then names[#names + 1] = n end
+end
 -- The default group exists from the address's creation, at sequence 1, even before its first
 -- read.
 local default = redis.call('SISMEMBER', KEYS[3], '') == 1
