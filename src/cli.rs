@@ -480,6 +480,7 @@ pub struct ServeArgs {
 
     /// Milliseconds a new connection may take to send the HTTP/2 preface (the TLS handshake
     /// too, once TLS is on) before it is closed; silent sockets otherwise stay open forever.
+    /// Also bounds TLS handshakes on the HTTP listener.
     #[arg(
         long,
         env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS",
@@ -487,8 +488,11 @@ pub struct ServeArgs {
     )]
     pub handshake_timeout_ms: u64,
 
-    /// Most client connections open at once; beyond it new connections are closed at once
-    /// (counted in switchboard_connections_rejected_total) and the open ones keep working.
+    /// Most client connections open at once on the gRPC port; beyond it new connections are
+    /// closed at once (counted in switchboard_connections_rejected_total) and the open ones
+    /// keep working. Each is a file descriptor: at start the broker raises its open-file soft
+    /// limit to the hard limit and warns if this, plus --http-max-connections, plus 1,024 for
+    /// files, exceeds it.
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub max_connections: usize,
 
@@ -532,7 +536,9 @@ pub struct ServeArgs {
     /// Serve HTTP on ADDR (off unless given): the web console at http://ADDR/, Prometheus
     /// metrics at http://ADDR/metrics, and the gRPC services over gRPC-Web for the console's
     /// own calls (HTTPS with the broker's certificate when --tls-cert is set). Bind it to
-    /// loopback or put it behind --auth-file: the console can send, read and delete.
+    /// loopback or put it behind --auth-file: the console can send, read and delete. It
+    /// answers only the hosts --http-allowed-hosts allows (loopback and its own address by
+    /// default), within --http-max-connections and --http-idle-timeout-ms.
     #[arg(long, env = "SWITCHBOARD_HTTP_LISTEN", value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
 
@@ -544,6 +550,41 @@ pub struct ServeArgs {
         conflicts_with = "http_listen"
     )]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Host names or IPs the HTTP listener answers to besides `localhost`, loopback IPs and its
+    /// own bound address (any IP when bound to 0.0.0.0 or [::]), with any port: a request whose
+    /// `Host` names another host gets 421, one whose `Origin` does gets 403, so a page on a
+    /// DNS-rebinding domain cannot use the console, /metrics or gRPC-Web through a browser.
+    /// Also bounds the `Origin` of gRPC-Web calls on the gRPC port (beside --cors-origin).
+    /// Repeatable, or comma-separated in the environment variable; `*` allows any host.
+    #[arg(
+        long = "http-allowed-hosts",
+        env = "SWITCHBOARD_HTTP_ALLOWED_HOSTS",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    pub http_allowed_hosts: Vec<String>,
+
+    /// Most connections open at once on the HTTP listener (console, metrics, gRPC-Web);
+    /// beyond it new connections are closed at once (counted in
+    /// switchboard_connections_rejected_total{reason="http_max_connections"}). Connections
+    /// still in their TLS handshake count.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HTTP_MAX_CONNECTIONS",
+        default_value_t = crate::config::HTTP_MAX_CONNECTIONS
+    )]
+    pub http_max_connections: usize,
+
+    /// Milliseconds an HTTP listener connection may wait for its next request (its whole
+    /// header) before it is closed: idle keep-alive sockets and silent ones (1 to 3600000).
+    /// A request being answered (a live tail's stream) is not cut.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HTTP_IDLE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub http_idle_timeout_ms: u64,
 
     /// Let web pages from ORIGIN (`https://app.example.com`, `http://127.0.0.1:3000`: scheme,
     /// host and port, no path) call the gRPC port with gRPC-Web. Repeatable, or comma-separated
@@ -734,10 +775,25 @@ impl ServeArgs {
             .iter()
             .map(|o| crate::grpc::web::parse_origin(o))
             .collect::<Result<Vec<_>, _>>()?;
+        if self.http_max_connections == 0 {
+            return Err("--http-max-connections: must be at least 1".into());
+        }
+        if !(1..=3_600_000).contains(&self.http_idle_timeout_ms) {
+            return Err(format!(
+                "--http-idle-timeout-ms: {} is outside 1 to 3600000 (1 h)",
+                self.http_idle_timeout_ms
+            ));
+        }
+        let http = crate::config::HttpListener {
+            max_connections: self.http_max_connections,
+            idle_timeout: Duration::from_millis(self.http_idle_timeout_ms),
+            allowed_hosts: crate::grpc::hosts::AllowedHosts::parse(&self.http_allowed_hosts)?,
+        };
         Ok(ServerConfig {
             storage,
             redis: engine,
             cors_origins,
+            http,
             limits,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             max_streams_per_connection: self.max_streams_per_connection,

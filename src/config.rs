@@ -145,6 +145,38 @@ pub struct Admission {
     pub max_connections: usize,
 }
 
+/// The HTTP listener's bounds (`--http-listen`: console, `/metrics`, gRPC-Web; see `grpc::web`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpListener {
+    /// Most connections open at once on the HTTP listener (`--http-max-connections`); beyond
+    /// it new ones are closed at once. Default [`HTTP_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// How long a connection may wait for (the whole header of) its next request before it is
+    /// closed (`--http-idle-timeout-ms`): idle keep-alive sockets and silent ones. Default
+    /// [`HTTP_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// Host names and IPs allowed in `Host` / `Origin` besides loopback and the listener's own
+    /// address (`--http-allowed-hosts`).
+    pub allowed_hosts: crate::grpc::hosts::AllowedHosts,
+}
+
+/// Default `--http-max-connections`: a console and a scraper need a handful (a browser opens
+/// up to six per origin), so this leaves room for many operators and keeps the listener's file
+/// descriptors a small part of the process's.
+pub const HTTP_MAX_CONNECTIONS: usize = 256;
+/// Default `--http-idle-timeout-ms` (hyper's own default header-read timeout).
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for HttpListener {
+    fn default() -> Self {
+        Self {
+            max_connections: HTTP_MAX_CONNECTIONS,
+            idle_timeout: HTTP_IDLE_TIMEOUT,
+            allowed_hosts: crate::grpc::hosts::AllowedHosts::default(),
+        }
+    }
+}
+
 /// Everything `switchboard serve` needs besides the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -169,6 +201,9 @@ pub struct ServerConfig {
     /// Origins whose pages may call the gRPC port with gRPC-Web (`--cors-origin`, exact
     /// matches, see `grpc::web::parse_origin`); empty: none.
     pub cors_origins: Vec<http::HeaderValue>,
+    /// The HTTP listener's connection limit, idle timeout and allowed hosts (the allowed hosts
+    /// also bound the `Origin` of gRPC-Web calls on the gRPC port).
+    pub http: HttpListener,
 }
 
 impl Default for ServerConfig {
@@ -187,6 +222,7 @@ impl Default for ServerConfig {
             storage: None,
             redis: None,
             cors_origins: Vec::new(),
+            http: HttpListener::default(),
         }
     }
 }

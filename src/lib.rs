@@ -45,6 +45,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fdlimit;
 pub mod grpc;
 pub mod message;
 pub mod metrics;

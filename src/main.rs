@@ -72,6 +72,27 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before anything opens files or sockets: every connection and segment file is one.
+    match switchboard::fdlimit::raise() {
+        Ok(Some(limit)) => {
+            tracing::info!(
+                soft = limit.soft,
+                hard = limit.hard,
+                raised_from = limit.before,
+                "open-file limit (RLIMIT_NOFILE)"
+            );
+            let http = args.http_listen().map(|_| config.http.max_connections);
+            if let Some(warning) =
+                switchboard::fdlimit::shortfall(&limit, config.admission.max_connections, http)
+            {
+                tracing::warn!("{warning}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit (RLIMIT_NOFILE)")
+        }
+    }
     // Refuse to start on a bad auth file or TLS material, before listening.
     if let Some(path) = &config.security.auth_file {
         if let Err(e) = switchboard::grpc::auth::Auth::load(path) {

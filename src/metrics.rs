@@ -18,7 +18,8 @@
 //! | `switchboard_groups` | gauge | consumer groups, default groups included |
 //! | `switchboard_retained_messages` / `_bytes` | gauge | what the retention windows hold |
 //! | `switchboard_connections` | gauge | client connections open (admitted past the handshake) |
-//! | `switchboard_connections_rejected_total{reason}` | counter | connections closed at admission: `max_connections`, `handshake_timeout` |
+//! | `switchboard_connections_rejected_total{reason}` | counter | connections closed at admission: `max_connections`, `handshake_timeout`, `tls_handshake` on the gRPC port; `http_max_connections`, `http_handshake_timeout`, `http_tls_handshake` on the HTTP listener |
+//! | `switchboard_http_requests_refused_total{reason}` | counter | requests refused for a foreign `Host` or `Origin` (DNS rebinding): `host`, `origin` |
 //! | `switchboard_auth_failures_total{reason}` | counter | calls refused by authentication: `missing`, `unknown` credentials, `denied` Admin |
 //! | `switchboard_rpcs_total{method,code}` | counter | RPCs answered, by gRPC status code (streams: at open) |
 //! | `switchboard_streams_closed_total{method,code}` | counter | Subscribe and SendStream streams ended, by final status (`CANCELLED`: the client went away) |
@@ -117,6 +118,7 @@ pub struct Metrics {
     streams_closed: Family<RpcLabels, Counter>,
     pub(crate) connections: Gauge,
     connections_rejected: Family<ReasonLabels, Counter>,
+    http_requests_refused: Family<ReasonLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
     /// Per method (in [`Method::ALL`] order): its `OK` counter and its histogram, taken out of
@@ -179,6 +181,7 @@ impl Metrics {
             streams_closed: Family::default(),
             connections: Gauge::default(),
             connections_rejected: Family::default(),
+            http_requests_refused: Family::default(),
             auth_failures: Family::default(),
             rpc_seconds: Family::new_with_constructor(|| {
                 // 50 µs to ~100 s.
@@ -274,8 +277,14 @@ impl Metrics {
         );
         registry.register(
             "connections_rejected",
-            "Connections closed at admission, by reason (max_connections, handshake_timeout)",
+            "Connections closed at admission, by reason (max_connections, handshake_timeout, \
+             tls_handshake; http_ prefixed on the HTTP listener)",
             m.connections_rejected.clone(),
+        );
+        registry.register(
+            "http_requests_refused",
+            "Requests refused for a foreign Host or Origin (DNS rebinding), by reason (host, origin)",
+            m.http_requests_refused.clone(),
         );
         registry.register(
             "auth_failures",
@@ -317,9 +326,17 @@ impl Metrics {
             .inc();
     }
 
-    /// Records one connection closed at admission (`max_connections`, `handshake_timeout`).
+    /// Records one connection closed at admission (`max_connections`, `handshake_timeout`,
+    /// `tls_handshake`; `http_`-prefixed on the HTTP listener).
     pub fn connection_rejected(&self, reason: &'static str) {
         self.connections_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Records one request refused for a foreign `Host` or `Origin` (`host`, `origin`).
+    pub fn http_request_refused(&self, reason: &'static str) {
+        self.http_requests_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }

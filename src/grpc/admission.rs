@@ -149,6 +149,17 @@ pub fn install_panic_log() {
 #[derive(Debug)]
 pub(crate) struct Slot(Arc<AtomicUsize>);
 
+impl Slot {
+    /// Takes one of `max` slots counted by `open`; `None` when all are taken.
+    pub(crate) fn try_acquire(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        if open.fetch_add(1, Ordering::AcqRel) >= max {
+            open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Arc::clone(open)))
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -184,8 +195,7 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
-            if open.fetch_add(1, Ordering::AcqRel) >= admission.max_connections {
-                open.fetch_sub(1, Ordering::AcqRel);
+            let Some(slot) = Slot::try_acquire(&open, admission.max_connections) else {
                 metrics.connection_rejected("max_connections");
                 if CONNECTION_LOGS.allow("connection refused") {
                     let peer = stream
@@ -195,8 +205,7 @@ pub(crate) fn incoming(
                     tracing::info!(peer = %peer, limit = admission.max_connections, "connection refused: --max-connections reached");
                 }
                 continue; // dropped: closed
-            }
-            let slot = Slot(Arc::clone(&open));
+            };
             let tx = tx.clone();
             let metrics = Arc::clone(&metrics);
             let tls = tls.clone();

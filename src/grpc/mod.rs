@@ -9,6 +9,7 @@ pub mod codec;
 pub mod connection;
 mod frame_limit;
 pub mod health;
+pub mod hosts;
 pub mod server;
 pub mod service;
 pub mod tls;

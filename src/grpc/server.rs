@@ -16,6 +16,7 @@ use super::{
     auth::{Auth, AuthLayer, Authority},
     connection::StreamLimiter,
     health,
+    hosts::HostGuard,
     service::BrokerService,
     tls::{PeerInfo, TlsState},
     web,
@@ -174,14 +175,29 @@ pub async fn run_with_http(
             .prepare()
             .into_axum_router()
             .layer(GrpcWebLayer::new());
+        let guard = HostGuard::http_listener(
+            config.http.allowed_hosts.clone(),
+            http.local_addr().ok(),
+            Arc::clone(broker_metrics.metrics()),
+        );
         tokio::spawn(web::serve(
             http,
-            web::router(broker_metrics.clone(), grpc_web),
+            web::router(broker_metrics.clone(), grpc_web, guard),
             tls.clone()
                 .map(|tls| (tls, config.admission.handshake_timeout)),
+            config.http.clone(),
+            Arc::clone(broker_metrics.metrics()),
             shutdown.token(),
         ));
     }
+    // Browsers' gRPC-Web calls on this port carry an Origin: one naming a foreign host (a
+    // DNS-rebinding page) is refused; see `grpc::hosts`.
+    let origin_guard = HostGuard::grpc_port(
+        config.http.allowed_hosts.clone(),
+        listener.local_addr().ok(),
+        config.cors_origins.clone(),
+        Arc::clone(broker_metrics.metrics()),
+    );
 
     let incoming = admission::incoming(
         listener,
@@ -200,12 +216,17 @@ pub async fn run_with_http(
         // requests are answered before authentication.
         .accept_http1(true)
         .layer(tower_layer::Stack::new(
-            GrpcWebLayer::new(),
-            // Only with --cors-origin: without origins there is nothing to allow, and the layer
-            // would add `vary` headers to every response.
-            tower::util::option_layer(
-                (!config.cors_origins.is_empty()).then(|| web::cors_layer(&config.cors_origins)),
+            tower_layer::Stack::new(
+                GrpcWebLayer::new(),
+                // Only with --cors-origin: without origins there is nothing to allow, and the
+                // layer would add `vary` headers to every response.
+                tower::util::option_layer(
+                    (!config.cors_origins.is_empty())
+                        .then(|| web::cors_layer(&config.cors_origins)),
+                ),
             ),
+            // Outermost: a foreign Origin is refused before anything else answers.
+            origin_guard,
         ))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))

@@ -12,8 +12,17 @@
 //! Cross-origin pages need CORS: [`cors_layer`] allows the `--cors-origin` origins only (none by
 //! default) and answers their preflight `OPTIONS` requests. The console needs none of it: its page
 //! and its gRPC-Web calls share one origin, the HTTP listener.
+//!
+//! Same-origin is not enough against DNS rebinding: both listeners sit behind a
+//! [`HostGuard`](super::hosts::HostGuard) (allowed `Host` and `Origin`, `--http-allowed-hosts`).
+//! The HTTP listener runs its own connection loop (`serve`): a handshake task per connection,
+//! `--http-max-connections`, and hyper's header-read timeout as the idle timeout
+//! (`--http-idle-timeout-ms`), none of which `axum::serve` offers.
 
-use std::time::Duration;
+use std::{
+    sync::{atomic::AtomicUsize, Arc},
+    time::Duration,
+};
 
 use axum::{
     extract::State,
@@ -24,8 +33,17 @@ use axum::{
 };
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::tls::{TlsListener, TlsState};
-use crate::{broker::Broker, metrics::CONTENT_TYPE, shutdown::ShutdownToken};
+use super::{
+    admission::{Slot, CONNECTION_LOGS},
+    hosts::HostGuard,
+    tls::TlsState,
+};
+use crate::{
+    broker::Broker,
+    config::HttpListener,
+    metrics::{Metrics, CONTENT_TYPE},
+    shutdown::ShutdownToken,
+};
 
 /// The console page and its style sheet (served as written), and its script: bundled from
 /// `web/src/` by `npm run build` (TypeScript, Connect-ES, esbuild) into `web/dist/` and
@@ -119,8 +137,9 @@ async fn metrics(State(broker): State<Broker>) -> Response {
 }
 
 /// The HTTP listener's routes: the console (`/`, `/console.js`, `/console.css`), `/metrics`, and
-/// `grpc_web` (the gRPC services, already behind the gRPC-Web translation) for every other path.
-pub(crate) fn router(broker: Broker, grpc_web: Router) -> Router {
+/// `grpc_web` (the gRPC services, already behind the gRPC-Web translation) for every other path;
+/// all behind `guard` (allowed `Host` and `Origin`, see `grpc::hosts`).
+pub(crate) fn router(broker: Broker, grpc_web: Router, guard: HostGuard) -> Router {
     let console = Router::new()
         .route(
             "/",
@@ -139,39 +158,135 @@ pub(crate) fn router(broker: Broker, grpc_web: Router) -> Router {
     console
         .merge(grpc_web)
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: the console is at /\n") })
+        .layer(guard)
 }
 
 /// Serves `app` on `listener` (with TLS when the broker has it) until shutdown begins; open
 /// Subscribe streams end at shutdown like those on the gRPC port.
+///
+/// Each connection runs in a task of its own from the moment it is accepted, its TLS handshake
+/// included (bounded by `--handshake-timeout-ms`), so a silent socket never holds up the
+/// next. At most `limits.max_connections` are open at once (those in their handshake count);
+/// beyond it a new connection is closed at once, counted and logged within the connection log
+/// budget. A connection waiting longer than `limits.idle_timeout` for its next request's
+/// header is closed (hyper's header-read timeout, which covers keep-alive idleness too); a
+/// request being answered, such as a live tail's stream, is not cut.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<(TlsState, Duration)>,
+    limits: HttpListener,
+    metrics: Arc<Metrics>,
     mut shutdown: ShutdownToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(listen = %addr, "console at {scheme}://{addr}/, metrics at {scheme}://{addr}/metrics");
+        tracing::info!(listen = %addr, max_connections = limits.max_connections, idle_timeout_ms = limits.idle_timeout.as_millis(), "console at {scheme}://{addr}/, metrics at {scheme}://{addr}/metrics");
     }
-    let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .keep_alive(true);
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                if CONNECTION_LOGS.allow("http accept failed") {
+                    tracing::warn!(error = %e, "HTTP listener: accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(slot) = Slot::try_acquire(&open, limits.max_connections) else {
+            metrics.connection_rejected("http_max_connections");
+            if CONNECTION_LOGS.allow("http connection refused") {
+                tracing::info!(peer = %peer, limit = limits.max_connections, "HTTP listener: connection refused: --http-max-connections reached");
+            }
+            continue; // dropped: closed
+        };
+        let connection = Connection {
+            http: http.clone(),
+            app: app.clone(),
+            metrics: Arc::clone(&metrics),
+            shutdown: shutdown.clone(),
+            peer,
+            _slot: slot,
+        };
+        match &tls {
+            None => {
+                tokio::spawn(connection.serve(stream));
+            }
+            Some((tls, handshake_timeout)) => {
+                // The HTTP listener speaks HTTP/1.1 only.
+                let mut config = (*tls.current()).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                let handshake_timeout = *handshake_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        Ok(Err(e)) => {
+                            connection.metrics.connection_rejected("http_tls_handshake");
+                            if CONNECTION_LOGS.allow("http tls handshake failed") {
+                                tracing::info!(peer = %connection.peer, error = %e, "HTTP listener: TLS handshake failed");
+                            }
+                        }
+                        Err(_) => {
+                            connection
+                                .metrics
+                                .connection_rejected("http_handshake_timeout");
+                            if CONNECTION_LOGS.allow("http handshake timeout") {
+                                tracing::info!(peer = %connection.peer, "HTTP listener: connection closed: no TLS handshake within --handshake-timeout-ms");
+                            }
+                        }
+                    }
+                });
+            }
         }
-        Some((tls, handshake_timeout)) => {
-            let listener = TlsListener {
-                inner: listener,
-                tls,
-                handshake_timeout,
-            };
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+    }
+}
+
+/// One accepted connection of the HTTP listener, holding its slot until it closes.
+struct Connection {
+    http: hyper::server::conn::http1::Builder,
+    app: Router,
+    metrics: Arc<Metrics>,
+    shutdown: ShutdownToken,
+    peer: std::net::SocketAddr,
+    _slot: Slot,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 on `io` until the peer closes, the idle timeout passes, or shutdown
+    /// begins (then the request in flight finishes and the connection closes).
+    async fn serve<I>(mut self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper_util::service::TowerToHyperService::new(self.app.clone());
+        let conn = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let served = tokio::select! {
+            r = conn.as_mut() => r,
+            () = self.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = served {
+            // Idle past the timeout, a malformed request, a peer gone mid-response: the
+            // connection's own business.
+            tracing::debug!(peer = %self.peer, error = %e, "HTTP listener: connection ended");
         }
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "HTTP listener failed");
     }
 }
 
