@@ -26,8 +26,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Message headers: string keys to string values.
 pub type Headers = HashMap<String, String>;
 
-/// A checked address: 1–255 bytes of UTF-8, no whitespace or control characters, and none of the
-/// reserved wildcard characters `*` and `>`.
+/// A checked address: 1–255 bytes of UTF-8, no whitespace, control or invisible format
+/// characters (Unicode category Cf: zero-width, bidirectional, byte-order marks), and none of
+/// the reserved wildcard characters `*` and `>`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Address(String);
 
@@ -126,6 +127,21 @@ fn check_name(field: &'static str, name: &str) -> Result<(), BrokerError> {
         return Err(BrokerError::invalid(
             field,
             format!("must not contain whitespace or control characters (found {c:?})"),
+        ));
+    }
+    // Invisible format characters (zero-width spaces and joiners, bidirectional overrides and
+    // isolates, the byte order mark, soft hyphens: Unicode general category Cf) would let two
+    // names look alike, or one look like another, in the console and the logs.
+    if let Some(c) = name.chars().find(|&c| {
+        unicode_properties::UnicodeGeneralCategory::general_category(c)
+            == unicode_properties::GeneralCategory::Format
+    }) {
+        return Err(BrokerError::invalid(
+            field,
+            format!(
+                "must not contain invisible format characters (found U+{:04X}: zero-width, bidirectional or byte-order marks)",
+                u32::from(c)
+            ),
         ));
     }
     Ok(())
@@ -586,10 +602,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn address_accepts_exactly_the_rule(name in "\\PC{0,300}|[ a-z*>\t]{0,8}|[\\x00-\\x7f]{0,8}") {
+        fn address_accepts_exactly_the_rule(name in "\\PC{0,300}|[ a-z*>\t]{0,8}|[\\x00-\\x7f]{0,8}|[a-z\u{AD}\u{200B}-\u{200F}\u{202A}-\u{202E}\u{2066}-\u{2069}\u{FEFF}\u{E0001}]{0,8}") {
+            let format = |c: char| matches!(c, '\u{AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}' | '\u{E0001}');
             let ok = !name.is_empty()
                 && name.len() <= MAX_NAME_BYTES
-                && !name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>');
+                && !name.chars().any(|c| c.is_whitespace() || c.is_control() || format(c) || c == '*' || c == '>');
             prop_assert_eq!(Address::parse(name).is_ok(), ok);
         }
 

@@ -45,6 +45,11 @@ async fn bad_addresses_are_rejected_and_nothing_is_created() {
         "bell\u{7}",
         "orders.*",
         "orders.>",
+        // Invisible format characters: look-alike names in the console and logs.
+        "pay\u{200B}ments",
+        "\u{202E}stnemyap",
+        "\u{FEFF}payments",
+        "pay\u{2066}ments",
     ] {
         assert_status(
             c.send(send_req(bad, b"x".to_vec(), HashMap::new())).await,
