@@ -453,6 +453,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_IDLE_GROUP", default_value = "7d", value_parser = parse_age)]
     pub idle_group: Duration,
 
+    /// Most bytes of messages readers hold broker-wide beyond what retention counts: messages
+    /// read for fan-out subscribers (a replay from disk, or messages since evicted) and not
+    /// yet handed to their streams, and SendStream requests read ahead of their durable
+    /// responses. Readers wait while it is spent (backpressure). At least the largest
+    /// message plus 96 KiB.
+    #[arg(long, env = "SWITCHBOARD_MAX_READ_BUFFER_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_read_buffer_bytes: usize,
+
     /// Most long-lived streams (Subscribe, SendStream) one client connection may hold open.
     #[arg(
         long,
@@ -699,6 +707,7 @@ impl ServeArgs {
             max_subscribers_per_address: self.max_subscribers_per_address,
             max_groups_per_address: self.max_groups_per_address,
             idle_group: self.idle_group,
+            max_read_buffer_bytes: self.max_read_buffer_bytes,
         };
         limits.validate()?;
         if !(1..=60_000).contains(&self.fsync_interval_ms) {

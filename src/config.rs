@@ -52,6 +52,11 @@ pub struct Limits {
     /// Google Pub/Sub subscription's expiration policy; a later read creates it again at the
     /// end. Zero: never. Default 7 days.
     pub idle_group: Duration,
+    /// Most bytes of messages readers hold broker-wide outside retention's accounting: read
+    /// for fan-out subscribers and not yet handed to their streams, and read ahead by
+    /// SendStreams of their durable responses (see `broker::read_budget`). Readers wait
+    /// while it is spent. Default 256 MiB; at least the largest gRPC message.
+    pub max_read_buffer_bytes: usize,
 }
 
 impl Limits {
@@ -77,6 +82,7 @@ impl Default for Limits {
             max_subscribers_per_address: 10_000,
             max_groups_per_address: 1_000,
             idle_group: Duration::from_secs(7 * 24 * 3600),
+            max_read_buffer_bytes: 256 * MIB,
         }
     }
 }
@@ -100,6 +106,13 @@ impl Limits {
             return Err(format!(
                 "--retention-bytes: {} is below --max-message-bytes ({}); the largest message must fit",
                 self.retention_bytes, self.max_message_bytes
+            ));
+        }
+        if self.max_read_buffer_bytes < self.grpc_message_bytes() {
+            return Err(format!(
+                "--max-read-buffer-bytes: {} is below the largest message with its headers ({} bytes, from --max-message-bytes)",
+                self.max_read_buffer_bytes,
+                self.grpc_message_bytes()
             ));
         }
         if self.max_retained_bytes < self.retention_bytes {

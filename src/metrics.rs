@@ -114,6 +114,8 @@ pub struct Metrics {
     addresses: Gauge,
     retained_messages: Gauge,
     retained_bytes: Gauge,
+    /// Bytes readers hold under `--max-read-buffer-bytes` (set at scrape time).
+    pub(crate) read_buffer_bytes: Gauge,
     rpcs: Family<RpcLabels, Counter>,
     streams_closed: Family<RpcLabels, Counter>,
     pub(crate) connections: Gauge,
@@ -177,6 +179,7 @@ impl Metrics {
             addresses: Gauge::default(),
             retained_messages: Gauge::default(),
             retained_bytes: Gauge::default(),
+            read_buffer_bytes: Gauge::default(),
             rpcs: Family::default(),
             streams_closed: Family::default(),
             connections: Gauge::default(),
@@ -264,6 +267,11 @@ impl Metrics {
             "retained_bytes",
             "Bytes held by retention windows (payload + headers + 128 per message)",
             m.retained_bytes.clone(),
+        );
+        registry.register(
+            "read_buffer_bytes",
+            "Bytes of messages readers hold beyond retention (read for subscribers, read ahead by SendStreams), bounded by --max-read-buffer-bytes",
+            m.read_buffer_bytes.clone(),
         );
         registry.register(
             "rpcs",

@@ -5,6 +5,7 @@
 //! Policy lives here (validation of sizes, the small-payload copy, long-poll waits, shutdown,
 //! subscriber limits); storage lives in the engine. Nothing here imports `grpc/`.
 
+pub mod read_budget;
 mod redis;
 pub mod subscription;
 
@@ -37,6 +38,7 @@ use crate::{
     shutdown::ShutdownToken,
     validate::{self, Address, Group, Headers, Pattern},
 };
+use read_budget::ReadBudget;
 
 /// Payloads smaller than this are copied out of the receive buffer on Send (see `send`).
 const UNPIN_BELOW_BYTES: usize = 64 * 1024;
@@ -119,6 +121,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Ids of group streams, which hold leases (0 is every Recv caller).
     next_holder: AtomicU64,
+    /// What readers hold beyond retention (`--max-read-buffer-bytes`).
+    read_budget: ReadBudget,
 }
 
 /// Most messages one SendBatch carries.
@@ -148,9 +152,10 @@ impl Broker {
         Self {
             inner: Arc::new(Inner {
                 engine,
-                limits,
                 metrics,
                 next_holder: AtomicU64::new(1),
+                read_budget: ReadBudget::new(limits.max_read_buffer_bytes),
+                limits,
             }),
         }
     }
@@ -167,9 +172,10 @@ impl Broker {
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
-                limits,
                 metrics,
                 next_holder: AtomicU64::new(1),
+                read_budget: ReadBudget::new(limits.max_read_buffer_bytes),
+                limits,
             }),
         })
     }
@@ -185,9 +191,10 @@ impl Broker {
         Ok(Self {
             inner: Arc::new(Inner {
                 engine: Engine::Redis(Arc::new(engine)),
-                limits,
                 metrics,
                 next_holder: AtomicU64::new(1),
+                read_budget: ReadBudget::new(limits.max_read_buffer_bytes),
+                limits,
             }),
         })
     }
@@ -239,6 +246,11 @@ impl Broker {
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// The broker-wide budget of what readers hold beyond retention.
+    pub fn read_budget(&self) -> &ReadBudget {
+        &self.inner.read_budget
     }
 
     /// The engine underneath.
@@ -533,7 +545,12 @@ impl Broker {
                 .inner
                 .engine
                 .subscribe_fanout(address, start, max, full)?;
-            Ok(Subscription::fanout(log, cursor, shutdown))
+            Ok(Subscription::fanout(
+                log,
+                cursor,
+                self.inner.read_budget.clone(),
+                shutdown,
+            ))
         } else {
             if start != StartAt::End {
                 return Err(BrokerError::invalid(

@@ -13,7 +13,11 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{subscription::FANOUT_BATCH, Broker, Event};
+use super::{
+    read_budget::{ReadCharge, SUBSCRIBER_READ_BYTES},
+    subscription::FANOUT_BATCH,
+    Broker, Event,
+};
 use crate::{
     engine::{
         redis::{feed::Found, Following, RedisEngine},
@@ -148,6 +152,7 @@ impl Broker {
             following,
             kind,
             buffer: VecDeque::new(),
+            charge: ReadCharge::default(),
             shutdown,
             done: false,
         }))
@@ -221,6 +226,8 @@ pub(crate) struct RedisSubscription {
     following: Following,
     kind: Kind,
     buffer: VecDeque<Delivery>,
+    /// A replay read from Redis, charged to the broker's read budget until handed on.
+    charge: ReadCharge,
     shutdown: ShutdownToken,
     done: bool,
 }
@@ -235,6 +242,7 @@ impl RedisSubscription {
             if let Some((m, f)) = self.buffer.pop_front() {
                 return Some(Ok(Event::Message(m, f)));
             }
+            self.charge = ReadCharge::default();
             if self.shutdown.is_cancelled() {
                 self.done = true;
                 return Some(Err(BrokerError::ShuttingDown));
@@ -259,8 +267,20 @@ impl RedisSubscription {
                         let want = usize::try_from(upto - *next)
                             .unwrap_or(FANOUT_BATCH)
                             .min(FANOUT_BATCH);
+                        // A replay read is charged to the broker's read budget (reserved
+                        // first, waiting while it is spent) until handed to the stream.
+                        let budget = self.broker.read_budget().clone();
+                        self.charge = match budget.try_reserve(SUBSCRIBER_READ_BYTES) {
+                            Some(c) => c,
+                            None => tokio::select! {
+                                c = budget.reserve(SUBSCRIBER_READ_BYTES) => c,
+                                () = self.shutdown.cancelled() => continue,
+                            },
+                        };
                         match self.engine.read_range(feed.address(), *next, want).await {
                             Ok((dropped, got)) => {
+                                let bytes = got.iter().map(|m| m.size).sum();
+                                budget.settle(&mut self.charge, bytes).await;
                                 let dropped = match got.last() {
                                     Some(m) => {
                                         *next = m.sequence + 1;

@@ -18,7 +18,10 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use super::Broker;
+use super::{
+    read_budget::{ReadBudget, ReadCharge, SUBSCRIBER_READ_BYTES},
+    Broker,
+};
 use crate::{
     engine::{Delivery, FanoutCursor, Log, PatternFeed},
     error::BrokerError,
@@ -43,8 +46,9 @@ pub enum Event {
 
 #[derive(Debug)]
 enum Kind {
-    /// Where this subscriber is in the window.
-    Fanout(FanoutCursor),
+    /// Where this subscriber is in the window; what it reads is charged to the broker's read
+    /// budget until handed to its stream.
+    Fanout(FanoutCursor, ReadBudget),
     /// A member of a consumer group.
     Group {
         group: Group,
@@ -69,9 +73,14 @@ enum Inner {
 }
 
 impl Subscription {
-    pub(crate) fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
+    pub(crate) fn fanout(
+        log: Log,
+        cursor: FanoutCursor,
+        budget: ReadBudget,
+        shutdown: ShutdownToken,
+    ) -> Self {
         Self(Inner::Local(LocalSubscription::fanout(
-            log, cursor, shutdown,
+            log, cursor, budget, shutdown,
         )))
     }
 
@@ -111,16 +120,19 @@ struct LocalSubscription {
     log: Log,
     kind: Kind,
     buffer: VecDeque<Delivery>,
+    /// What `buffer` holds, charged to the read budget (fan-out only).
+    charge: ReadCharge,
     shutdown: ShutdownToken,
     done: bool,
 }
 
 impl LocalSubscription {
-    fn fanout(log: Log, cursor: FanoutCursor, shutdown: ShutdownToken) -> Self {
+    fn fanout(log: Log, cursor: FanoutCursor, budget: ReadBudget, shutdown: ShutdownToken) -> Self {
         Self {
             log,
-            kind: Kind::Fanout(cursor),
+            kind: Kind::Fanout(cursor, budget),
             buffer: VecDeque::new(),
+            charge: ReadCharge::default(),
             shutdown,
             done: false,
         }
@@ -144,6 +156,7 @@ impl LocalSubscription {
                 next_due: None,
             },
             buffer: VecDeque::new(),
+            charge: ReadCharge::default(),
             shutdown,
             done: false,
         }
@@ -157,9 +170,14 @@ impl LocalSubscription {
             if self.shutdown.is_cancelled() {
                 // A fan-out subscriber first gets what is already retained for it, so no
                 // acknowledged message is silently skipped; then the stream ends.
-                if let Kind::Fanout(cursor) = &mut self.kind {
+                if let Kind::Fanout(cursor, _) = &mut self.kind {
                     if self.buffer.is_empty() {
-                        let dropped = self.log.read_fanout(cursor, FANOUT_BATCH, &mut self.buffer);
+                        // Outside the read budget: the last reads before the stream ends.
+                        let dropped = self.log.read_fanout(
+                            cursor,
+                            (FANOUT_BATCH, SUBSCRIBER_READ_BYTES),
+                            &mut self.buffer,
+                        );
                         if dropped > 0 {
                             return Some(Ok(Event::Dropped(dropped)));
                         }
@@ -178,19 +196,38 @@ impl LocalSubscription {
             if let Some((m, f)) = self.buffer.pop_front() {
                 return Some(Ok(Event::Message(m, f)));
             }
+            // Everything read before is handed to the stream: its charge goes back.
+            self.charge = ReadCharge::default();
             let Self {
                 log,
                 kind,
                 buffer,
+                charge,
                 shutdown,
                 done,
             } = self;
+            if let Kind::Fanout(_, budget) = kind {
+                // Reserve before reading, waiting while the broker's read budget is spent.
+                *charge = match budget.try_reserve(SUBSCRIBER_READ_BYTES) {
+                    Some(c) => c,
+                    None => tokio::select! {
+                        c = budget.reserve(SUBSCRIBER_READ_BYTES) => c,
+                        () = shutdown.cancelled() => continue,
+                    },
+                };
+            }
             let notified = log.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut wake = None;
             let dropped = match kind {
-                Kind::Fanout(cursor) => log.read_fanout(cursor, FANOUT_BATCH, buffer),
+                Kind::Fanout(cursor, budget) => {
+                    let dropped =
+                        log.read_fanout(cursor, (FANOUT_BATCH, SUBSCRIBER_READ_BYTES), buffer);
+                    let bytes = buffer.iter().map(|(m, _)| m.size).sum();
+                    budget.settle(charge, bytes).await;
+                    dropped
+                }
                 Kind::Group {
                     group,
                     id,
@@ -252,7 +289,7 @@ impl LocalSubscription {
 impl Drop for LocalSubscription {
     fn drop(&mut self) {
         match &self.kind {
-            Kind::Fanout(cursor) => self.log.unsubscribe_fanout(*cursor),
+            Kind::Fanout(cursor, _) => self.log.unsubscribe_fanout(*cursor),
             Kind::Group {
                 group, id, holder, ..
             } => {

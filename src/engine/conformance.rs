@@ -47,7 +47,7 @@ fn drain(log: &Log, cursor: &mut FanoutCursor) -> (u64, Vec<u64>) {
     let mut dropped = 0;
     loop {
         let before = out.len();
-        dropped += log.read_fanout(cursor, 7, &mut out);
+        dropped += log.read_fanout(cursor, (7, usize::MAX), &mut out);
         if out.len() == before {
             break;
         }

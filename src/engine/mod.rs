@@ -958,12 +958,13 @@ impl Log {
         }
     }
 
-    /// Hands the fan-out reader at `cursor` up to `max` messages into `out`; returns how many
-    /// it lost to retention since its last read.
+    /// Hands the fan-out reader at `cursor` up to `max` messages into `out`, and no more once
+    /// they come to `max_bytes` (as charged to retention; at least one); returns how many it
+    /// lost to retention since its last read.
     pub fn read_fanout(
         &self,
         cursor: &mut FanoutCursor,
-        max: usize,
+        (max, max_bytes): (usize, usize),
         out: &mut VecDeque<Delivery>,
     ) -> u64 {
         match self {
@@ -971,7 +972,7 @@ impl Log {
                 &mut a.state.lock(),
                 &mut cursor.next,
                 cursor.registered,
-                max,
+                (max, max_bytes),
                 out,
             ),
         }

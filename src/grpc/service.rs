@@ -20,7 +20,7 @@ use super::{
     auth::{Action, Authority, Principal},
     connection::{StreamLimiter, StreamPermit},
 };
-use crate::engine::Durable;
+use crate::{broker::read_budget::ReadCharge, engine::Durable};
 use crate::{
     broker::Broker,
     engine::{GroupSettings, Settle},
@@ -234,14 +234,20 @@ impl BrokerService {
 ///
 /// In the disk engine each response waits for its message's fsync; up to
 /// [`SEND_STREAM_IN_FLIGHT`] requests are read ahead meanwhile, so one stream's messages share
-/// fsyncs (group commit) instead of paying one each.
+/// fsyncs (group commit) instead of paying one each. Their bytes are charged to the broker's
+/// read budget (`--max-read-buffer-bytes`) until answered: while it is spent, the stream reads
+/// no further (backpressure through HTTP/2 flow control).
 pub struct SendResponses {
     service: BrokerService,
     caller: Caller,
     inbound: Streaming<pb::SendRequest>,
     cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// Responses in request order, each waiting for its write to be durable.
-    in_flight: VecDeque<(pb::SendResponse, Durable)>,
+    /// Responses in request order, each waiting for its write to be durable, with the read
+    /// budget its request holds meanwhile.
+    in_flight: VecDeque<(pb::SendResponse, Durable, ReadCharge)>,
+    /// Waiting for the read budget for the newest request in flight; no more are read
+    /// meanwhile.
+    waiting: Option<Pin<Box<dyn Future<Output = ReadCharge> + Send>>>,
     /// The client finished sending; end once `in_flight` is answered.
     inbound_done: bool,
     done: bool,
@@ -278,11 +284,11 @@ impl SendResponses {
 
     /// The oldest in-flight response, once its write is durable.
     fn poll_front(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::SendResponse>> {
-        let Some((_, durable)) = self.in_flight.front_mut() else {
+        let Some((_, durable, _)) = self.in_flight.front_mut() else {
             return Poll::Ready(None);
         };
         let r = std::task::ready!(durable.poll_appended(cx));
-        let Some((mut response, _)) = self.in_flight.pop_front() else {
+        let Some((mut response, _, _)) = self.in_flight.pop_front() else {
             return Poll::Ready(None);
         };
         Poll::Ready(Some(match r {
@@ -348,18 +354,34 @@ impl Stream for SendResponses {
                 }
                 return Poll::Pending;
             }
+            if let Some(waiting) = self.waiting.as_mut() {
+                // Backpressure: read no more until the read budget has the newest request's
+                // bytes.
+                let charge = std::task::ready!(waiting.as_mut().poll(cx));
+                self.waiting = None;
+                if let Some((_, _, held)) = self.in_flight.back_mut() {
+                    *held = charge;
+                }
+                continue;
+            }
             if self.in_flight.len() >= SEND_STREAM_IN_FLIGHT {
                 // Backpressure: read no more until the oldest write is durable.
                 return Poll::Pending;
             }
             match Pin::new(&mut self.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(r))) => {
+                    let bytes = prost::Message::encoded_len(&r);
                     let (response, durable) = self.respond(r);
                     if durable.is_done() && self.in_flight.is_empty() {
                         // The memory engine's path: answered at once.
                         return Poll::Ready(Some(Ok(response)));
                     }
-                    self.in_flight.push_back((response, durable));
+                    let budget = self.service.broker.read_budget().clone();
+                    let charge = budget.try_reserve(bytes).unwrap_or_else(|| {
+                        self.waiting = Some(Box::pin(async move { budget.reserve(bytes).await }));
+                        ReadCharge::default()
+                    });
+                    self.in_flight.push_back((response, durable, charge));
                 }
                 Poll::Ready(Some(Err(status))) => {
                     self.end(status.code());
@@ -440,6 +462,7 @@ impl pb::broker_server::Broker for BrokerService {
                 async move { token.cancelled().await }
             }),
             in_flight: VecDeque::new(),
+            waiting: None,
             inbound_done: false,
             done: false,
         }))

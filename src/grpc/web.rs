@@ -125,6 +125,8 @@ fn asset(content_type: &'static str, body: &'static [u8]) -> Response {
 async fn metrics(State(broker): State<Broker>) -> Response {
     let disk = i64::try_from(broker.engine().disk_bytes()).unwrap_or(i64::MAX);
     broker.metrics().disk_bytes.set(disk);
+    let reading = i64::try_from(broker.read_budget().in_use()).unwrap_or(i64::MAX);
+    broker.metrics().read_buffer_bytes.set(reading);
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
         broker.metrics().render(

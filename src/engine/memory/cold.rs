@@ -348,7 +348,7 @@ mod tests {
         let mut dropped = 0;
         loop {
             let before = out.len();
-            dropped += log.read_fanout(cursor, 100, &mut out);
+            dropped += log.read_fanout(cursor, (100, usize::MAX), &mut out);
             if out.len() == before {
                 break;
             }
@@ -396,7 +396,7 @@ mod tests {
             .subscribe_fanout(&a, StartAt::Sequence(600), 10, || unreachable!())
             .unwrap();
         let mut one = VecDeque::new();
-        log.read_fanout(&mut cursor, 1, &mut one);
+        log.read_fanout(&mut cursor, (1, usize::MAX), &mut one);
         let sent = one[0].0.sent_at;
         log.unsubscribe_fanout(cursor);
         let (_, next, durable) = e

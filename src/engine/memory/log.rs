@@ -714,14 +714,15 @@ impl AddressLog {
         cold: &ColdIndex,
         mut from: u64,
         end: u64,
-        max: usize,
+        (max, max_bytes): (usize, usize),
         out: &mut Vec<Arc<Message>>,
     ) -> Result<(), ()> {
         let Some(files) = self.disk_files() else {
             return Err(());
         };
         let mut want = max;
-        while want > 0 && from < end {
+        let mut bytes = 0usize;
+        while want > 0 && from < end && bytes < max_bytes {
             let Some((segment, offset)) = cold.locate(from) else {
                 return Err(());
             };
@@ -748,9 +749,10 @@ impl AddressLog {
                     sent_at: m.sent_at,
                     size: m.size,
                 }));
+                bytes = bytes.saturating_add(m.size);
                 from += 1;
                 want -= 1;
-                want > 0 && from < end
+                want > 0 && from < end && bytes < max_bytes
             });
             if let Err(e) = scanned {
                 tracing::error!(address = %self.name, sequence = from, error = %e, "storage: cannot read messages back from their segment");
@@ -769,20 +771,36 @@ impl AddressLog {
     }
 
     /// Up to `max` messages from `from` on (cold ones read back from disk, hollow ones loaded)
-    /// into `out`; stops early at one that cannot be read.
-    fn read_range(&self, v: &View<'_>, from: u64, max: usize, out: &mut Vec<Arc<Message>>) {
+    /// into `out`, and no more once they come to `max_bytes` (as charged to retention; the
+    /// message that reaches it is included, so at least one is read); stops early at one that
+    /// cannot be read.
+    fn read_range(
+        &self,
+        v: &View<'_>,
+        from: u64,
+        (max, max_bytes): (usize, usize),
+        out: &mut Vec<Arc<Message>>,
+    ) {
         let from = from.max(v.first);
         let start = out.len();
         if from < v.hot_first
-            && (self.read_cold(v.cold, from, v.hot_first, max, out).is_err()
-                || out.len() - start >= max)
+            && (self
+                .read_cold(v.cold, from, v.hot_first, (max, max_bytes), out)
+                .is_err()
+                || out.len() - start >= max
+                || out[start..].iter().map(|m| m.size).sum::<usize>() >= max_bytes)
         {
             return;
         }
+        let mut bytes: usize = out[start..].iter().map(|m| m.size).sum();
         let skip = usize::try_from(from.saturating_sub(v.hot_first)).unwrap_or(usize::MAX);
         let left = max - (out.len() - start);
         for e in v.hot.iter().skip(skip).take(left) {
+            if bytes >= max_bytes {
+                break;
+            }
             let Ok(m) = self.load(e) else { break };
+            bytes = bytes.saturating_add(m.size);
             out.push(m);
         }
     }
@@ -793,7 +811,7 @@ impl AddressLog {
             return None;
         }
         let mut one = Vec::with_capacity(1);
-        self.read_range(v, sequence, 1, &mut one);
+        self.read_range(v, sequence, (1, usize::MAX), &mut one);
         one.pop().filter(|m| m.sequence == sequence)
     }
 
@@ -962,7 +980,7 @@ impl AddressLog {
             None => {
                 // A message that cannot be read back stops the batch; it is tried again.
                 let mut read = Vec::new();
-                self.read_range(&view, cursor.next, max, &mut read);
+                self.read_range(&view, cursor.next, (max, max_bytes), &mut read);
                 batch.messages = read
                     .into_iter()
                     .take_while(|m| budget.admit(m))
@@ -1012,7 +1030,7 @@ impl AddressLog {
                 let mut fresh = Vec::new();
                 if !full && leases.has_room() && cursor.next < *next_seq {
                     let want = (max - batch.messages.len().min(max)).min(leases.room());
-                    self.read_range(&view, cursor.next, want, &mut fresh);
+                    self.read_range(&view, cursor.next, (want, max_bytes), &mut fresh);
                 }
                 for message in fresh {
                     if batch.messages.len() >= max || !leases.has_room() || !budget.admit(&message)
@@ -1278,7 +1296,7 @@ impl AddressLog {
         st: &mut State,
         cursor: &mut u64,
         registered: u64,
-        max: usize,
+        (max, max_bytes): (usize, usize),
         out: &mut VecDeque<Delivery>,
     ) -> u64 {
         self.evict_aged(st, Instant::now());
@@ -1291,13 +1309,15 @@ impl AddressLog {
         let before = out.len();
         let hot_first = st.hot_first();
         let mut max = max;
+        let mut bytes = 0usize;
         if *cursor < hot_first {
             // Out of memory: read back from the segments for this subscriber alone.
             let mut read = Vec::new();
             let failed = self
-                .read_cold(&st.cold, *cursor, hot_first, max, &mut read)
+                .read_cold(&st.cold, *cursor, hot_first, (max, max_bytes), &mut read)
                 .is_err();
             max -= read.len();
+            bytes = read.iter().map(|m| m.size).sum();
             out.extend(read.into_iter().map(|m| (m, None)));
             if failed {
                 max = 0;
@@ -1306,6 +1326,10 @@ impl AddressLog {
         let from = *cursor + (out.len() - before) as u64;
         let start = usize::try_from(from.saturating_sub(hot_first)).unwrap_or(usize::MAX);
         for e in st.window.iter_mut().skip(start).take(max) {
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(e.message.size);
             if e.hollow {
                 // Out of the cache: read back for this subscriber alone (no shared frame, so
                 // the payload does not come back into memory for the others).
