@@ -676,10 +676,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_JOURNAL_COMPACT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub journal_compact_bytes: u64,
 
-    /// With --data-dir: start even when a log is corrupt in the middle (not merely cut short
-    /// by a crash, which is always repaired), keeping the records before the corrupt one and
-    /// removing the rest of that address's log. Without it the broker refuses to start and
-    /// names the address, sequence and file.
+    /// With --data-dir: start even when a log is corrupt (not merely cut short by a crash,
+    /// which is always repaired) or ends before its high-water mark (a deleted or truncated
+    /// segment), keeping the records before the corrupt one and removing the rest of that
+    /// address's log; if acknowledged messages were lost that way, the address continues after
+    /// its high-water mark and its remaining segments are set aside (kept, not served), so no
+    /// sequence is given out twice. Without it the broker refuses to start and names the
+    /// address, sequence and file.
     #[arg(long, env = "SWITCHBOARD_REPAIR", requires = "data_dir")]
     pub repair: bool,
 }

@@ -1,6 +1,8 @@
 //! The disk engine (`--data-dir`) with the real binary: kill -9 at a random moment loses nothing
-//! acknowledged; torn tails are cut, corruption in the middle refuses to start without
-//! `--repair`; a full disk refuses Sends with UNAVAILABLE and recovers; one broker per directory.
+//! acknowledged; torn tails are cut, corruption (also of the last complete record) and a log
+//! that ends before its high-water mark refuse to start without `--repair`, which never gives a
+//! sequence out twice; a full disk refuses Sends with UNAVAILABLE, cuts back what it let through
+//! half-way (segments and journal) and recovers; one broker per directory.
 //!
 //! The crash test runs `SWITCHBOARD_CRASH_ROUNDS` rounds (3 by default; `scripts/crash` runs 20).
 
@@ -379,20 +381,84 @@ async fn sigkill_at_a_random_moment_loses_nothing_acknowledged() {
     }
 }
 
-/// Starts the broker on `dir` expecting it to refuse; returns its stderr.
+/// Starts the broker on `dir` expecting it to refuse; returns its stderr. Fails as soon as it
+/// listens instead.
 async fn refused_start(dir: &Path) -> String {
-    let out = step(
-        "refused start",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .output(),
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stderr = String::new();
+    while let Some(line) = step("refused start", lines.next_line()).await.unwrap() {
+        assert!(
+            !line.contains("listen="),
+            "started instead of refusing: {stderr}{line}"
+        );
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let status = step("exit", child.wait()).await.unwrap();
+    assert!(!status.success(), "refuses to start: {stderr}");
+    stderr
+}
+
+/// The address's segment files, oldest first.
+fn segments_of(dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs
+}
+
+/// Segment files moved aside by `--repair` (in a `set-aside-*` directory of the address).
+fn set_aside(dir: &Path) -> Vec<PathBuf> {
+    segments_of(dir)
+        .into_iter()
+        .filter(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .is_some_and(|n| n.to_string_lossy().starts_with("set-aside-"))
+        })
+        .collect()
+}
+
+/// (retained messages, last sequence) of `address`, from GetAddress.
+async fn retained(addr: &str, address: &str) -> (u64, u64) {
+    let info = step(
+        "get address",
+        admin(addr).await.get_address(GetAddressRequest {
+            address: address.into(),
+        }),
     )
     .await
+    .unwrap()
+    .into_inner()
+    .address
     .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "refuses to start: {stderr}");
-    stderr
+    (info.retained_messages, info.last_sequence)
+}
+
+/// One Send on a new connection; its sequence.
+async fn send_one(addr: &str, address: &str, payload: &[u8]) -> u64 {
+    step(
+        "send",
+        client(addr).await.send(SendRequest {
+            address: address.into(),
+            payload: payload.to_vec().into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .sequence
 }
 
 /// The address's only segment file.
@@ -466,50 +532,78 @@ fn expected(n: usize) -> BTreeMap<u64, Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_tail_is_cut_and_the_rest_served() {
-    // Cut mid-record: the last record is gone, the rest served, the next Send takes its place.
+    // A write cut short by a crash: the first bytes of an 11th record (its declared length runs
+    // past the end of the file). Cut; all 10 acknowledged messages served; the next Send is 11.
     let dir = tempfile::tempdir().unwrap();
     let ends = fill(dir.path(), "torn.cut", 10).await;
     let seg = segment_of(dir.path());
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    f.set_len(ends[9] - 5).unwrap();
-    drop(f);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let record = bytes[usize::try_from(ends[8]).unwrap()..].to_vec();
+    bytes.extend_from_slice(&record[..record.len() - 5]);
+    std::fs::write(&seg, &bytes).unwrap();
     let (broker, early) = start(dir.path(), &[]).await;
-    let cut = ends[9] - 5 - ends[8];
+    let cut = record.len() - 5;
     assert!(
         early
             .iter()
             .any(|l| l.contains("torn tail truncated") && l.contains(&format!("bytes={cut}"))),
         "recovery logs the {cut} bytes cut: {early:#?}"
     );
-    assert_eq!(read_all(&broker.addr, "torn.cut").await, expected(9));
-    let next = client(&broker.addr)
-        .await
-        .send(SendRequest {
-            address: "torn.cut".into(),
-            payload: b"m10 again".to_vec().into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sequence;
-    assert_eq!(next, 10);
+    assert_eq!(read_all(&broker.addr, "torn.cut").await, expected(10));
+    assert_eq!(send_one(&broker.addr, "torn.cut", b"m11").await, 11);
     drop(broker);
 
-    // A flipped byte in the last record: the same.
+    // A tail of zeros (a file extended but never written, as some filesystems leave after a
+    // power cut) is no record either: cut.
     let dir = tempfile::tempdir().unwrap();
-    let ends = fill(dir.path(), "torn.flip", 10).await;
+    fill(dir.path(), "torn.zeros", 10).await;
     let seg = segment_of(dir.path());
     let mut bytes = std::fs::read(&seg).unwrap();
-    let at = usize::try_from(ends[9]).unwrap() - 1;
-    bytes[at] ^= 0x40;
+    bytes.extend_from_slice(&[0u8; 4096]);
     std::fs::write(&seg, &bytes).unwrap();
     let (broker, early) = start(dir.path(), &[]).await;
     assert!(
-        early.iter().any(|l| l.contains("torn tail truncated")),
+        early
+            .iter()
+            .any(|l| l.contains("torn tail truncated") && l.contains("bytes=4096")),
         "{early:#?}"
     );
-    assert_eq!(read_all(&broker.addr, "torn.flip").await, expected(9));
+    assert_eq!(read_all(&broker.addr, "torn.zeros").await, expected(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_the_complete_last_record_refuses_to_start() {
+    // The whole record is there but fails its CRC: corruption, not a torn write. Cutting it
+    // would lose an acknowledged message and give its sequence out again.
+    let dir = tempfile::tempdir().unwrap();
+    let ends = fill(dir.path(), "flip.last", 10).await;
+    let seg = segment_of(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // The last byte of record 10: its payload.
+    let at = usize::try_from(ends[9]).unwrap() - 1;
+    bytes[at] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let stderr = refused_start(dir.path()).await;
+    for needle in [
+        "\"flip.last\"".to_string(),
+        "sequence 10".to_string(),
+        seg.file_name().unwrap().to_string_lossy().into_owned(),
+        format!("byte {}", ends[8]),
+        "CRC mismatch".to_string(),
+        "--repair".to_string(),
+    ] {
+        assert!(stderr.contains(&needle), "names {needle}: {stderr}");
+    }
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "nothing is cut");
+
+    // --repair: sequence 10 was acknowledged (the high-water mark says so), so the address
+    // continues at 11; the 9 intact messages are set aside, not served under a gap.
+    let (broker, early) = start(dir.path(), &["--repair"]).await;
+    assert!(early.iter().any(|l| l.contains("--repair")), "{early:#?}");
+    assert_eq!(retained(&broker.addr, "flip.last").await, (0, 10));
+    assert_eq!(send_one(&broker.addr, "flip.last", b"after").await, 11);
+    assert_eq!(set_aside(dir.path()).len(), 1, "{:?}", walk(dir.path()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,16 +626,106 @@ async fn corruption_in_the_middle_refuses_to_start_without_repair() {
     ] {
         assert!(stderr.contains(needle), "names {needle}: {stderr}");
     }
-    assert!(!stderr.contains("switchboard listening"), "{stderr}");
     assert_eq!(
         std::fs::read(&seg).unwrap(),
         bytes,
         "nothing is cut without --repair"
     );
 
+    // Sequences 5 to 10 were acknowledged: --repair gives none of them out again. The address
+    // continues at 11, and what survived (1 to 4) is set aside rather than served with a gap.
     let (broker, early) = start(dir.path(), &["--repair"]).await;
     assert!(early.iter().any(|l| l.contains("--repair")), "{early:#?}");
-    assert_eq!(read_all(&broker.addr, "mid.flip").await, expected(4));
+    assert_eq!(retained(&broker.addr, "mid.flip").await, (0, 10));
+    assert_eq!(send_one(&broker.addr, "mid.flip", b"after").await, 11);
+    let aside = set_aside(dir.path());
+    assert_eq!(aside.len(), 1, "{:?}", walk(dir.path()));
+    assert_eq!(
+        std::fs::metadata(&aside[0]).unwrap().len(),
+        ends[3],
+        "the 4 intact records are kept on disk"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_or_truncated_last_segment_refuses_to_start() {
+    // 24 records of 64 KiB in segments of 1 MiB: 1-16 and 17-24.
+    async fn two_segments(dir: &Path) -> Vec<PathBuf> {
+        let (mut broker, _) = start(dir, &["--segment-bytes", "1048576"]).await;
+        for i in 1..=24u64 {
+            let seq = send_one(
+                &broker.addr,
+                "hw.x",
+                &vec![u8::try_from(i).unwrap(); 64 * 1024],
+            )
+            .await;
+            assert_eq!(seq, i);
+        }
+        sigterm(&broker.child);
+        assert!(step("exit", broker.child.wait()).await.unwrap().success());
+        let segs = segments_of(dir);
+        assert_eq!(segs.len(), 2, "{segs:?}");
+        assert!(segs[1].ends_with("00000000000000000017.seg"), "{segs:?}");
+        segs
+    }
+
+    // Deleted: nothing on disk says sequences 17-24 existed but the high-water mark.
+    let dir = tempfile::tempdir().unwrap();
+    let segs = two_segments(dir.path()).await;
+    std::fs::remove_file(&segs[1]).unwrap();
+    let stderr = refused_start(dir.path()).await;
+    for needle in [
+        "\"hw.x\"",
+        "00000000000000000017.seg",
+        "missing",
+        "sequence 24",
+        "ends at sequence 16",
+        "--repair",
+    ] {
+        assert!(stderr.contains(needle), "names {needle}: {stderr}");
+    }
+    // --repair continues past the mark: no sequence is given out twice, also after another
+    // restart (without --repair).
+    let (mut broker, early) = start(dir.path(), &["--repair"]).await;
+    assert!(early.iter().any(|l| l.contains("--repair")), "{early:#?}");
+    assert_eq!(send_one(&broker.addr, "hw.x", b"after").await, 25);
+    sigterm(&broker.child);
+    assert!(step("exit", broker.child.wait()).await.unwrap().success());
+    let (broker, _) = start(dir.path(), &[]).await;
+    let all = read_all(&broker.addr, "hw.x").await;
+    assert_eq!(all.keys().copied().collect::<Vec<_>>(), vec![25]);
+    assert_eq!(send_one(&broker.addr, "hw.x", b"again").await, 26);
+    assert_eq!(set_aside(dir.path()).len(), 1, "{:?}", walk(dir.path()));
+    drop(broker);
+
+    // Truncated: at a record boundary (nothing looks torn), and inside record 21 (looks like a
+    // torn write, but the mark says 21-24 were durable). 17-20 remain. Nothing is cut.
+    for cut_into in [0, 100] {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = two_segments(dir.path()).await;
+        let len = std::fs::metadata(&segs[1]).unwrap().len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segs[1])
+            .unwrap();
+        f.set_len(len / 8 * 4 + cut_into).unwrap();
+        drop(f);
+        let stderr = refused_start(dir.path()).await;
+        for needle in [
+            "00000000000000000017.seg",
+            "sequence 24",
+            "ends early",
+            "ends at sequence 20",
+            "--repair",
+        ] {
+            assert!(stderr.contains(needle), "names {needle}: {stderr}");
+        }
+        assert_eq!(
+            std::fs::metadata(&segs[1]).unwrap().len(),
+            len / 8 * 4 + cut_into,
+            "nothing is cut without --repair"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -729,6 +913,251 @@ async fn a_full_disk_refuses_sends_with_unavailable_and_recovers() {
     let (broker, _) = start(&data, &[]).await;
     assert_eq!(read_all(&broker.addr, "full.y").await.len(), 1);
     assert!(read_all(&broker.addr, "full.x").await.is_empty());
+}
+
+/// Fills the filesystem `path` is on with `path` (in whole pages, so shortening it by 4 KiB
+/// frees exactly one page) until a write fails: the filesystem is full.
+fn fill_up(path: &Path) -> std::fs::File {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let page = [0u8; 4096];
+    while let Ok(4096) = f.write(&page) {}
+    f
+}
+
+/// Shortens `f` by one page, so the filesystem has that much free.
+fn free_a_page(f: &std::fs::File) {
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 4096 * 4096 - 4096).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_a_full_disk_cut_short_is_cut_back_and_later_sends_survive() {
+    // A 64 KiB record is not a multiple of the page size, so the Send that meets the full
+    // disk writes part of its record (up to the end of the last free page) before ENOSPC.
+    // Those bytes must go: the Sends acknowledged once space returns are written right after
+    // the last acknowledged record, read back from the segment (no cache) and survive a
+    // restart, with contiguous sequences.
+    let fs = SmallFs::mount("3m");
+    let data = fs.dir.path().join("data");
+    let spare = fs.dir.path().join("spare");
+    std::fs::write(&spare, vec![1u8; 512 * 1024]).unwrap();
+    let (mut broker, _) = start(&data, &["--cache-bytes", "0"]).await;
+    let mut c = client(&broker.addr).await;
+    let payload = |seq: u64, len: usize| -> Vec<u8> {
+        let mut p = vec![u8::try_from(seq % 251).unwrap(); len];
+        p[..8].copy_from_slice(&seq.to_le_bytes());
+        p
+    };
+    let mut acked = BTreeMap::new();
+    let mut segment_len = 0;
+    let refusal = loop {
+        assert!(acked.len() < 64, "3 MiB fills within 64 Sends of 64 KiB");
+        let next = acked.len() as u64 + 1;
+        match c
+            .send(SendRequest {
+                address: "cut.x".into(),
+                payload: payload(next, 64 * 1024).into(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.into_inner().sequence, next);
+                acked.insert(next, payload(next, 64 * 1024));
+                segment_len = std::fs::metadata(segment_of(&data)).unwrap().len();
+            }
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refusal.code(), tonic::Code::Unavailable, "{refusal:?}");
+    assert!(
+        refusal.message().contains("No space left on device"),
+        "{}",
+        refusal.message()
+    );
+    assert_eq!(
+        std::fs::metadata(segment_of(&data)).unwrap().len(),
+        segment_len,
+        "the failed write is cut back to the last acknowledged record"
+    );
+
+    // Space returns; 30 more Sends are acknowledged, continuing the sequence.
+    std::fs::remove_file(&spare).unwrap();
+    for _ in 0..30 {
+        let next = acked.len() as u64 + 1;
+        let seq = step(
+            "send after space returned",
+            c.send(SendRequest {
+                address: "cut.x".into(),
+                payload: payload(next, 1024).into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("Sends succeed once space returns")
+        .into_inner()
+        .sequence;
+        assert_eq!(seq, next);
+        acked.insert(next, payload(next, 1024));
+    }
+    // (a) Out of the cache: every acknowledged message reads back from the segment.
+    assert_eq!(read_all(&broker.addr, "cut.x").await, acked);
+
+    // (b) A restart serves them all, sequences contiguous, and the next is new.
+    sigterm(&broker.child);
+    assert!(step("exit", broker.child.wait()).await.unwrap().success());
+    let (broker, _) = start(&data, &["--cache-bytes", "0"]).await;
+    let after = read_all(&broker.addr, "cut.x").await;
+    assert_eq!(after, acked);
+    let n = acked.len() as u64;
+    assert_eq!(
+        after.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert_eq!(send_one(&broker.addr, "cut.x", b"next").await, n + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_record_a_full_disk_cut_short_loses_no_ack() {
+    // The same for the group journal: an Ack whose Done record (1,000 sequences, ~8 KB) meets
+    // a full disk with one page free fails half-way; the Acks answered OK after space returns
+    // must not be lost behind the partial record.
+    let fs = SmallFs::mount("4m");
+    let data = fs.dir.path().join("data");
+    let (mut broker, _) = start(&data, &[]).await;
+    let mut c = client(&broker.addr).await;
+    let address = "jcut.x";
+    step(
+        "create",
+        c.create_group(CreateGroupRequest {
+            address: address.into(),
+            group: "g".into(),
+            start_sequence: 1,
+            ack_wait: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    for b in 0..2 {
+        let messages = (0..1000)
+            .map(|i| BatchMessage {
+                payload: format!("m{}", b * 1000 + i).into_bytes().into(),
+                ..Default::default()
+            })
+            .collect();
+        step(
+            "send batch",
+            c.send_batch(SendBatchRequest {
+                address: address.into(),
+                messages,
+            }),
+        )
+        .await
+        .unwrap();
+    }
+    let mut leased = BTreeSet::new();
+    for _ in 0..2 {
+        leased.extend(recv_seqs(&mut c, address, "g", 1000).await);
+    }
+    assert_eq!(leased, (1..=2000).collect::<BTreeSet<u64>>());
+    let ack = |seqs: Vec<u64>| {
+        let mut c = c.clone();
+        async move {
+            step(
+                "ack",
+                c.ack(AckRequest {
+                    address: address.into(),
+                    group: "g".into(),
+                    sequences: seqs,
+                }),
+            )
+            .await
+        }
+    };
+    let mut acked: BTreeSet<u64> = (1..=100).collect();
+    ack(acked.iter().copied().collect()).await.unwrap();
+
+    // Full, then one page free: the journal's last page has `room` bytes left, and the Done
+    // record of 1,000 sequences (8,016 bytes) must not fit in room + 4096. Small Acks (24
+    // bytes each) use up the room first when there is too much of it.
+    let journal = walk(&data)
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "groups.journal"))
+        .unwrap();
+    let room = |journal: &Path| (4096 - std::fs::metadata(journal).unwrap().len() % 4096) % 4096;
+    let filler_path = fs.dir.path().join("filler");
+    let filler = fill_up(&filler_path);
+    let mut one = 101;
+    while room(&journal) >= 3800 {
+        ack(vec![one]).await.unwrap();
+        acked.insert(one);
+        one += 1;
+    }
+    free_a_page(&filler);
+    let before = std::fs::metadata(&journal).unwrap().len();
+    let failed: Vec<u64> = (one..one + 1000).collect();
+    let refusal = ack(failed.clone()).await.unwrap_err();
+    assert_eq!(refusal.code(), tonic::Code::Unavailable, "{refusal:?}");
+    assert!(
+        refusal.message().contains("No space left on device"),
+        "{}",
+        refusal.message()
+    );
+    assert_eq!(
+        std::fs::metadata(&journal).unwrap().len(),
+        before,
+        "the failed journal write is cut back"
+    );
+
+    // Space returns: these Acks are answered OK, so they must hold after a restart.
+    drop(filler);
+    std::fs::remove_file(&filler_path).unwrap();
+    let later: Vec<u64> = (one + 1000..one + 1400).collect();
+    let r = ack(later.clone()).await.unwrap().into_inner();
+    assert!(r.not_pending.is_empty(), "{:?}", r.not_pending);
+    acked.extend(later);
+
+    sigterm(&broker.child);
+    assert!(step("exit", broker.child.wait()).await.unwrap().success());
+    let (broker, _) = start(&data, &[]).await;
+    let mut c = client(&broker.addr).await;
+    // Every lease not acknowledged comes again (the failed Ack's too: it was not answered
+    // OK); none that was.
+    let mut again = BTreeSet::new();
+    for _ in 0..2 {
+        let got = step(
+            "recv",
+            c.recv(RecvRequest {
+                address: address.into(),
+                group: "g".into(),
+                max_messages: 1000,
+                wait: None,
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+        assert!(
+            got.iter().all(|m| m.delivery_attempt == 2),
+            "redeliveries only"
+        );
+        again.extend(got.iter().map(|m| m.sequence));
+    }
+    let expected: BTreeSet<u64> = leased.difference(&acked).copied().collect();
+    assert_eq!(again.len(), expected.len());
+    assert!(
+        again.is_disjoint(&acked),
+        "acknowledged and delivered again: {:?}",
+        again.intersection(&acked).collect::<Vec<_>>()
+    );
+    assert_eq!(again, expected);
 }
 
 async fn send_id(

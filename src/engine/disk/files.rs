@@ -7,11 +7,19 @@
 //!     00000000000000052311.seg        the next segment, opened when the last passed
 //!                                     --segment-bytes (the previous one fsynced first)
 //!     groups.journal                  GroupEvent records, compacted at every start
+//!     high-water                      the last sequence known durable (see `hwm.rs`)
 //! ```
 //!
 //! Only the flusher thread writes (appends, fsyncs, truncates after a failed write); retention
 //! and deletion remove whole segments. A closed segment (every one but the last) has been
 //! fsynced, so only the last segment and the journal can have a torn tail after a crash.
+//!
+//! A failed write (a full disk writes part of a record, then fails) or fsync is cut back with
+//! [`AddressFiles::rollback`]: the last segment and the journal are truncated to their lengths
+//! at the [`Mark`] taken before the round, whatever was or was not counted since, and the
+//! truncation is fsynced. If that fails, the files are *unusable*: every later write is refused,
+//! with the reason, until [`AddressFiles::reopen_if_poisoned`] has cut them back and verified
+//! them, so nothing is ever appended after bytes the index does not know about.
 
 use std::{
     collections::VecDeque,
@@ -26,7 +34,10 @@ use std::{
 
 use parking_lot::Mutex;
 
-use super::record::{decode_message, read_frame, Bad, StoredMessage, FRAME_BYTES, MAX_BODY_BYTES};
+use super::{
+    hwm::{self, HighWater, HWM_FILE, HWM_FILE_BYTES},
+    record::{decode_message, read_frame, Bad, StoredMessage, FRAME_BYTES, MAX_BODY_BYTES},
+};
 
 /// The name of the file that holds the address's name.
 pub const NAME_FILE: &str = "address";
@@ -56,8 +67,11 @@ pub fn segment_name(first: u64) -> String {
 /// Where the files were before a flush round, to cut back to if it fails.
 #[derive(Debug, Clone, Copy)]
 pub struct Mark {
-    segments: usize,
+    /// The last segment then, by its first sequence (retention may drop older segments
+    /// meanwhile, so not by position); `None`: there was none.
+    active: Option<u64>,
     active_len: u64,
+    active_last: u64,
     journal_len: u64,
 }
 
@@ -71,6 +85,19 @@ struct Writer {
     removed: bool,
     dirty_segment: bool,
     dirty_journal: bool,
+    /// The high-water mark file, once opened.
+    hwm: Option<File>,
+    /// The last sequence the mark holds (or was recovered with).
+    hwm_last: u64,
+    /// The slot the next mark is written to.
+    hwm_slot: u64,
+    /// A segment was started since the last sync: that sync fsyncs the mark too.
+    rolled: bool,
+    /// Why the files must be cut back and verified before the next write (a failed fsync, or a
+    /// failed write that could not be cut back), while `poisoned` is set.
+    broken: Option<String>,
+    /// Segment files a rollback could not remove: removed before the next write.
+    leftovers: Vec<PathBuf>,
 }
 
 /// See the module docs.
@@ -84,7 +111,9 @@ pub struct AddressFiles {
     /// Last sequence of the oldest closed segment, `u64::MAX` when there is none: retention
     /// checks it without the writer lock.
     oldest_end: AtomicU64,
-    /// Set when an fsync failed: before the next write, the files are reopened and verified.
+    /// Set when an fsync failed or a failed write could not be cut back (the reason is in the
+    /// writer): before the next write, the files are cut back, reopened and verified, and no
+    /// write is made until that succeeds.
     poisoned: AtomicBool,
     /// Where [`AddressFiles::remove`] moved the files, until [`AddressFiles::purge`].
     trashed: Mutex<Option<PathBuf>>,
@@ -94,6 +123,23 @@ pub struct AddressFiles {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Truncates `path` to `len` bytes and fsyncs it; the error names the file and the length.
+fn cut_back(path: &Path, len: u64) -> Result<(), String> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| {
+            f.set_len(len)?;
+            f.sync_all()
+        })
+        .map_err(|e| {
+            format!(
+                "{} could not be cut back to byte {len}: {e}",
+                path.display()
+            )
+        })
 }
 
 fn open_append(path: &Path, create_new: bool) -> io::Result<File> {
@@ -123,8 +169,14 @@ impl AddressFiles {
     }
 
     /// The files of an address found at start: `segments` in order (the last one is appended
-    /// to) and a journal of `journal_len` bytes.
-    pub fn recovered(dir: PathBuf, name: &str, segments: Vec<Segment>, journal_len: u64) -> Self {
+    /// to), a journal of `journal_len` bytes, and the high-water mark's sequence.
+    pub fn recovered(
+        dir: PathBuf,
+        name: &str,
+        segments: Vec<Segment>,
+        journal_len: u64,
+        high_water: u64,
+    ) -> Self {
         let bytes = segments.iter().map(|s| s.len).sum::<u64>() + journal_len;
         let f = Self::new(dir, name);
         f.bytes.store(bytes, Ordering::Relaxed);
@@ -132,6 +184,7 @@ impl AddressFiles {
             let mut w = f.writer.lock();
             w.segments = segments.into();
             w.journal_len = journal_len;
+            w.hwm_last = high_water;
             w.dir_made = true;
         }
         f.update_oldest(&f.writer.lock());
@@ -168,6 +221,11 @@ impl AddressFiles {
         let mut f = File::create(self.dir.join(NAME_FILE))?;
         f.write_all(self.name.as_bytes())?;
         f.sync_all()?;
+        // Allocated now, so updating the mark later needs no space.
+        let mut h = File::create(self.dir.join(HWM_FILE))?;
+        h.write_all(&[0u8; HWM_FILE_BYTES])?;
+        h.sync_all()?;
+        w.hwm = Some(h);
         sync_dir(&self.dir)?;
         if let Some(parent) = self.dir.parent() {
             sync_dir(parent)?;
@@ -206,9 +264,61 @@ impl AddressFiles {
     pub fn mark(&self) -> Mark {
         let w = self.writer.lock();
         Mark {
-            segments: w.segments.len(),
+            active: w.segments.back().map(|s| s.first),
             active_len: w.segments.back().map_or(0, |s| s.len),
+            active_last: w.segments.back().map_or(0, |s| s.last),
             journal_len: w.journal_len,
+        }
+    }
+
+    /// Records `last` (in the segment beginning at `segment`) as the high-water mark, fsynced
+    /// when `durable`. Only called by [`Self::sync`] once everything written is fsynced, so the
+    /// mark never names a record a rollback can take back. A failure is logged and the mark
+    /// stays lower (still a true lower bound); the next sync tries again.
+    fn set_high_water(&self, w: &mut Writer, last: u64, segment: u64, durable: bool) {
+        use std::os::unix::fs::FileExt;
+        if last <= w.hwm_last {
+            return;
+        }
+        let path = self.dir.join(HWM_FILE);
+        let r = (|| {
+            if w.hwm.is_none() {
+                // A directory written before marks existed: the file is made once.
+                let existed = path.exists();
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                if f.metadata()?.len() < HWM_FILE_BYTES as u64 {
+                    f.set_len(0)?;
+                    f.write_all_at(&[0u8; HWM_FILE_BYTES], 0)?;
+                }
+                if !existed {
+                    f.sync_all()?;
+                    sync_dir(&self.dir)?;
+                }
+                w.hwm = Some(f);
+            }
+            let Some(f) = w.hwm.as_ref() else {
+                return Err(io::Error::other("not open"));
+            };
+            hwm::write(f, w.hwm_slot, HighWater { last, segment })?;
+            if durable {
+                f.sync_data()?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                w.hwm_last = last;
+                w.hwm_slot += 1;
+            }
+            Err(e) => {
+                w.hwm = None;
+                tracing::error!(path = %path.display(), sequence = last, error = %e, "storage: could not update the high-water mark; it stays lower until the next fsync updates it");
+            }
         }
     }
 
@@ -231,13 +341,19 @@ impl AddressFiles {
             Some(s) => s.len >= segment_bytes && s.len > 0,
         };
         if roll {
+            // A closed segment is always durable: only the last can have a torn tail.
             if let Some(old) = w.active.take() {
-                // A closed segment is always durable: only the last can have a torn tail.
                 old.sync_data()?;
+            } else if let Some(s) = w.segments.back().filter(|s| s.len > 0) {
+                // Not written since start: what recovery found may not be fsynced yet.
+                File::open(&s.path)?.sync_data()?;
             }
+            // The next sync fsyncs the mark too, so it covers every closed segment. Not here: a
+            // later job of this round may fail and cut back what this one wrote.
+            w.rolled = true;
             let path = self.dir.join(segment_name(first));
             let file = open_append(&path, true)?;
-            sync_dir(&self.dir)?;
+            // In the list before anything else can fail, so a rollback removes it.
             w.segments.push_back(Segment {
                 first,
                 last: first - 1,
@@ -246,6 +362,7 @@ impl AddressFiles {
             });
             w.active = Some(file);
             self.update_oldest(&w);
+            sync_dir(&self.dir)?;
         }
         if w.active.is_none() {
             let path = w
@@ -381,11 +498,25 @@ impl AddressFiles {
         })();
         match r {
             Ok(()) => {
+                // After a failed cut-back nothing may have been fsynced (the file is not open).
+                let synced = w.dirty_segment && !self.poisoned.load(Ordering::Acquire);
                 w.dirty_segment = false;
                 w.dirty_journal = false;
+                // The messages just fsynced raise the mark: one pwrite, and an fsync only when
+                // a segment was started (about once per --segment-bytes).
+                if let Some((last, segment)) = w
+                    .segments
+                    .back()
+                    .filter(|_| synced)
+                    .map(|s| (s.last, s.first))
+                {
+                    let durable = std::mem::take(&mut w.rolled);
+                    self.set_high_water(&mut w, last, segment, durable);
+                }
                 Ok(())
             }
             Err(e) => {
+                w.broken = Some(format!("an fsync in {} failed: {e}", self.dir.display()));
                 self.poisoned.store(true, Ordering::Release);
                 Err(e)
             }
@@ -393,7 +524,10 @@ impl AddressFiles {
     }
 
     /// Cuts the files back to `mark` after a failed write or fsync: segments started since are
-    /// removed, the last segment and the journal truncated.
+    /// removed, and the last segment and the journal are truncated to their lengths at the
+    /// mark and fsynced. Always, whatever the lengths counted since say: a write that failed
+    /// half-way (a full disk) counted nothing but left bytes behind. If any of it fails, the
+    /// files are unusable until [`Self::reopen_if_poisoned`] succeeds.
     pub fn rollback(&self, mark: Mark) {
         // A segment may go (or come back under the same name): no stale reader.
         *self.reader.lock() = None;
@@ -402,59 +536,74 @@ impl AddressFiles {
             return;
         }
         let mut cut = 0u64;
-        while w.segments.len() > mark.segments.max(1) {
-            if let Some(s) = w.segments.pop_back() {
-                cut += s.len;
-                let _ = fs::remove_file(&s.path);
-                w.active = None;
-            }
-        }
-        if mark.segments == 0 {
-            if let Some(s) = w.segments.pop_back() {
-                cut += s.len;
-                let _ = fs::remove_file(&s.path);
-                w.active = None;
-            }
-        }
-        if let Some(s) = w.segments.back_mut() {
-            if s.len > mark.active_len {
-                cut += s.len - mark.active_len;
-                s.len = mark.active_len;
-                if let Err(e) = OpenOptions::new()
-                    .write(true)
-                    .open(&s.path)
-                    .and_then(|f| f.set_len(mark.active_len))
-                {
-                    tracing::error!(path = %s.path.display(), error = %e, "storage: could not cut a failed write back");
-                    self.poisoned.store(true, Ordering::Release);
+        let mut failed = Vec::new();
+        let mut removed = false;
+        w.active = None;
+        // Segments started since the mark go.
+        while w
+            .segments
+            .back()
+            .is_some_and(|s| mark.active.is_none_or(|f| s.first > f))
+        {
+            let Some(s) = w.segments.pop_back() else {
+                break;
+            };
+            cut += s.len;
+            match fs::remove_file(&s.path) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed.push(format!("{} could not be removed: {e}", s.path.display()));
+                    w.leftovers.push(s.path);
                 }
-                w.active = None;
             }
         }
-        if w.journal_len > mark.journal_len {
-            cut += w.journal_len - mark.journal_len;
-            w.journal_len = mark.journal_len;
-            if let Err(e) = OpenOptions::new()
-                .write(true)
-                .open(self.dir.join(JOURNAL_FILE))
-                .and_then(|f| f.set_len(mark.journal_len))
-            {
-                tracing::error!(error = %e, "storage: could not cut a failed journal write back");
-                self.poisoned.store(true, Ordering::Release);
+        if removed {
+            if let Err(e) = sync_dir(&self.dir) {
+                failed.push(format!("{}: fsync: {e}", self.dir.display()));
             }
-            w.journal = None;
+        }
+        // The segment that was last at the mark goes back to its length then.
+        if let Some(s) = w
+            .segments
+            .back_mut()
+            .filter(|s| Some(s.first) == mark.active)
+        {
+            cut += s.len.saturating_sub(mark.active_len);
+            s.len = mark.active_len;
+            s.last = mark.active_last;
+            if let Err(e) = cut_back(&s.path, mark.active_len) {
+                failed.push(e);
+            }
+        }
+        cut += w.journal_len.saturating_sub(mark.journal_len);
+        w.journal_len = mark.journal_len;
+        w.journal = None;
+        let journal = self.dir.join(JOURNAL_FILE);
+        if mark.journal_len > 0 || journal.exists() {
+            if let Err(e) = cut_back(&journal, mark.journal_len) {
+                failed.push(e);
+            }
         }
         self.bytes
             .fetch_sub(cut.min(self.bytes()), Ordering::Relaxed);
         self.update_oldest(&w);
+        if !failed.is_empty() {
+            let why = format!("a failed write could not be undone: {}", failed.join("; "));
+            tracing::error!(dir = %self.dir.display(), error = %why, "storage: no write is made to this address until its files are cut back and verified");
+            w.broken = Some(why);
+            self.poisoned.store(true, Ordering::Release);
+        }
     }
 
-    /// After a failed fsync, reopens the files and checks that what is on disk is exactly the
-    /// records it is known to hold (the lengths the writer kept): a file longer than that is cut
-    /// back, a shorter one fails the check. Until this succeeds no write is made.
+    /// Before a write, when the files are unusable (a failed fsync, or a failed write that
+    /// could not be cut back): removes segments a rollback left, reopens the last segment and
+    /// the journal, cuts each to the length the writer knows (fsynced) and checks that what is
+    /// left is exactly whole records. A file shorter than that fails the check. Until this
+    /// succeeds no write is made; the next write tries again.
     ///
     /// # Errors
-    /// Why the files could not be verified.
+    /// Why the files are unusable and why they still are, naming the file.
     pub fn reopen_if_poisoned(&self) -> io::Result<()> {
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
@@ -462,44 +611,63 @@ impl AddressFiles {
         let mut w = self.writer.lock();
         w.active = None;
         w.journal = None;
-        let check = |path: &Path, len: u64| -> io::Result<()> {
+        let check = |path: &Path, len: u64| -> Result<(), String> {
             if !path.exists() && len == 0 {
                 return Ok(());
             }
-            let f = OpenOptions::new().write(true).open(path)?;
-            let on_disk = f.metadata()?.len();
+            let on_disk = fs::metadata(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .len();
             if on_disk < len {
-                return Err(io::Error::other(format!(
+                return Err(format!(
                     "{} holds {on_disk} bytes, {len} expected",
                     path.display()
-                )));
+                ));
             }
-            f.set_len(len)?;
-            f.sync_all()?;
-            let buf = fs::read(path)?;
+            cut_back(path, len)?;
+            let buf = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let mut pos = 0;
             while pos < buf.len() {
                 match super::record::read_frame(&buf, pos) {
                     Ok((_, next)) => pos = next,
                     Err(bad) => {
-                        return Err(io::Error::other(format!(
+                        return Err(format!(
                             "{}: {} at byte {pos}",
                             path.display(),
                             bad.describe()
-                        )))
+                        ))
                     }
                 }
             }
             Ok(())
         };
-        if let Some(s) = w.segments.back() {
-            check(&s.path, s.len)?;
+        let r = (|| {
+            while let Some(path) = w.leftovers.pop() {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        let msg = format!("{} could not be removed: {e}", path.display());
+                        w.leftovers.push(path);
+                        return Err(msg);
+                    }
+                }
+                sync_dir(&self.dir).map_err(|e| format!("{}: fsync: {e}", self.dir.display()))?;
+            }
+            if let Some(s) = w.segments.back() {
+                check(&s.path, s.len)?;
+            }
+            check(&self.dir.join(JOURNAL_FILE), w.journal_len)
+        })();
+        if let Err(still) = r {
+            let why = w.broken.as_deref().unwrap_or("an earlier write failed");
+            return Err(io::Error::other(format!("{why}; still unusable: {still}")));
         }
-        check(&self.dir.join(JOURNAL_FILE), w.journal_len)?;
         w.dirty_segment = false;
         w.dirty_journal = false;
+        w.broken = None;
         self.poisoned.store(false, Ordering::Release);
-        tracing::warn!(dir = %self.dir.display(), "storage: files reopened and verified after a failed fsync");
+        tracing::warn!(dir = %self.dir.display(), "storage: files cut back, reopened and verified after a failed fsync (or a failed write that could not be cut back)");
         Ok(())
     }
 
@@ -536,6 +704,7 @@ impl AddressFiles {
         w.removed = true;
         w.active = None;
         w.journal = None;
+        w.hwm = None;
         if !w.dir_made {
             return;
         }
@@ -686,5 +855,168 @@ impl RecordReader {
         let mut rest = vec![0u8; n];
         self.file.read_exact_at(&mut rest, at)?;
         Ok(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::Arc,
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{engine::disk::record::encode_message, message::Message, validate::Headers};
+
+    fn records(first: u64, last: u64) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for sequence in first..=last {
+            let m = Message {
+                address: Arc::from("a"),
+                sequence,
+                payload: Bytes::from(format!("m{sequence}")),
+                headers: Headers::new(),
+                sent_at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                size: 0,
+            };
+            encode_message(&mut buf, &m, None);
+        }
+        buf
+    }
+
+    fn len(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().len()
+    }
+
+    /// Appends bytes the writer does not count: what a write that failed half-way leaves.
+    fn leave_partial(path: &Path, n: usize) {
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(&vec![0xAB; n]).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_failed_half_way_is_cut_back_though_nothing_was_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = AddressFiles::new(tmp.path().join("a"), "a");
+        files
+            .append_messages(&records(1, 3), 1, 3, 1 << 20)
+            .unwrap();
+        files.append_journal(&[]).unwrap();
+        files.sync().unwrap();
+        let seg = tmp.path().join("a").join(segment_name(1));
+        let journal = tmp.path().join("a").join(JOURNAL_FILE);
+        let (seg_len, journal_len) = (len(&seg), len(&journal));
+        let mark = files.mark();
+        leave_partial(&seg, 43_965);
+        leave_partial(&journal, 100);
+        files.rollback(mark);
+        assert_eq!(len(&seg), seg_len, "segment cut back to the mark");
+        assert_eq!(len(&journal), journal_len, "journal cut back to the mark");
+        // The next record lands where the index says it does.
+        let (segment, at) = files
+            .append_messages(&records(4, 4), 4, 4, 1 << 20)
+            .unwrap();
+        assert_eq!((segment, at), (1, seg_len));
+        assert_eq!(files.read_message(1, at).unwrap().sequence, 4);
+    }
+
+    #[test]
+    fn a_cut_back_that_fails_refuses_writes_until_it_succeeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = AddressFiles::new(tmp.path().join("a"), "a");
+        files
+            .append_messages(&records(1, 3), 1, 3, 1 << 20)
+            .unwrap();
+        files.sync().unwrap();
+        let seg = tmp.path().join("a").join(segment_name(1));
+        let good = len(&seg);
+        let mark = files.mark();
+        leave_partial(&seg, 500);
+        // The segment cannot be opened for writing (a directory in its place): no cut back.
+        let away = tmp.path().join("away");
+        fs::rename(&seg, &away).unwrap();
+        fs::create_dir(&seg).unwrap();
+        files.rollback(mark);
+        let e = files.reopen_if_poisoned().unwrap_err().to_string();
+        assert!(
+            e.contains("a failed write could not be undone")
+                && e.contains(&format!(
+                    "{} could not be cut back to byte {good}",
+                    seg.display()
+                )),
+            "{e}"
+        );
+        // Still refused on the next try while it cannot be cut back.
+        assert!(files.reopen_if_poisoned().is_err());
+        // Once it can, the partial bytes go and writes resume at the right offset.
+        fs::remove_dir(&seg).unwrap();
+        fs::rename(&away, &seg).unwrap();
+        files.reopen_if_poisoned().unwrap();
+        assert_eq!(len(&seg), good);
+        let (_, at) = files
+            .append_messages(&records(4, 4), 4, 4, 1 << 20)
+            .unwrap();
+        assert_eq!(at, good);
+    }
+
+    #[test]
+    fn a_segment_dropped_by_retention_meanwhile_does_not_move_the_mark() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = AddressFiles::new(tmp.path().join("a"), "a");
+        // Segments 1 (1-3) and 4 (4); the round starts there, rolls to 5, and retention drops
+        // segment 1 before the round fails.
+        files.append_messages(&records(1, 3), 1, 3, 1).unwrap();
+        files.append_messages(&records(4, 4), 4, 4, 1).unwrap();
+        files.sync().unwrap();
+        let four = tmp.path().join("a").join(segment_name(4));
+        let four_len = len(&four);
+        let mark = files.mark();
+        files.append_messages(&records(5, 5), 5, 5, 1).unwrap();
+        files.drop_below(4);
+        files.rollback(mark);
+        assert!(!tmp.path().join("a").join(segment_name(5)).exists());
+        assert_eq!(len(&four), four_len);
+        let (segment, at) = files.append_messages(&records(5, 5), 5, 5, 1).unwrap();
+        assert_eq!(
+            (segment, at),
+            (5, 0),
+            "segment 4 is full: 5 starts a new one"
+        );
+    }
+
+    #[test]
+    fn the_high_water_mark_follows_fsynced_messages_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a");
+        let files = AddressFiles::new(dir.clone(), "a");
+        let mark_now = || hwm::parse(&fs::read(dir.join(HWM_FILE)).unwrap());
+        files.append_messages(&records(1, 3), 1, 3, 1).unwrap();
+        assert_eq!(mark_now(), None, "written, not fsynced");
+        files.sync().unwrap();
+        assert_eq!(
+            mark_now(),
+            Some(HighWater {
+                last: 3,
+                segment: 1
+            })
+        );
+        // A round that fails is cut back and never reaches the mark.
+        let mark = files.mark();
+        files.append_messages(&records(4, 5), 4, 5, 1).unwrap();
+        files.rollback(mark);
+        files.sync().unwrap();
+        assert_eq!(mark_now().map(|h| h.last), Some(3));
+        files.append_messages(&records(4, 4), 4, 4, 1).unwrap();
+        files.sync().unwrap();
+        assert_eq!(
+            mark_now(),
+            Some(HighWater {
+                last: 4,
+                segment: 4
+            })
+        );
     }
 }

@@ -307,9 +307,9 @@ fn write_group(g: &mut Group, buf: &mut Vec<u8>, segment_bytes: u64) {
         return;
     };
     if let Err(e) = files.reopen_if_poisoned() {
-        tracing::error!(address = %g.log.name, error = %e, "storage: could not reopen and verify the address's log");
+        tracing::error!(address = %g.log.name, error = %e, "storage: could not cut back, reopen and verify the address's log");
         g.error = Some(format!(
-            "the log could not be reopened after a failed fsync: {e}"
+            "the address's files are unusable, so nothing is written to them: {e}"
         ));
         g.log.rollback_staged();
         return;

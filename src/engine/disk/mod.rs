@@ -16,12 +16,15 @@
 //! ```
 //!
 //! Invariants: nothing is visible or acknowledged before the fsync that covers it (with
-//! `--fsync always`); a sequence, once acknowledged, is never reused; a failed write or fsync
-//! fails its Sends and everything queued behind them on that address.
+//! `--fsync always`); a sequence, once acknowledged, is never reused (each address's
+//! high-water mark, `hwm.rs`, catches a log that lost its end, also under `--repair`); a failed
+//! write or fsync fails its Sends and everything queued behind them on that address, and is cut
+//! back before anything else is written to the file.
 
 pub mod cache;
 pub mod files;
 pub mod flusher;
+pub mod hwm;
 pub mod record;
 pub mod recovery;
 
@@ -59,7 +62,9 @@ pub struct DiskConfig {
     pub fsync: FsyncMode,
     /// Bytes after which a new segment begins.
     pub segment_bytes: u64,
-    /// Start even if a log is corrupt in the middle, keeping what precedes the bad record.
+    /// Start even if a log is corrupt or ends before its high-water mark, keeping what precedes
+    /// the bad record (or setting it aside when acknowledged messages were lost: see
+    /// `recovery.rs`).
     pub repair: bool,
     /// Bytes past which an address's group journal is rewritten as a snapshot of its groups.
     pub journal_compact_bytes: u64,

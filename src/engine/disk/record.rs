@@ -3,7 +3,8 @@
 //! Every record is framed as `[len: u32 LE][crc: u32 LE][body: len bytes]`, where `crc` is the
 //! CRC-32 (IEEE, `crc32fast`) of the body. A reader that finds a short frame,
 //! a length past the end of the file or a CRC mismatch knows the record was torn or corrupted;
-//! recovery (`recovery.rs`) decides which from what follows it.
+//! recovery (`recovery.rs`) decides which with [`torn_tail`]: only a record whose declared
+//! length runs past the end of the file (or a tail of zeros) is a write cut short.
 //!
 //! Message body (kind 1), all integers little-endian:
 //! `kind u8, sequence u64, sent_at u64 (ns since the Unix epoch), message_id (u16 len + bytes),
@@ -123,6 +124,16 @@ pub fn read_frame(buf: &[u8], pos: usize) -> Result<(&[u8], usize), Bad> {
         return Err(Bad::Checksum);
     }
     Ok((body, start + len))
+}
+
+/// Whether the bad record `bad` at the start of `rest` (everything from it to the end of the
+/// file) is a write cut short by a crash rather than corruption: its frame runs past the end of
+/// the file ([`Bad::Short`]), or nothing but zero bytes is left (a file extended and never
+/// written, as some filesystems leave after a power cut). A whole record that fails its CRC or
+/// does not parse is corruption, even at the very end of the file: it was written in full, so
+/// it may have been acknowledged. The caller also checks that no valid record follows.
+pub fn torn_tail(rest: &[u8], bad: Bad) -> bool {
+    bad == Bad::Short || rest.iter().all(|&b| b == 0)
 }
 
 /// Whether a verified frame holding a message with a sequence in `range` starts anywhere after
@@ -495,6 +506,33 @@ mod tests {
             "record 8 follows the bad one"
         );
         assert!(!good_message_after(&flipped, end, 8..9));
+    }
+
+    #[test]
+    fn only_a_frame_past_the_end_of_the_file_or_zeros_is_a_torn_tail() {
+        let mut buf = Vec::new();
+        encode_message(&mut buf, &message(7, b"hello"), None);
+        let whole = buf.len();
+        // Cut anywhere inside: the declared length runs past the end.
+        for cut in 1..whole {
+            let bad = read_frame(&buf[..cut], 0).unwrap_err();
+            assert_eq!(bad, Bad::Short, "cut at {cut}");
+            assert!(torn_tail(&buf[..cut], bad), "cut at {cut}");
+        }
+        // Whole, one bit flipped in the payload or the CRC: corruption.
+        for at in [whole - 1, 5] {
+            let mut flipped = buf.clone();
+            flipped[at] ^= 0x40;
+            let bad = read_frame(&flipped, 0).unwrap_err();
+            assert_eq!(bad, Bad::Checksum);
+            assert!(!torn_tail(&flipped, bad), "flip at {at}");
+        }
+        // Zeros (len 0): no record was written there.
+        let zeros = [0u8; 64];
+        let bad = read_frame(&zeros, 0).unwrap_err();
+        assert!(torn_tail(&zeros, bad));
+        // A CRC-valid body that does not parse is corruption.
+        assert!(!torn_tail(&buf, Bad::Malformed));
     }
 
     #[test]

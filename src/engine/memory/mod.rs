@@ -116,8 +116,13 @@ impl MemoryEngine {
             };
             messages += r.messages;
             cut += r.cut;
-            let files =
-                AddressFiles::recovered(r.dir.clone(), name.as_str(), r.segments, r.journal_len);
+            let files = AddressFiles::recovered(
+                r.dir.clone(),
+                name.as_str(),
+                r.segments,
+                r.journal_len,
+                r.high_water,
+            );
             let log = engine.new_log(&name, None).with_disk(DiskLog {
                 files,
                 store: Arc::clone(&store),
