@@ -1138,6 +1138,7 @@ async fn a_journal_record_a_full_disk_cut_short_loses_no_ack() {
                 group: "g".into(),
                 max_messages: 1000,
                 wait: None,
+                max_bytes: 0,
             }),
         )
         .await
