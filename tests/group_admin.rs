@@ -311,3 +311,54 @@ async fn groups_made_by_a_read_are_removed_when_idle() {
     );
     server.stop().await;
 }
+
+/// On the disk engine the removal of an idle group made by a read is journaled: after a
+/// restart on the same directory (the real binary, SIGTERM) the group is still gone and the
+/// group made by CreateGroup is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_group_removed_on_disk_stays_removed_after_a_restart() {
+    use switchboard::pb::{admin_client::AdminClient, broker_client::BrokerClient};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let a = "g.idle.disk";
+    let names = |addr: String| async move {
+        let mut admin = AdminClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut names: Vec<String> = admin
+            .get_address(switchboard::pb::GetAddressRequest { address: a.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .into_iter()
+            .map(|g| g.group)
+            .collect();
+        names.sort();
+        names
+    };
+    let broker =
+        common::BrokerProcess::start(&["--data-dir", &data, "--idle-group", "300ms"]).await;
+    let mut c = BrokerClient::connect(format!("http://{}", broker.addr))
+        .await
+        .unwrap();
+    step("create", c.create_group(create(a, "kept", 1)))
+        .await
+        .expect("create");
+    send(&mut c, a, b"m").await;
+    recv(&mut c, a, "typo", 1, Duration::ZERO).await;
+    assert_eq!(names(broker.addr.clone()).await, ["", "kept", "typo"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while names(broker.addr.clone()).await.iter().any(|n| n == "typo") {
+        assert!(tokio::time::Instant::now() < deadline, "never removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut child = broker.child;
+    common::sigterm(&child);
+    assert!(step("exit", child.wait()).await.unwrap().success());
+    let again = common::BrokerProcess::start(&["--data-dir", &data]).await;
+    assert_eq!(names(again.addr.clone()).await, ["", "kept"]);
+    let mut child = again.child;
+    common::sigterm(&child);
+    assert!(step("exit", child.wait()).await.unwrap().success());
+}

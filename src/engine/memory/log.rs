@@ -1476,7 +1476,8 @@ impl AddressLog {
         let next_seq = st.next_seq;
         let journaling = self.disk.is_some();
         let name = &self.name;
-        let mut removed = 0;
+        let (mut removed, mut unread) = (0usize, 0u64);
+        let mut example = None;
         st.groups.retain(|group, c| {
             let reclaim = !group.is_empty()
                 && c.created.is_none()
@@ -1484,12 +1485,8 @@ impl AddressLog {
                 && now.saturating_duration_since(c.last_read) >= idle;
             if reclaim {
                 removed += 1;
-                tracing::info!(
-                    address = %name,
-                    group = %group,
-                    unread = next_seq.saturating_sub(c.next),
-                    "idle consumer group removed (--idle-group)"
-                );
+                unread += next_seq.saturating_sub(c.next);
+                example.get_or_insert_with(|| group.to_string());
                 if journaling {
                     events.push(GroupEvent::Delete {
                         group: group.to_string(),
@@ -1500,6 +1497,14 @@ impl AddressLog {
         });
         if removed > 0 {
             self.metrics.groups.dec_by(gauge(removed));
+            // One line per address and sweep, however many groups went.
+            tracing::info!(
+                address = %name,
+                groups = removed,
+                first = example.as_deref().unwrap_or_default(),
+                unread,
+                "idle consumer groups made by a read removed (--idle-group)"
+            );
         }
     }
 
