@@ -8,6 +8,13 @@ fsync / fdatasync answers EIO, and, like a real disk whose write-back failed, th
 since the file's last good fsync is thrown away (the backing file is cut back to its length at
 that fsync), so a broker that retried the fsync and carried on would lose it. Each failed fsync
 appends a line to CONTROL + ".log". Runs in the foreground until unmounted.
+
+Hold mode (a slow disk): while the file CONTROL + ".hold" exists, every fsync / fdatasync
+blocks instead, polling for the file every 10 ms, until the file is removed (then the fsync goes
+on as usual: EIO if CONTROL exists, else a real fsync) or, so that a test that forgets to remove
+it cannot hang the mount, for at most HOLD_LIMIT_S (60 s). Other operations (reads, writes,
+renames) are not held. Each held fsync appends "HOLD path" to CONTROL + ".log" when it starts
+holding and "RELEASE path after N s" when it stops.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ import errno
 import os
 import sys
 import threading
+import time
 
 from fuse import FUSE, FuseOSError, Operations  # fusepy
+
+# Longest an fsync is held in hold mode, seconds.
+HOLD_LIMIT_S = 60.0
 
 
 class FaultFs(Operations):
     def __init__(self, root: str, control: str) -> None:
         self.root = os.path.realpath(root)
         self.control = control
+        self.hold = control + ".hold"
         self.mutex = threading.Lock()
         # Backing path -> its length at its last successful fsync.
         self.synced: dict[str, int] = {}
@@ -99,7 +111,23 @@ class FaultFs(Operations):
         os.close(fh)
         return 0
 
+    def _log(self, line: str) -> None:
+        with self.mutex, open(self.control + ".log", "a") as log:
+            log.write(line + "\n")
+
+    def _hold_while_asked(self, path: str) -> None:
+        """Hold mode: blocks while the hold file exists (at most HOLD_LIMIT_S). Not under
+        self.mutex, so held fsyncs do not hold up each other or rename/unlink."""
+        if not os.path.exists(self.hold):
+            return
+        start = time.monotonic()
+        self._log(f"HOLD {path}")
+        while os.path.exists(self.hold) and time.monotonic() - start < HOLD_LIMIT_S:
+            time.sleep(0.01)
+        self._log(f"RELEASE {path} after {time.monotonic() - start:.2f} s")
+
     def fsync(self, path, datasync, fh):
+        self._hold_while_asked(path)
         full = self._full(path)
         with self.mutex:
             if os.path.exists(self.control):
