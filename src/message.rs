@@ -17,20 +17,25 @@ pub const INLINE_PAYLOAD_BYTES: usize = 4096;
 
 /// A message as the broker stores it. Shared (`Arc`) by every consumer that is handed it; the
 /// payload is a reference-counted [`Bytes`], never copied per subscriber.
+///
+/// Laid out in declaration order (`repr(C)`) so that what readers scan per message (the
+/// sequence and the size, which bounds a read in bytes) shares the first cache line with the
+/// reference counts.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Message {
     /// The address it was sent to.
     pub address: Arc<str>,
     /// Its per-address sequence, from 1.
     pub sequence: u64,
+    /// Bytes charged against the retention bounds (payload + headers + 128 overhead).
+    pub size: usize,
+    /// When the broker accepted it.
+    pub sent_at: SystemTime,
     /// The payload bytes.
     pub payload: Bytes,
     /// The headers it was sent with.
     pub headers: Headers,
-    /// When the broker accepted it.
-    pub sent_at: SystemTime,
-    /// Bytes charged against the retention bounds (payload + headers + 128 overhead).
-    pub size: usize,
 }
 
 /// A message encoded as a gRPC length-prefixed `SubscribeResponse`: `head`, then `payload` when

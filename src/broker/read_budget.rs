@@ -37,7 +37,8 @@ impl ReadCharge {
         self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
     }
 
-    fn merge(&mut self, other: Self) {
+    /// Adds `other`'s bytes to this charge.
+    pub fn merge(&mut self, other: Self) {
         match (&mut self.0, other.0) {
             (Some(a), Some(b)) => a.merge(b),
             (None, b) => self.0 = b,

@@ -242,9 +242,15 @@ pub struct SendResponses {
     caller: Caller,
     inbound: Streaming<pb::SendRequest>,
     cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// Responses in request order, each waiting for its write to be durable, with the read
-    /// budget its request holds meanwhile.
-    in_flight: VecDeque<(pb::SendResponse, Durable, ReadCharge)>,
+    /// Responses in request order, each waiting for its write to be durable, with its
+    /// request's encoded bytes.
+    in_flight: VecDeque<(pb::SendResponse, Durable, usize)>,
+    /// The read budget held for the requests in flight (reserved in steps of at least
+    /// [`SEND_STREAM_CHARGE_STEP`], so most requests touch no shared state); given back when
+    /// nothing is in flight.
+    charge: ReadCharge,
+    /// Bytes of the requests in flight.
+    in_flight_bytes: usize,
     /// Waiting for the read budget for the newest request in flight; no more are read
     /// meanwhile.
     waiting: Option<Pin<Box<dyn Future<Output = ReadCharge> + Send>>>,
@@ -256,6 +262,10 @@ pub struct SendResponses {
 
 /// Most SendStream requests read ahead of their (durable) responses on one stream.
 pub const SEND_STREAM_IN_FLIGHT: usize = 1024;
+
+/// The smallest step in which a SendStream reserves read budget for its requests in flight,
+/// bytes.
+pub const SEND_STREAM_CHARGE_STEP: usize = 256 * 1024;
 
 fn error_response(e: &Status) -> pb::SendResponse {
     pb::SendResponse {
@@ -288,9 +298,13 @@ impl SendResponses {
             return Poll::Ready(None);
         };
         let r = std::task::ready!(durable.poll_appended(cx));
-        let Some((mut response, _, _)) = self.in_flight.pop_front() else {
+        let Some((mut response, _, bytes)) = self.in_flight.pop_front() else {
             return Poll::Ready(None);
         };
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+        if self.in_flight.is_empty() && self.waiting.is_none() {
+            self.charge = ReadCharge::default();
+        }
         Poll::Ready(Some(match r {
             Ok(None) => response,
             // The Redis engine: the sequence came with Redis's reply.
@@ -357,11 +371,9 @@ impl Stream for SendResponses {
             if let Some(waiting) = self.waiting.as_mut() {
                 // Backpressure: read no more until the read budget has the newest request's
                 // bytes.
-                let charge = std::task::ready!(waiting.as_mut().poll(cx));
+                let more = std::task::ready!(waiting.as_mut().poll(cx));
                 self.waiting = None;
-                if let Some((_, _, held)) = self.in_flight.back_mut() {
-                    *held = charge;
-                }
+                self.charge.merge(more);
                 continue;
             }
             if self.in_flight.len() >= SEND_STREAM_IN_FLIGHT {
@@ -370,18 +382,36 @@ impl Stream for SendResponses {
             }
             match Pin::new(&mut self.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(r))) => {
-                    let bytes = prost::Message::encoded_len(&r);
+                    // What the request holds (its encoded size less framing), read before
+                    // it is consumed; cheap, as the memory engine's path never uses it.
+                    let bytes = r.payload.len()
+                        + r.address.len()
+                        + r.message_id.len()
+                        + r.headers
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len())
+                            .sum::<usize>();
                     let (response, durable) = self.respond(r);
                     if durable.is_done() && self.in_flight.is_empty() {
                         // The memory engine's path: answered at once.
                         return Poll::Ready(Some(Ok(response)));
                     }
-                    let budget = self.service.broker.read_budget().clone();
-                    let charge = budget.try_reserve(bytes).unwrap_or_else(|| {
-                        self.waiting = Some(Box::pin(async move { budget.reserve(bytes).await }));
-                        ReadCharge::default()
-                    });
-                    self.in_flight.push_back((response, durable, charge));
+                    self.in_flight.push_back((response, durable, bytes));
+                    self.in_flight_bytes += bytes;
+                    let held = self.charge.bytes();
+                    if self.in_flight_bytes > held {
+                        let want = (self.in_flight_bytes - held).max(SEND_STREAM_CHARGE_STEP);
+                        let budget = self.service.broker.read_budget().clone();
+                        match budget.try_reserve(want) {
+                            Some(more) => self.charge.merge(more),
+                            None => {
+                                // Exactly what is missing, not a whole step, once waiting.
+                                let want = self.in_flight_bytes - held;
+                                self.waiting =
+                                    Some(Box::pin(async move { budget.reserve(want).await }));
+                            }
+                        }
+                    }
                 }
                 Poll::Ready(Some(Err(status))) => {
                     self.end(status.code());
@@ -462,6 +492,8 @@ impl pb::broker_server::Broker for BrokerService {
                 async move { token.cancelled().await }
             }),
             in_flight: VecDeque::new(),
+            charge: ReadCharge::default(),
+            in_flight_bytes: 0,
             waiting: None,
             inbound_done: false,
             done: false,
