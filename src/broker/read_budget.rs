@@ -37,6 +37,16 @@ impl ReadCharge {
         self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
     }
 
+    /// Gives back what this charge holds beyond `bytes`.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let held = self.bytes();
+        if held > bytes {
+            if let Some(p) = self.0.as_mut() {
+                drop(p.split(held - bytes));
+            }
+        }
+    }
+
     /// Adds `other`'s bytes to this charge.
     pub fn merge(&mut self, other: Self) {
         match (&mut self.0, other.0) {
@@ -149,6 +159,12 @@ mod tests {
         // More than the budget is charged as the whole budget.
         b.settle(&mut c, 5000).await;
         assert_eq!(b.in_use(), 1000);
+        c.shrink_to(300);
+        assert_eq!((c.bytes(), b.in_use()), (300, 300));
+        c.shrink_to(400);
+        assert_eq!(c.bytes(), 300, "shrinking never grows");
+        c.merge(b.reserve(200).await);
+        assert_eq!((c.bytes(), b.in_use()), (500, 500));
         drop(c);
         assert_eq!(b.in_use(), 0);
     }

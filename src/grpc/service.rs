@@ -304,6 +304,10 @@ impl SendResponses {
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
         if self.in_flight.is_empty() && self.waiting.is_none() {
             self.charge = ReadCharge::default();
+        } else if self.charge.bytes() > self.in_flight_bytes + SEND_STREAM_CHARGE_STEP {
+            // Give back what answered requests held, beyond one step: others (and this
+            // stream's own wait for the newest request) may need it.
+            self.charge.shrink_to(self.in_flight_bytes);
         }
         Poll::Ready(Some(match r {
             Ok(None) => response,
