@@ -122,12 +122,31 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before "listening" is announced: until then SIGTERM's default action would end the
+    // process by the signal instead of shutting it down (see `shutdown::Signals`).
+    let signals = match shutdown::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGINT / SIGTERM handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let (listener, addr) = match server::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
+    };
+    let http = match args.http_listen() {
+        Some(addr) => match server::bind(addr).await {
+            Ok((l, _)) => Some(l),
+            Err(e) => {
+                tracing::error!("--http-listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
     };
     if !addr.ip().is_loopback() {
         let missing: Vec<&str> = [
@@ -164,18 +183,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .map(|r| switchboard::engine::redis::shown(&r.urls)),
         "switchboard listening"
     );
-    let http = match args.http_listen() {
-        Some(addr) => match server::bind(addr).await {
-            Ok((l, _)) => Some(l),
-            Err(e) => {
-                tracing::error!("--http-listen: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
-    };
     let engine_handle = broker.clone();
-    let r = server::run_with_http(listener, http, broker, config, shutdown::signal()).await;
+    let r = server::run_with_http(listener, http, broker, config, signals.recv()).await;
     // Everything answered is durable already; this writes out what interval mode holds.
     engine_handle.engine().close();
     match r {

@@ -317,6 +317,27 @@ async fn json_logs_have_connections_and_rejections_and_no_deliveries() {
     assert!(rest.iter().any(|l| l.contains("switchboard stopped")));
 }
 
+/// A service manager (or a test) may signal as soon as the start line appears: the broker
+/// must already handle SIGTERM then, drain and exit 0, not die by the signal's default action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_start_line_is_a_clean_shutdown() {
+    // With the handlers installed only once the server ran, most rounds died by the signal.
+    for round in 0..5 {
+        let mut broker = common::BrokerProcess::start(&[]).await;
+        common::sigterm(&broker.child);
+        let mut rest = Vec::new();
+        while let Some(line) = step("drain", broker.logs.next_line()).await.unwrap() {
+            rest.push(line);
+        }
+        let status = step("exit", broker.child.wait()).await.unwrap();
+        assert!(status.success(), "round {round}: {status}; logs: {rest:#?}");
+        assert!(
+            rest.iter().any(|l| l.contains("switchboard stopped")),
+            "round {round}: {rest:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_from_and_since_replay_history() {
     let server = TestServer::start().await;
