@@ -14,6 +14,8 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Kept to explain a failed connection once the command has consumed its flags.
+    let client_args = cli.command.client().cloned();
     let result = match cli.command {
         Command::Serve(args) => return serve(*args).await,
         Command::Send(args) => client::send(args).await,
@@ -43,6 +45,10 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            let e = match &client_args {
+                Some(args) => client::explain(e, args).await,
+                None => e,
+            };
             eprintln!("switchboard: {e}");
             match e {
                 client::ClientError::Usage(_) => ExitCode::from(2),
