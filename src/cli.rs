@@ -47,6 +47,24 @@ pub enum Command {
     Nack(NackArgs),
 }
 
+impl Command {
+    /// The client flags of a client command; `None` for `serve` and `token`.
+    pub fn client(&self) -> Option<&ClientArgs> {
+        match self {
+            Self::Serve(_) | Self::Token(_) => None,
+            Self::Send(a) => Some(&a.client),
+            Self::Recv(a) => Some(&a.client),
+            Self::Subscribe(a) => Some(&a.client),
+            Self::Addresses(a) => Some(&a.client),
+            Self::Inspect(a) => Some(&a.client),
+            Self::Group(GroupCommand::Create(a)) => Some(&a.client),
+            Self::Group(GroupCommand::Delete(a)) => Some(&a.client),
+            Self::Ack(a) => Some(&a.client),
+            Self::Nack(a) => Some(&a.settle.client),
+        }
+    }
+}
+
 /// `switchboard token ...`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -216,12 +234,15 @@ pub enum LogFormat {
 }
 
 /// Flags shared by the client commands.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The broker to talk to.
+    /// The broker to talk to: `HOST:PORT`, `http://HOST:PORT` (plaintext) or
+    /// `https://HOST:PORT` (TLS). A bare HOST:PORT is plaintext, or TLS when --ca-cert or
+    /// --cert is given.
     #[arg(
         long,
         env = "SWITCHBOARD_SERVER",
+        value_name = "[SCHEME://]HOST:PORT",
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
@@ -235,11 +256,12 @@ pub struct ClientArgs {
     #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
-    /// PEM CA bundle to verify an `https://` broker with (default: none; required for TLS).
+    /// PEM CA bundle to verify a TLS broker with: the CA that signed its certificate (no CA is
+    /// trusted by default, so TLS needs it). Makes a bare --server HOST:PORT use TLS.
     #[arg(long, env = "SWITCHBOARD_CA_CERT", value_name = "PATH")]
     pub ca_cert: Option<std::path::PathBuf>,
 
-    /// PEM client certificate for mTLS (with --key).
+    /// PEM client certificate for mTLS (with --key). Makes a bare --server HOST:PORT use TLS.
     #[arg(long, env = "SWITCHBOARD_CERT", value_name = "PATH", requires = "key")]
     pub cert: Option<std::path::PathBuf>,
 

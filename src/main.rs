@@ -14,6 +14,8 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Kept to explain a failed connection once the command has consumed its flags.
+    let client_args = cli.command.client().cloned();
     let result = match cli.command {
         Command::Serve(args) => return serve(*args).await,
         Command::Send(args) => client::send(args).await,
@@ -43,6 +45,10 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            let e = match &client_args {
+                Some(args) => client::explain(e, args).await,
+                None => e,
+            };
             eprintln!("switchboard: {e}");
             match e {
                 client::ClientError::Usage(_) => ExitCode::from(2),
@@ -122,12 +128,31 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before "listening" is announced: until then SIGTERM's default action would end the
+    // process by the signal instead of shutting it down (see `shutdown::Signals`).
+    let signals = match shutdown::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGINT / SIGTERM handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let (listener, addr) = match server::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
+    };
+    let http = match args.http_listen() {
+        Some(addr) => match server::bind(addr).await {
+            Ok((l, _)) => Some(l),
+            Err(e) => {
+                tracing::error!("--http-listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
     };
     if !addr.ip().is_loopback() {
         let missing: Vec<&str> = [
@@ -164,18 +189,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .map(|r| switchboard::engine::redis::shown(&r.urls)),
         "switchboard listening"
     );
-    let http = match args.http_listen() {
-        Some(addr) => match server::bind(addr).await {
-            Ok((l, _)) => Some(l),
-            Err(e) => {
-                tracing::error!("--http-listen: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
-    };
     let engine_handle = broker.clone();
-    let r = server::run_with_http(listener, http, broker, config, shutdown::signal()).await;
+    let r = server::run_with_http(listener, http, broker, config, signals.recv()).await;
     // Everything answered is durable already; this writes out what interval mode holds.
     engine_handle.engine().close();
     match r {

@@ -72,31 +72,72 @@ impl ShutdownToken {
     }
 }
 
-/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-pub async fn signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// The process's shutdown signals, handled from the moment [`Signals::install`] returns.
+///
+/// Until a handler is installed, SIGTERM, SIGINT and SIGHUP keep their default action, which
+/// ends the process at once, by the signal: no drain, and an exit status that a service manager
+/// reads as a failure. Install them before announcing "listening", so a supervisor or a test
+/// that signals right after that line gets a graceful shutdown. tokio never uninstalls a
+/// handler: from here on these signals never kill the process.
+#[derive(Debug)]
+pub struct Signals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    /// Held only so that SIGHUP, whose default action also ends the process, is handled from
+    /// here on; the reload task (`grpc::server`) listens for it once the server runs. A SIGHUP
+    /// before then reloads nothing: the material was just loaded.
+    #[cfg(unix)]
+    _hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers now (not on the first poll, as `tokio::signal::ctrl_c` would).
+    /// Must run inside the tokio runtime.
+    ///
+    /// # Errors
+    /// The operating system refused a handler.
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+                _hangup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM since [`Signals::install`], logging
+    /// which.
+    pub async fn recv(self) {
+        #[cfg(unix)]
+        {
+            let Self {
+                mut interrupt,
+                mut terminate,
+                _hangup,
+            } = self;
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received, shutting down"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = terminate => tracing::info!("SIGTERM received, shutting down"),
+        #[cfg(not(unix))]
+        {
+            let _ = self;
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => tracing::info!("Ctrl-C received, shutting down"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for Ctrl-C");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 }
 

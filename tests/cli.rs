@@ -181,6 +181,139 @@ async fn errors_are_one_clear_line_and_non_zero() {
     assert_eq!(code, 1);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot connect"), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "switchboard: cannot connect to http://127.0.0.1:{port}: connection refused: is a \
+             broker running at 127.0.0.1:{port}? (start one with `switchboard serve`)"
+        )
+    );
+}
+
+/// No part of a `: `-separated error line says again what an earlier part said.
+fn assert_no_repeats(line: &str) {
+    let parts: Vec<&str> = line.trim_end().split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            !parts[..i].iter().any(|q| q.contains(p)),
+            "{p:?} repeated in {line:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_are_not_repeated() {
+    // A transport error whose causes repeat its text ("dns error: dns error: ...").
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    cmd.args(["send", "a", "x", "--server", "http://nosuchhost.invalid:1"]);
+    let (code, _, stderr) = step("unknown host", run(cmd)).await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("switchboard: cannot connect to http://nosuchhost.invalid:1: "),
+        "{stderr}"
+    );
+    assert_no_repeats(&stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_takes_host_and_port_without_a_scheme() {
+    // Plaintext: SWITCHBOARD_SERVER and --server without http://.
+    let server = TestServer::start().await;
+    let mut cmd = switchboard(&server);
+    cmd.env("SWITCHBOARD_SERVER", server.addr.to_string())
+        .args(["send", "cli.bare", "hello"]);
+    assert_eq!(run(cmd).await, (0, "1\n".into(), String::new()));
+    let mut cmd = switchboard(&server);
+    cmd.args(["recv", "cli.bare", "--server", &server.addr.to_string()]);
+    assert_eq!(run(cmd).await, (0, "1 hello\n".into(), String::new()));
+    server.stop().await;
+
+    // With --ca-cert a bare HOST:PORT is TLS.
+    let pki = common::pki::Pki::new("cli-bare");
+    let server = TestServer::with_security(switchboard::config::Security {
+        auth_file: None,
+        tls: Some(pki.tls(false, false)),
+    })
+    .await;
+    let mut cmd = switchboard(&server);
+    cmd.env("SWITCHBOARD_SERVER", server.addr.to_string())
+        .args(["send", "cli.bare", "secret", "--ca-cert"])
+        .arg(pki.path("ca.pem"));
+    assert_eq!(run(cmd).await, (0, "1\n".into(), String::new()));
+
+    // An unknown scheme is refused before any connection, naming the accepted forms.
+    let mut cmd = switchboard(&server);
+    cmd.args(["send", "cli.bare", "x", "--server"])
+        .arg(format!("grpc://{}", server.addr));
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("unknown scheme grpc://") && stderr.contains("https://HOST:PORT"),
+        "{stderr}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_plaintext_mismatches_say_what_to_use() {
+    let pki = common::pki::Pki::new("cli-mismatch");
+    let ca = pki.path("ca.pem");
+
+    // https:// and --ca-cert against a plaintext broker.
+    let plain = TestServer::start().await;
+    let mut cmd = switchboard(&plain);
+    cmd.args(["send", "cli.m", "x", "--server"])
+        .arg(format!("https://{}", plain.addr))
+        .arg("--ca-cert")
+        .arg(&ca);
+    let (code, stdout, stderr) = run(cmd).await;
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert_eq!(
+        stderr,
+        format!(
+            "switchboard: cannot connect to https://{a}: the broker at {a} speaks plaintext: use \
+             http://{a} (or {a}) without --ca-cert, --cert and --key\n",
+            a = plain.addr
+        )
+    );
+    assert!(!plain.broker.contains("cli.m"), "nothing was sent");
+    plain.stop().await;
+
+    // Plaintext (http:// or bare) against a TLS broker: the first call fails, not the connect.
+    let tls = TestServer::with_security(switchboard::config::Security {
+        auth_file: None,
+        tls: Some(pki.tls(false, false)),
+    })
+    .await;
+    for server in [format!("http://{}", tls.addr), tls.addr.to_string()] {
+        for command in [&["send", "cli.m", "x"][..], &["subscribe", "cli.m"]] {
+            let mut cmd = switchboard(&tls);
+            cmd.env("SWITCHBOARD_SERVER", &server).args(command);
+            let (code, stdout, stderr) = run(cmd).await;
+            assert_eq!((code, stdout.as_str()), (1, ""), "{command:?}: {stderr}");
+            assert_eq!(
+                stderr,
+                format!(
+                    "switchboard: cannot connect to http://{a}: the broker at {a} speaks TLS: use \
+                     https://{a} and --ca-cert FILE (the CA that signed its certificate)\n",
+                    a = tls.addr
+                ),
+                "{command:?}"
+            );
+        }
+    }
+
+    // https:// without --ca-cert: the certificate is not trusted, and the line says why.
+    let mut cmd = switchboard(&tls);
+    cmd.env("SWITCHBOARD_SERVER", format!("https://{}", tls.addr))
+        .args(["send", "cli.m", "x"]);
+    let (code, _, stderr) = run(cmd).await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--ca-cert FILE"), "{stderr}");
+    assert_no_repeats(&stderr);
+    tls.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +448,27 @@ async fn json_logs_have_connections_and_rejections_and_no_deliveries() {
     assert!(step("exit", broker.wait()).await.unwrap().success());
     assert!(rest.iter().all(|l| !l.contains("delivered quietly")));
     assert!(rest.iter().any(|l| l.contains("switchboard stopped")));
+}
+
+/// A service manager (or a test) may signal as soon as the start line appears: the broker
+/// must already handle SIGTERM then, drain and exit 0, not die by the signal's default action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_start_line_is_a_clean_shutdown() {
+    // With the handlers installed only once the server ran, most rounds died by the signal.
+    for round in 0..5 {
+        let mut broker = common::BrokerProcess::start(&[]).await;
+        common::sigterm(&broker.child);
+        let mut rest = Vec::new();
+        while let Some(line) = step("drain", broker.logs.next_line()).await.unwrap() {
+            rest.push(line);
+        }
+        let status = step("exit", broker.child.wait()).await.unwrap();
+        assert!(status.success(), "round {round}: {status}; logs: {rest:#?}");
+        assert!(
+            rest.iter().any(|l| l.contains("switchboard stopped")),
+            "round {round}: {rest:#?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,14 +4,24 @@
 //! UTF-8 without control characters, else `base64:` and its base64. `--json`: one object per line
 //! with `address`, `sequence`, `sent_at` (RFC 3339), `headers` and `payload` (base64). A `Dropped`
 //! event prints `dropped COUNT` (text) or `{"dropped": COUNT}`.
+//!
+//! `--server` takes `HOST:PORT`, `http://` or `https://` ([`Target`]). A failure is one line:
+//! causes that repeat are left out, a refused connection asks whether a broker runs there, and
+//! a TLS / plaintext mismatch is named with the scheme and flags to use ([`explain`]).
 
 use std::{
     collections::BTreeMap,
+    error::Error as _,
     io::{self, Read, Write},
-    time::SystemTime,
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
@@ -41,8 +51,29 @@ pub enum ClientError {
     Connect {
         /// The broker's URI.
         server: String,
-        /// The transport's reason (with its causes).
+        /// The transport's reason (with its causes), and a hint when there is one.
         reason: String,
+    },
+    /// Nothing accepted the connection at the broker's address.
+    #[error(
+        "cannot connect to {server}: connection refused: is a broker running at {authority}? \
+         (start one with `switchboard serve`)"
+    )]
+    Refused {
+        /// The broker's URI.
+        server: String,
+        /// Its `HOST:PORT`.
+        authority: String,
+    },
+    /// The broker speaks TLS and the client plaintext, or the other way round.
+    #[error("cannot connect to {server}: {}", mismatch_hint(authority, *broker_tls))]
+    Mismatch {
+        /// The broker's URI, as the client used it.
+        server: String,
+        /// Its `HOST:PORT`.
+        authority: String,
+        /// Whether the broker speaks TLS (so the client did not).
+        broker_tls: bool,
     },
     /// The broker answered with an error status.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
@@ -67,27 +98,132 @@ fn code_name(code: tonic::Code) -> String {
         .collect()
 }
 
+fn mismatch_hint(authority: &str, broker_tls: bool) -> String {
+    if broker_tls {
+        format!(
+            "the broker at {authority} speaks TLS: use https://{authority} and --ca-cert FILE \
+             (the CA that signed its certificate)"
+        )
+    } else {
+        format!(
+            "the broker at {authority} speaks plaintext: use http://{authority} (or {authority}) \
+             without --ca-cert, --cert and --key"
+        )
+    }
+}
+
+/// `e` and its causes on one line, `: `-separated. A cause whose text is already in the line
+/// is left out: transport errors often repeat their source in their own message.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let part = c.to_string();
+        if !part.is_empty() && !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
         cur = c.source();
     }
     s
 }
 
+/// The first `T` in `e`'s chain, also inside an `io::Error` that wraps one.
+fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        if let Some(t) = c
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<T>())
+        {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// Where `--server` points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// What the channel connects to: `http://` or `https://`, then the authority as given.
+    pub uri: String,
+    /// `HOST:PORT`, with the scheme's default port when none was given.
+    pub authority: String,
+    /// The host, without the brackets of an IPv6 address (the TLS server name).
+    pub host: String,
+    /// Whether the client speaks TLS to it.
+    pub tls: bool,
+}
+
+impl Target {
+    /// Reads `--server`: `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT`. A bare
+    /// `HOST:PORT` is plaintext, or TLS when a TLS flag (--ca-cert, --cert) is given.
+    ///
+    /// # Errors
+    /// [`ClientError::BadServer`] for another scheme or no host; [`ClientError::Usage`] for
+    /// `http://` with a TLS flag.
+    pub fn of(args: &ClientArgs) -> Result<Self, ClientError> {
+        let bad = |reason: String| ClientError::BadServer {
+            server: args.server.clone(),
+            reason,
+        };
+        let server = args.server.trim();
+        let tls_flags = args.ca_cert.is_some() || args.cert.is_some();
+        let (tls, rest) = match server.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => {
+                if tls_flags {
+                    return Err(ClientError::Usage(format!(
+                        "--ca-cert / --cert need TLS: use --server https://{rest} (or {rest})"
+                    )));
+                }
+                (false, rest)
+            }
+            Some((scheme, _)) => {
+                return Err(bad(format!(
+                    "unknown scheme {scheme}://: give HOST:PORT, http://HOST:PORT or \
+                     https://HOST:PORT"
+                )))
+            }
+            None => (tls_flags, server),
+        };
+        let uri = format!("{}://{rest}", if tls { "https" } else { "http" });
+        let parsed: http::Uri = uri.parse().map_err(|e| bad(chain(&e)))?;
+        let host = parsed
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host: give HOST:PORT".into()))?;
+        let port = parsed.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Self {
+            authority: format!("{host}:{port}"),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            tls,
+            uri,
+        })
+    }
+}
+
 async fn channel(args: &ClientArgs) -> Result<Channel, ClientError> {
+    let target = Target::of(args)?;
     let bad = |reason: String| ClientError::BadServer {
         server: args.server.clone(),
         reason,
     };
-    let mut endpoint = Endpoint::from_shared(args.server.clone()).map_err(|e| bad(chain(&e)))?;
+    let mut endpoint = Endpoint::from_shared(target.uri.clone()).map_err(|e| bad(chain(&e)))?;
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| ClientError::Usage(format!("{}: {e}", p.display())))
     };
-    if args.server.starts_with("https://") {
+    if target.tls {
         crate::grpc::tls::install_provider();
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &args.ca_cert {
@@ -97,15 +233,137 @@ async fn channel(args: &ClientArgs) -> Result<Channel, ClientError> {
             tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
         }
         endpoint = endpoint.tls_config(tls).map_err(|e| bad(chain(&e)))?;
-    } else if args.ca_cert.is_some() || args.cert.is_some() {
-        return Err(ClientError::Usage(
-            "--ca-cert / --cert need an https:// --server".into(),
-        ));
     }
-    endpoint.connect().await.map_err(|e| ClientError::Connect {
-        server: args.server.clone(),
-        reason: chain(&e),
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| connect_error(&target, args, &e))
+}
+
+fn connect_error(target: &Target, args: &ClientArgs, e: &tonic::transport::Error) -> ClientError {
+    if find::<io::Error>(e).is_some_and(|io| io.kind() == io::ErrorKind::ConnectionRefused) {
+        return ClientError::Refused {
+            server: target.uri.clone(),
+            authority: target.authority.clone(),
+        };
+    }
+    // tonic's own text is only "transport error": start at its cause.
+    let mut reason = chain(e.source().unwrap_or(e));
+    if args.ca_cert.is_none()
+        && matches!(
+            find::<rustls::Error>(e),
+            Some(rustls::Error::InvalidCertificate(_))
+        )
+    {
+        reason.push_str(
+            ": the client trusts no CA by default: give the one that signed the broker's \
+             certificate with --ca-cert FILE",
+        );
+    }
+    ClientError::Connect {
+        server: target.uri.clone(),
+        reason,
+    }
+}
+
+/// How long each probe of [`explain`] waits for the broker.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Turns a failure of the connection (not a status the broker sent) into
+/// [`ClientError::Mismatch`] when the broker at `--server` speaks the other protocol, TLS or
+/// plaintext: a TLS client sees "corrupt message", a plaintext one "h2 protocol error", and
+/// neither says what to change. Found by probing the port once, only after such a failure.
+/// Any other error is returned as it is.
+pub async fn explain(e: ClientError, args: &ClientArgs) -> ClientError {
+    let from_the_connection = match &e {
+        ClientError::Connect { .. } => true,
+        // Statuses the broker sends have no source; those made from a transport error do.
+        ClientError::Status(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Internal
+                    | tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+            ) && s.source().is_some()
+        }
+        _ => false,
+    };
+    if !from_the_connection {
+        return e;
+    }
+    let Ok(target) = Target::of(args) else {
+        return e;
+    };
+    let other = if target.tls {
+        speaks_plaintext_h2(&target).await
+    } else {
+        speaks_tls(&target).await
+    };
+    if other {
+        ClientError::Mismatch {
+            server: target.uri,
+            authority: target.authority,
+            broker_tls: !target.tls,
+        }
+    } else {
+        e
+    }
+}
+
+/// Whether the port answers an HTTP/2 client preface in plaintext with a SETTINGS frame.
+async fn speaks_plaintext_h2(target: &Target) -> bool {
+    let probe = async {
+        let mut s = TcpStream::connect(&target.authority).await?;
+        // The client preface, then an empty SETTINGS frame (RFC 9113, section 3.4).
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await?;
+        let mut frame_header = [0u8; 9];
+        s.read_exact(&mut frame_header).await?;
+        io::Result::Ok(frame_header[3] == 0x04)
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Whether the port completes a TLS handshake, or gets as far as a certificate or an alert.
+/// No CA is trusted, so a TLS broker fails at its certificate: that is enough to tell.
+async fn speaks_tls(target: &Target) -> bool {
+    crate::grpc::tls::install_provider();
+    let Ok(builder) = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions() else {
+        return false;
+    };
+    let config = builder
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let Ok(name) = rustls::pki_types::ServerName::try_from(target.host.clone()) else {
+        return false;
+    };
+    let probe = async {
+        let tcp = TcpStream::connect(&target.authority).await?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map(drop)
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => matches!(
+            e.get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+            Some(
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::AlertReceived(_)
+                    | rustls::Error::PeerIncompatible(_)
+            )
+        ),
+        Err(_) => false,
+    }
 }
 
 /// Adds `authorization: Bearer TOKEN` to every call when `--token` is given.
@@ -668,6 +926,83 @@ mod tests {
     fn status_names() {
         assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+    }
+
+    fn args(server: &str, ca_cert: bool) -> ClientArgs {
+        ClientArgs {
+            server: server.into(),
+            json: false,
+            token: None,
+            ca_cert: ca_cert.then(|| "ca.pem".into()),
+            cert: None,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn server_forms() {
+        let t = |server, ca| Target::of(&args(server, ca)).map(|t| (t.uri, t.authority, t.tls));
+        let ok = |uri: &str, authority: &str, tls| Ok((uri.into(), authority.into(), tls));
+        assert_eq!(
+            t("127.0.0.1:50051", false).map_err(|e| e.to_string()),
+            ok("http://127.0.0.1:50051", "127.0.0.1:50051", false)
+        );
+        assert_eq!(
+            t("broker:7000", true).map_err(|e| e.to_string()),
+            ok("https://broker:7000", "broker:7000", true)
+        );
+        assert_eq!(
+            t("HTTPS://broker:7000", true).map_err(|e| e.to_string()),
+            ok("https://broker:7000", "broker:7000", true)
+        );
+        assert_eq!(
+            t("http://broker", false).map_err(|e| e.to_string()),
+            ok("http://broker", "broker:80", false)
+        );
+        let v6 = Target::of(&args("[::1]:50051", false)).unwrap();
+        assert_eq!(
+            (v6.authority.as_str(), v6.host.as_str()),
+            ("[::1]:50051", "::1")
+        );
+        assert!(matches!(
+            Target::of(&args("http://broker:1", true)),
+            Err(ClientError::Usage(m)) if m.contains("https://broker:1")
+        ));
+        assert!(matches!(
+            Target::of(&args("grpc://broker:1", false)),
+            Err(ClientError::BadServer { reason, .. }) if reason.contains("unknown scheme grpc://")
+        ));
+        assert!(matches!(
+            Target::of(&args("http://:1", false)),
+            Err(ClientError::BadServer { .. })
+        ));
+    }
+
+    #[test]
+    fn a_chain_leaves_out_causes_it_already_says() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<Self>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E(
+            "tcp connect error",
+            Some(Box::new(E(
+                "tcp connect error",
+                Some(Box::new(E("Connection refused (os error 111)", None))),
+            ))),
+        );
+        assert_eq!(
+            chain(&e),
+            "tcp connect error: Connection refused (os error 111)"
+        );
     }
 
     #[test]
