@@ -90,8 +90,9 @@ pub fn require(what: &Prerequisite) -> bool {
 static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 unsafe extern "C" {
-    /// C's `atexit`: libtest has no end-of-run hook, but its `main` returns normally after the
-    /// result line, and the C runtime then runs these.
+    /// C's `atexit`: libtest has no end-of-run hook, but after its result line the process ends
+    /// through C's `exit` (`main` returns, or `process::exit(101)` on a failure), which runs
+    /// these.
     fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
 }
 
