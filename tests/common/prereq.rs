@@ -56,6 +56,14 @@ pub static MOUNT_TMPFS: Prerequisite = Prerequisite {
     cached: OnceLock::new(),
 };
 
+/// A hard open-file limit above 256 (the test lowers the soft limit to 256 and checks that the
+/// broker raises it to the hard one).
+pub static OPEN_FILES_ABOVE_256: Prerequisite = Prerequisite {
+    need: "a hard open-file limit above 256 (ulimit -Hn)",
+    present: || hard_open_files().is_some_and(|hard| hard > 256),
+    cached: OnceLock::new(),
+};
+
 /// `CAP_SYS_ADMIN`'s bit (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
 
@@ -187,4 +195,12 @@ fn effective_capabilities() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The hard "Max open files" of this process, from /proc/self/limits.
+fn hard_open_files() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let hard = line["Max open files".len()..].split_whitespace().nth(1)?;
+    Some(hard.parse().unwrap_or(u64::MAX))
 }
