@@ -582,7 +582,7 @@ pub struct ServeArgs {
     pub metrics_listen: Option<SocketAddr>,
 
     /// Host names or IPs the HTTP listener answers to besides `localhost`, loopback IPs and its
-    /// own bound address (any IP when bound to 0.0.0.0 or [::]), with any port: a request whose
+    /// own bound address (any IP when bound to 0.0.0.0 or ::), with any port: a request whose
     /// `Host` names another host gets 421, one whose `Origin` does gets 403, so a page on a
     /// DNS-rebinding domain cannot use the console, /metrics or gRPC-Web through a browser.
     /// Also bounds the `Origin` of gRPC-Web calls on the gRPC port (beside --cors-origin).

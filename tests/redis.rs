@@ -13,7 +13,12 @@ use std::{
     time::Duration,
 };
 
-use common::{next_event, redis::RedisServer, step, subscribe, BrokerProcess, TestServer};
+use common::{
+    next_event,
+    prereq::{require, REDIS_SERVER},
+    redis::RedisServer,
+    step, subscribe, BrokerProcess, TestServer,
+};
 use switchboard::{
     config::Limits,
     pb::{
@@ -94,6 +99,9 @@ async fn take_messages(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_from_each_node_reaches_subscribers_on_all_three() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let nodes = nodes(&redis, 3).await;
     let mut streams = Vec::new();
@@ -151,6 +159,9 @@ async fn fan_out_from_each_node_reaches_subscribers_on_all_three() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_workers_over_three_nodes_take_ten_thousand_exactly_once() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let nodes = nodes(&redis, 3).await;
     const N: u64 = 10_000;
@@ -246,6 +257,9 @@ async fn six_workers_over_three_nodes_take_ten_thousand_exactly_once() {
 /// is kept, and the messages it had leased go to the other nodes' workers after `ack_wait`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_others() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let url = redis.url();
     let ns = common::redis::namespace();
@@ -364,6 +378,9 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_leases_go_to_the_other
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let nodes = nodes(&redis, 2).await;
     let mut sender = nodes[0].client().await;
@@ -396,6 +413,9 @@ async fn a_subscriber_moved_to_another_node_resumes_without_a_gap() {
 /// restarted: every Send answered OK is still there, and no sequence is used twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let aof = [
         "--appendonly",
         "yes",
@@ -476,6 +496,9 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resumes() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
@@ -563,6 +586,9 @@ async fn redis_unreachable_is_unavailable_and_not_serving_then_everything_resume
 /// told exactly what they lost; the age sweep (every second) trims without any traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_on_redis_reports_exact_loss() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let config = common::redis::config(&redis.url(), &common::redis::namespace());
     let node = TestServer::with_redis(
@@ -616,6 +642,9 @@ async fn retention_on_redis_reports_exact_loss() {
 /// lease falls due), and an Ack of one is answered "not pending".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_pending_messages_are_reported_dropped() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let config = common::redis::config(&redis.url(), &common::redis::namespace());
     let node = TestServer::with_redis(
@@ -673,6 +702,9 @@ async fn evicted_pending_messages_are_reported_dropped() {
 /// flight for the address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_stream_keeps_its_order() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let node = nodes(&redis, 1).await.remove(0);
     let mut c = node.client().await;
@@ -706,6 +738,9 @@ async fn a_send_stream_keeps_its_order() {
 /// `--redis-ca-cert`; a node that does not trust the CA is refused at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_ca_certificate() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     switchboard::grpc::tls::install_provider();
     let pki = common::pki::Pki::new("redis-tls");
     let (cert, key, ca) = (
@@ -752,6 +787,9 @@ async fn rediss_with_a_ca_certificate() {
 /// Sequences past 10^14 keep their exact digits in entry ids (Lua would write `1e+14`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequences_past_ten_to_the_fourteen_stay_exact() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     let redis = RedisServer::start();
     let ns = common::redis::namespace();
     let node =
@@ -812,6 +850,9 @@ async fn take_scripts(redis: &RedisServer) -> u64 {
 /// a take script in Redis), and both groups still get every message exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_wakes_one_waiting_reader_per_group_not_the_pool() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     const N: u64 = 100;
     const POOL: usize = 16;
     let redis = RedisServer::start();
@@ -887,6 +928,9 @@ async fn redis_output_bytes(redis: &RedisServer) -> u64 {
 /// headers, `sent_at`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_own_sends_reach_its_subscribers_without_a_read_back() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     const BATCHES: usize = 2;
     const PER_BATCH: usize = 1000;
     const PAYLOAD: usize = 1000;
@@ -958,6 +1002,9 @@ async fn a_nodes_own_sends_reach_its_subscribers_without_a_read_back() {
 /// the cut by binary search over each entry's cumulative byte count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_retention_is_exact_across_nodes_with_sends_dedup_and_batches() {
+    if !require(&REDIS_SERVER) {
+        return;
+    }
     const RETAIN: usize = 6_000;
     let redis = RedisServer::start();
     let config = common::redis::config(&redis.url(), &common::redis::namespace());

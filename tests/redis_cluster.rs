@@ -10,7 +10,12 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{next_event, redis::RedisServer, step, TestServer};
+use common::{
+    next_event,
+    prereq::{require, REDIS_CLI, REDIS_SERVER},
+    redis::RedisServer,
+    step, TestServer,
+};
 use switchboard::{
     config::Limits,
     engine::redis::RedisConfig,
@@ -66,6 +71,9 @@ fn cluster() -> Vec<RedisServer> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_a_three_master_cluster() {
+    if !(require(&REDIS_SERVER) && require(&REDIS_CLI)) {
+        return;
+    }
     let n: u64 = std::env::var("SWITCHBOARD_CLUSTER_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -38,13 +38,35 @@ def _generate() -> None:
 _generate()
 
 
+def _binary() -> str:
+    """The broker the tests start: $SWITCHBOARD_BIN, else the newer of target/release and
+    target/debug (so a stale build of one profile is never picked over a fresh one)."""
+    if "SWITCHBOARD_BIN" in os.environ:
+        return os.environ["SWITCHBOARD_BIN"]
+    built = [p for p in (ROOT / "target" / d / "switchboard" for d in ("release", "debug")) if p.exists()]
+    if not built:
+        raise RuntimeError(
+            "no broker binary: run `cargo build --release` (or `cargo build`) in the repository "
+            "root, or set SWITCHBOARD_BIN"
+        )
+    return str(max(built, key=lambda p: p.stat().st_mtime))
+
+
+BINARY = _binary()
+
+
+@pytest.fixture
+def switchboard_bin() -> str:
+    """The broker binary the tests run (also the `switchboard` of the README's CLI session)."""
+    return BINARY
+
+
 class Broker:
     """A switchboard process on 127.0.0.1 with a free port, stopped (SIGTERM) at the end."""
 
     def __init__(self, *extra_args: str) -> None:
-        binary = os.environ.get("SWITCHBOARD_BIN", str(ROOT / "target" / "debug" / "switchboard"))
         self.proc = subprocess.Popen(
-            [binary, "serve", "--listen", "127.0.0.1:0", *extra_args],
+            [BINARY, "serve", "--listen", "127.0.0.1:0", *extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

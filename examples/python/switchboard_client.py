@@ -1,7 +1,9 @@
 """A small Python client for switchboard, on code generated from ../../proto.
 
-Generate the code first (the tests do this for you, into ./gen):
+Generate the code first (the tests do this for you, into ./gen; README.md beside this file
+has every step):
 
+    mkdir -p gen
     python -m grpc_tools.protoc -I ../../proto --python_out=gen --grpc_python_out=gen \
         switchboard/v1/broker.proto
 

@@ -104,14 +104,14 @@ def test_health_check_and_describe(broker):
         assert rpc in out
 
 
-def test_readme_cli_session(broker):
+def test_readme_cli_session(broker, switchboard_bin):
     # The README's CLI session continues the grpcurl one: replay that first.
     for command, _ in block_after("<!-- grpcurl-session"):
         run(command, broker.target)
     (sub_cmd, _), (send_cmd, _) = block_after("<!-- grpcurl-subscribe")
     run(send_cmd, broker.target)
 
-    binary = os.environ.get("SWITCHBOARD_BIN", str(ROOT / "target" / "debug" / "switchboard"))
+    binary = switchboard_bin
     env = {"SWITCHBOARD_SERVER": f"http://{broker.target}"}
     checked = 0
     for command, expected in block_after("<!-- cli-session"):

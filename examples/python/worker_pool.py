@@ -3,7 +3,14 @@ job, and Acks it; a job that fails is Nacked and, after `max_deliveries`, lands 
 dead-letter address. A worker that dies mid-batch loses nothing: its leased jobs go out again
 once `ack_wait` passes (SQS / Google Pub/Sub style at-least-once delivery).
 
-Run one worker (code generated into ./gen as in switchboard_client.py):
+The group must exist, with an `ack_wait`, before the workers start (a Recv on a group that
+does not exist creates a plain one, without leases). From the repository root, with a broker
+running:
+
+    target/release/switchboard group create jobs workers --ack-wait 30s \
+        --max-deliveries 3 --dead-letter jobs.dlq
+
+Then, here (code generated into ./gen: README.md beside this file), one worker per terminal:
 
     PYTHONPATH=gen python worker_pool.py worker 127.0.0.1:50051 jobs workers done.txt
 

@@ -658,7 +658,7 @@ impl Engine {
         }
     }
 
-    /// Takes up to `max` messages, at most `max_bytes` encoded (see [`ByteBudget`]), for
+    /// Takes up to `max` messages, at most `max_bytes` encoded (see `ByteBudget`), for
     /// `group` (created at the end on first use), leased to
     /// Recv callers (holder 0) if the group has acknowledgements. With `register_waiter`, an
     /// empty result also registers a waiting Recv (undone by [`Log::remove_waiter`]). Returns
@@ -927,7 +927,7 @@ impl Log {
         }
     }
 
-    /// Takes up to `max` messages (at most `max_bytes` encoded, see [`ByteBudget`]) for the
+    /// Takes up to `max` messages (at most `max_bytes` encoded, see `ByteBudget`) for the
     /// group whose id is `id`, leased to `holder` (a group
     /// stream's id, 0 for a Recv caller) if the group has acknowledgements.
     ///

@@ -14,7 +14,7 @@
 //! and its gRPC-Web calls share one origin, the HTTP listener.
 //!
 //! Same-origin is not enough against DNS rebinding: both listeners sit behind a
-//! [`HostGuard`](super::hosts::HostGuard) (allowed `Host` and `Origin`, `--http-allowed-hosts`).
+//! [`HostGuard`] (allowed `Host` and `Origin`, `--http-allowed-hosts`).
 //! The HTTP listener runs its own connection loop (`serve`): a handshake task per connection,
 //! `--http-max-connections`, and hyper's header-read timeout as the idle timeout
 //! (`--http-idle-timeout-ms`), none of which `axum::serve` offers.

@@ -6,6 +6,7 @@
 #![allow(unreachable_pub, reason = "a test-only module shared by test binaries")]
 
 pub mod pki;
+pub mod prereq;
 pub mod redis;
 
 use std::{future::Future, net::SocketAddr, time::Duration};

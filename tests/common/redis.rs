@@ -1,4 +1,5 @@
 //! A real `redis-server` for tests, on a free loopback port, ended (by its PID) when dropped.
+//! A test that starts one begins with `if !require(&REDIS_SERVER) { return; }` (`prereq`).
 
 use std::{
     io::{BufRead, BufReader},
@@ -49,7 +50,9 @@ impl RedisServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("redis-server on PATH (apt-get install redis-server)");
+            .expect(
+                "redis-server on PATH (a test that starts it begins with `require(&REDIS_SERVER)`)",
+            );
         let stdout = child.stdout.take().expect("redis stdout");
         let mut lines = BufReader::new(stdout).lines();
         loop {
