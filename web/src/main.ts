@@ -2,6 +2,11 @@
 // the page and its calls share one origin and need no CORS. Unary calls poll the address table
 // every second; a Subscribe stream (the live tail) opens only when an address is opened, so the
 // page's network settles after the first render.
+//
+// Empty states say only what an answer said: the address table reads "Loading addresses…" until
+// the first ListAddresses answer, and an opened address shows its most recent retained messages
+// (a Subscribe from just before the last RECENT of them, going live on the same stream) and
+// "Waiting for messages…" only when GetAddress says it retains none.
 
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
@@ -24,6 +29,8 @@ const LAG_SAMPLE_MS = 2000;
 const TAIL_MAX = 500;
 /** Groups shown in the table are fetched for at most this many addresses per refresh. */
 const GROUP_LOOKUPS = 25;
+/** Retained messages shown when an address is opened, before the tail goes live. */
+const RECENT = 50n;
 
 // ---------------------------------------------------------------------------------------------
 // Transport and clients
@@ -147,6 +154,20 @@ function rateOf(a: AddressInfo, now: number): number {
   return rate;
 }
 
+/**
+ * Whether nobody reads the default group. GroupInfo carries no reader count or last-read time,
+ * so this is decided from the group's position: `next_sequence - dropped` moves only when the
+ * group hands a message out (retention raises both equally), and the default group starts at 1.
+ * Still at 1: the default group has never handed out a message, so no consumer is known and its
+ * lag is only what fan-out-only use leaves behind. (A consumer that read once and then stopped
+ * is not detected: the broker does not report it.)
+ */
+function unread(g: GroupInfo): boolean {
+  return g.group === "" && g.nextSequence - g.dropped <= 1n;
+}
+const UNREAD_TITLE =
+  "nobody reads the default group (it has never handed out a message; its lag is what Recv without a group would get)";
+
 function groupCell(a: AddressInfo): HTMLElement {
   const td = h("td", { class: "groups-cell" });
   const groups = groupsByAddress.get(a.address);
@@ -157,20 +178,31 @@ function groupCell(a: AddressInfo): HTMLElement {
   for (const g of groups) {
     const name = g.group === "" ? "(default)" : g.group;
     const lag = g.lag;
+    const muted = unread(g);
+    const stats = `lag ${lag}, pending ${g.pending}, redelivered ${g.redelivered}, dead-lettered ${g.deadLettered}`;
     td.append(
       h(
         "span",
         {
-          class: lag > 0n ? "chip warn" : "chip",
+          class: muted ? "chip muted" : lag > 0n ? "chip warn" : "chip",
           "data-group": g.group,
           "data-lag": lag.toString(),
-          title: `${name}: lag ${lag}, pending ${g.pending}, redelivered ${g.redelivered}, dead-lettered ${g.deadLettered}`,
+          "data-muted": muted ? "true" : "false",
+          title: muted ? `${UNREAD_TITLE}: ${stats}` : `${name}: ${stats}`,
         },
         `${name} · ${count(lag)}`,
       ),
     );
   }
   return td;
+}
+
+/** The line under the table: loading (before the first answer), empty, error or refused. */
+function setListState(state: "loading" | "ok" | "empty" | "error" | "denied", text = ""): void {
+  const el = $("addresses-empty");
+  el.dataset.state = state;
+  el.hidden = state === "ok";
+  if (text) el.textContent = text;
 }
 
 function renderTable(addresses: AddressInfo[]): void {
@@ -197,7 +229,8 @@ function renderTable(addresses: AddressInfo[]): void {
     return tr;
   });
   body.replaceChildren(...rows);
-  $("addresses-empty").hidden = addresses.length > 0;
+  if (addresses.length > 0) setListState("ok");
+  else setListState("empty", "No addresses yet. Send a message to create one.");
 }
 
 async function listAll(): Promise<AddressInfo[]> {
@@ -231,18 +264,20 @@ async function refresh(): Promise<void> {
       }),
     );
     renderTable(addresses);
-    $("addresses-empty").textContent = "No addresses yet. Send a message to create one.";
     setConn("ok", `connected · ${addresses.length} address${addresses.length === 1 ? "" : "es"}`);
   } catch (e) {
     const err = ConnectError.from(e);
     if (err.code === Code.PermissionDenied) {
       // A token without `admin` may still tail and publish where it is permitted.
       $("addresses-body").replaceChildren();
-      $("addresses-empty").hidden = false;
-      $("addresses-empty").textContent = `This token may not list addresses (${err.rawMessage}); open one by name.`;
+      setListState("denied", `This token may not list addresses (${err.rawMessage}); open one by name.`);
       setConn("auth", "no admin permission");
     } else {
       callFailed(e);
+      // Rows already shown stay (the bar says the page is offline); with none, say why.
+      if ($("addresses-body").childElementCount === 0) {
+        setListState("error", `Could not list addresses (${describe(e)}).`);
+      }
     }
   } finally {
     refreshing = false;
@@ -300,14 +335,17 @@ async function sampleGroups(): Promise<void> {
     if (hist.length > LAG_SAMPLES) hist.splice(0, hist.length - LAG_SAMPLES);
     lagHistory.set(key, hist);
     const name = g.group === "" ? "(default)" : g.group;
+    const muted = unread(g);
     return h(
       "div",
-      { class: "group", "data-group": g.group },
+      muted
+        ? { class: "group muted", "data-group": g.group, "data-muted": "true", title: UNREAD_TITLE }
+        : { class: "group", "data-group": g.group, "data-muted": "false" },
       h(
         "div",
         { class: "group-head" },
         h("span", { class: "mono" }, name),
-        h("span", { class: "lag" }, `lag ${count(g.lag)}`),
+        h("span", { class: "lag" }, muted ? `lag ${count(g.lag)} · unread` : `lag ${count(g.lag)}`),
       ),
       sparkline(hist),
       h("div", { class: "axis" }, h("span", {}, "−5 min"), h("span", {}, "now")),
@@ -382,26 +420,40 @@ function setTailState(state: "live" | "replay" | "idle" | "error", text: string)
   el.textContent = text;
 }
 
+function setTailEmpty(state: "loading" | "waiting" | "replay" | "none", text = ""): void {
+  const el = $("tail-empty");
+  el.dataset.state = state;
+  el.hidden = state === "none";
+  if (text) el.textContent = text;
+}
+
 /**
- * The address's next sequence (1 for an address that does not exist yet), or 0 ("from now")
- * when the token may not read it through the Admin service.
+ * Where opening `address` starts: its last RECENT retained messages (`start` is the oldest of
+ * them, `retained` false when it retains none: then `start` is its next sequence, 1 for an
+ * address that does not exist yet), or 0 ("from now") when the token may not read it through
+ * the Admin service.
  */
-async function nextSequence(address: string): Promise<bigint> {
+async function openingSequence(address: string): Promise<{ start: bigint; retained: boolean }> {
   try {
-    const r = await admin.getAddress({ address });
-    return (r.address?.lastSequence ?? 0n) + 1n;
+    const info = (await admin.getAddress({ address })).address;
+    const first = info?.firstSequence ?? 0n;
+    const last = info?.lastSequence ?? 0n;
+    if (first === 0n || last < first) return { start: last + 1n, retained: false };
+    const recent = last - (RECENT - 1n);
+    return { start: recent > first ? recent : first, retained: true };
   } catch (e) {
     const code = ConnectError.from(e).code;
-    if (code === Code.NotFound) return 1n;
-    if (code === Code.PermissionDenied) return 0n;
+    if (code === Code.NotFound) return { start: 1n, retained: false };
+    if (code === Code.PermissionDenied) return { start: 0n, retained: false };
     throw e;
   }
 }
 
 /**
- * Tails `address` from `from` (a sequence), or live when `from` is null: live starts at the
- * address's next sequence as read just before subscribing, so nothing sent after the tail was
- * opened is missed while the stream is being set up.
+ * Tails `address` from `from` (a sequence), or, when `from` is null, from its most recent
+ * retained messages and then live on the same stream (no gap, no duplicate): the start is read
+ * just before subscribing, so nothing sent after the tail was opened is missed while the stream
+ * is being set up.
  */
 async function tail(address: string, from: bigint | null): Promise<void> {
   tailAbort?.abort();
@@ -409,8 +461,21 @@ async function tail(address: string, from: bigint | null): Promise<void> {
   tailAbort = abort;
   const list = $("tail");
   setTailState(from === null ? "live" : "replay", from === null ? "live" : `replaying from #${from}`);
+  const shown = list.querySelector("li[data-sequence]") !== null;
+  if (!shown) {
+    if (from === null) setTailEmpty("loading", "Loading recent messages…");
+    else setTailEmpty("replay", `Replaying from #${from}…`);
+  }
   try {
-    const startSequence = from ?? (await nextSequence(address));
+    let startSequence: bigint;
+    if (from === null) {
+      const opening = await openingSequence(address);
+      if (abort.signal.aborted) return;
+      startSequence = opening.start;
+      if (!shown && !opening.retained) setTailEmpty("waiting", "Waiting for messages…");
+    } else {
+      startSequence = from;
+    }
     if (abort.signal.aborted) return;
     list.dataset.from = startSequence.toString();
     const stream = broker.subscribe({ address, startSequence }, { signal: abort.signal });
@@ -421,12 +486,13 @@ async function tail(address: string, from: bigint | null): Promise<void> {
         lastSeen = m.sequence;
         list.prepend(tailRow(m));
         while (list.childElementCount > TAIL_MAX) list.lastElementChild?.remove();
-        $("tail-empty").hidden = true;
+        setTailEmpty("none");
         setTailState("live", `live · last #${m.sequence}`);
       } else if (ev.event.case === "dropped") {
         list.prepend(
           h("li", { class: "dropped" }, `${count(ev.event.value.count)} messages dropped (slow reader or retention)`),
         );
+        setTailEmpty("none");
       }
     }
     if (!abort.signal.aborted) setTailState("idle", "stream ended");
@@ -434,6 +500,7 @@ async function tail(address: string, from: bigint | null): Promise<void> {
     if (abort.signal.aborted) return;
     const err = ConnectError.from(e);
     if (err.code === Code.Canceled) return;
+    if (list.querySelector("li") === null) setTailEmpty("none");
     if (!callFailed(e)) setTailState("error", describe(e));
     else setTailState("error", "not permitted");
   }
@@ -451,7 +518,7 @@ function openAddress(address: string): void {
   $("detail-empty").hidden = true;
   $("tail-address").textContent = address;
   $("tail").replaceChildren();
-  $("tail-empty").hidden = false;
+  delete $("tail").dataset.from;
   $("detail-title").textContent = address;
   const pub = $<HTMLInputElement>("publish-address");
   pub.value = address;
@@ -475,7 +542,6 @@ $("replay-form").addEventListener("submit", (ev) => {
   const raw = $<HTMLInputElement>("replay-from").value.trim();
   const from = /^\d+$/.test(raw) && raw !== "0" ? BigInt(raw) : 1n;
   $("tail").replaceChildren();
-  $("tail-empty").hidden = false;
   void tail(selected, from);
 });
 $("tail-live").addEventListener("click", () => {

@@ -108,8 +108,50 @@ def shot(page: Page, name: str) -> None:
 def open_address(page: Page, address: str) -> None:
     page.fill("#open-input", address)
     page.click("#open-form button")
-    # The tail has read the address's next sequence and subscribed from it.
+    # The tail has read where to start (the address's recent history or its next sequence)
+    # and subscribed from there.
     expect(page.locator("#tail")).to_have_attribute("data-from", re.compile(r"^\d+$"))
+
+
+# Installed before the page's own script runs: records every state the address table's and the
+# tail's empty-state lines go through ("<visible text>|rows=<rows shown>", text "" when hidden),
+# from the first parse on, so a test can check what the page said before the first answer.
+WATCH_EMPTY_STATES = """
+(() => {
+  const watched = { "addresses-empty": "#addresses-body tr", "tail-empty": "#tail li" };
+  window.__states = {};
+  for (const id of Object.keys(watched)) window.__states[id] = [];
+  const note = () => {
+    for (const [id, rows] of Object.entries(watched)) {
+      const el = document.getElementById(id);
+      if (!el) continue;
+      const shown = el.hidden || el.closest("[hidden]") ? "" : el.textContent.trim();
+      const s = `${shown}|rows=${document.querySelectorAll(rows).length}`;
+      const log = window.__states[id];
+      if (log[log.length - 1] !== s) log.push(s);
+    }
+  };
+  new MutationObserver(note).observe(document, {
+    subtree: true, childList: true, characterData: true, attributes: true,
+  });
+  document.addEventListener("DOMContentLoaded", note);
+})();
+"""
+
+
+def states(page: Page, element_id: str) -> list[str]:
+    return page.evaluate(f"window.__states[{element_id!r}]")
+
+
+def send_lines(broker: "Broker", address: str, lines: list[str]) -> None:
+    subprocess.run(
+        [BINARY, "send", address, "-", "--lines", "--server", f"http://{broker.grpc}"],
+        input="".join(f"{line}\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
 
 
 def test_console_publishes_tails_replays_and_shows_group_lag(broker: Broker, page: Page) -> None:
@@ -155,6 +197,14 @@ def test_console_publishes_tails_replays_and_shows_group_lag(broker: Broker, pag
     )
     expect(row.locator('.chip[data-group="workers"]')).to_have_attribute("data-lag", "3", timeout=5000)
     expect(row.locator('.chip[data-group="workers"]')).to_contain_text("workers · 3")
+    expect(row.locator('.chip[data-group="workers"]')).to_have_attribute("data-muted", "false")
+    # Nobody has read the default group (the tail is fan-out): its lag is shown muted, saying so.
+    default_chip = row.locator('.chip[data-group=""]')
+    expect(default_chip).to_have_attribute("data-lag", "5")
+    expect(default_chip).to_have_attribute("data-muted", "true")
+    expect(default_chip).to_have_class(re.compile(r"\bmuted\b"))
+    expect(default_chip).to_have_attribute("title", re.compile("nobody reads the default group"))
+    expect(page.locator('#groups .group[data-group=""]')).to_have_attribute("data-muted", "true", timeout=5000)
     group_card = page.locator('#groups .group[data-group="workers"]')
     expect(group_card).to_contain_text("lag 3", timeout=5000)
     expect(group_card.locator("svg.spark polyline")).to_have_count(1)
@@ -162,6 +212,11 @@ def test_console_publishes_tails_replays_and_shows_group_lag(broker: Broker, pag
     # Let the lag chart take a few samples and the rate settle before the screenshot.
     page.wait_for_timeout(2500)
     shot(page, "console-1280x800.png")
+
+    # Once somebody reads the default group, its lag is an ordinary lag again.
+    assert broker.cli("recv", "console.demo").strip()
+    expect(default_chip).to_have_attribute("data-muted", "false", timeout=5000)
+    expect(default_chip).to_have_attribute("data-lag", "4")
 
     # Replay from sequence 2: the tail is rebuilt from the history.
     page.fill("#replay-from", "2")
@@ -264,3 +319,72 @@ def test_console_with_a_token_that_is_not_admin(secure_broker, page: Page) -> No
     page.click("#publish-button")
     expect(page.locator("#publish-result")).to_contain_text("PermissionDenied")
     expect(page.locator("#publish-result")).to_contain_text('"publisher"')
+
+
+def test_console_first_paint_loads_before_it_says_empty(broker: Broker, page: Page) -> None:
+    for name in ("paint.a", "paint.b"):
+        assert broker.cli("send", name, "hello").strip() == "1"
+    page.add_init_script(WATCH_EMPTY_STATES)
+    page.goto(broker.console)
+    expect(page.locator('#addresses-body tr[data-address="paint.b"]')).to_be_visible()
+    expect(page.locator("#addresses-empty")).to_be_hidden()
+    seen = states(page, "addresses-empty")
+    # Addresses exist: "No addresses yet" is never on the page, and the loading state comes
+    # before the list.
+    assert not any("No addresses yet" in s for s in seen), seen
+    assert seen[0] == "Loading addresses…|rows=0", seen
+    assert seen[-1] == "|rows=2", seen
+
+
+def test_console_says_when_listing_fails(broker: Broker, page: Page) -> None:
+    # The ListAddresses call fails: an error, not "No addresses yet".
+    page.route("**/switchboard.v1.Admin/ListAddresses", lambda route: route.fulfill(status=503, body="down"))
+    page.goto(broker.console)
+    empty = page.locator("#addresses-empty")
+    expect(empty).to_have_attribute("data-state", "error")
+    expect(empty).to_contain_text("Could not list addresses")
+    expect(empty).not_to_contain_text("No addresses yet")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "error")
+
+
+def test_console_opens_an_address_on_its_recent_history_then_live(broker: Broker, page: Page) -> None:
+    send_lines(broker, "history.demo", [f"msg-{i}" for i in range(1, 81)])
+    page.add_init_script(WATCH_EMPTY_STATES)
+    page.goto(broker.console, wait_until="networkidle")
+    open_address(page, "history.demo")
+    # The last 50 of the 80 retained, newest first: #80 at the top, #31 the oldest shown.
+    expect(page.locator("#tail")).to_have_attribute("data-from", "31")
+    items = page.locator("#tail li[data-sequence]")
+    expect(items).to_have_count(50)
+    expect(items.first).to_have_attribute("data-sequence", "80")
+    expect(items.last).to_have_attribute("data-sequence", "31")
+    expect(items.last).to_contain_text("msg-31")
+    expect(page.locator("#tail-empty")).to_be_hidden()
+    # Then live on the same stream: no gap, no duplicate.
+    assert broker.cli("send", "history.demo", "live one").strip() == "81"
+    expect(page.locator('#tail li[data-sequence="81"]')).to_contain_text("live one")
+    expect(items).to_have_count(51)
+    seqs = items.evaluate_all("els => els.map(e => e.dataset.sequence)")
+    assert seqs == [str(n) for n in range(81, 30, -1)]
+    # "Waiting for messages…" was never shown over this history.
+    seen = states(page, "tail-empty")
+    assert not any(s.startswith("Waiting for messages") for s in seen), seen
+    shot(page, "console-history.png")
+
+
+def test_console_waits_on_an_address_that_retains_nothing(broker: Broker, page: Page) -> None:
+    page.add_init_script(WATCH_EMPTY_STATES)
+    page.goto(broker.console, wait_until="networkidle")
+    # An address with history first: the tail never says it is waiting over it...
+    send_lines(broker, "busy.demo", ["one", "two", "three"])
+    open_address(page, "busy.demo")
+    expect(page.locator("#tail li[data-sequence]")).to_have_count(3)
+    assert not any(s.startswith("Waiting for messages") for s in states(page, "tail-empty"))
+    # ...an address that retains nothing does, until its first message arrives live.
+    open_address(page, "quiet.demo")
+    expect(page.locator("#tail-empty")).to_have_text("Waiting for messages…")
+    expect(page.locator("#tail-empty")).to_be_visible()
+    expect(page.locator("#tail li")).to_have_count(0)
+    assert broker.cli("send", "quiet.demo", "at last").strip() == "1"
+    expect(page.locator('#tail li[data-sequence="1"]')).to_contain_text("at last")
+    expect(page.locator("#tail-empty")).to_be_hidden()
