@@ -688,8 +688,9 @@ pub struct ServeArgs {
 
     /// With --data-dir: bytes of retained messages kept in memory with their payload and
     /// headers (payload + headers + 128 per message); older messages are read back from their
-    /// segments when a replay, a lagging subscriber or a redelivery needs them. Each retained
-    /// message still costs about 200 bytes of index in memory.
+    /// segments when a replay, a lagging subscriber or a redelivery needs them. Out of the
+    /// cache a message has no entry of its own: a sparse index keeps ~64 bytes per run of up
+    /// to 256 messages (or 1 MiB) of a segment.
     #[arg(long, env = "SWITCHBOARD_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub cache_bytes: usize,
 
