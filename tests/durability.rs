@@ -768,7 +768,7 @@ async fn concurrent_sends_share_fsyncs() {
     for t in tasks {
         step("senders", t).await.unwrap();
     }
-    let body = reqwest_lite(&metrics_addr).await;
+    let body = common::metrics_text(&metrics_addr).await;
     let fsyncs: f64 = body
         .lines()
         .find(|l| l.starts_with("switchboard_fsync_duration_seconds_count"))
@@ -780,18 +780,6 @@ async fn concurrent_sends_share_fsyncs() {
         fsyncs >= 1.0 && fsyncs < f64::from(sends),
         "{sends} Sends share fsyncs: {fsyncs}"
     );
-}
-
-/// GET /metrics over plain HTTP/1.0.
-async fn reqwest_lite(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    step("metrics", s.read_to_string(&mut body)).await.unwrap();
-    body
 }
 
 /// A small filesystem of our own: a tmpfs with `size=`, unmounted on drop. Mounting needs

@@ -32,13 +32,7 @@ fn rss(pid: u32) -> u64 {
 
 /// GET /metrics over plain HTTP/1.0; the value of `name`.
 async fn metric(addr: &str, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    step("metrics", s.read_to_string(&mut body)).await.unwrap();
+    let body = common::metrics_text(addr).await;
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.split_whitespace().nth(1))

@@ -189,6 +189,21 @@ fn disk_broker(dir: &std::path::Path) -> switchboard::broker::Broker {
     .expect("open the disk engine")
 }
 
+/// Creates group "acked" on `address` with a 60 s ack_wait.
+async fn create_acked(
+    c: &mut switchboard::pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    address: &str,
+) {
+    c.create_group(switchboard::pb::CreateGroupRequest {
+        address: address.into(),
+        group: "acked".into(),
+        ack_wait: Some(Duration::from_secs(60).try_into().unwrap()),
+        ..Default::default()
+    })
+    .await
+    .expect("create the acknowledged group");
+}
+
 /// Recv of `group` in batches of up to 50 until empty, through a client with the default
 /// receive limit: every batch decodes, and together they hold `expect` messages.
 async fn recv_all_in_fitting_batches(
@@ -238,14 +253,7 @@ async fn large_batches_fit_the_response(server: TestServer) {
     let mut big = server.client().await;
     let mut c = default_client(&server).await;
     let address = "big.batches";
-    big.create_group(switchboard::pb::CreateGroupRequest {
-        address: address.into(),
-        group: "acked".into(),
-        ack_wait: Some(Duration::from_secs(60).try_into().unwrap()),
-        ..Default::default()
-    })
-    .await
-    .expect("create the acknowledged group");
+    create_acked(&mut big, address).await;
     let payload = |i: u64| vec![u8::try_from(i % 251).unwrap(); 100_000];
     for i in 1..=50u64 {
         assert_eq!(send(&mut big, address, &payload(i)).await, i);
@@ -299,14 +307,7 @@ async fn a_message_over_the_limit_is_refused_not_taken(server: TestServer) {
     let mut big = server.client().await;
     let mut c = default_client(&server).await;
     let address = "big.one";
-    big.create_group(switchboard::pb::CreateGroupRequest {
-        address: address.into(),
-        group: "acked".into(),
-        ack_wait: Some(Duration::from_secs(60).try_into().unwrap()),
-        ..Default::default()
-    })
-    .await
-    .expect("create the acknowledged group");
+    create_acked(&mut big, address).await;
     // The largest payload the broker accepts, plus a header: over a default client's 4 MiB.
     let payload = vec![7u8; 4 * 1024 * 1024];
     big.send(SendRequest {

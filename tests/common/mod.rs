@@ -373,3 +373,15 @@ pub fn sigterm(child: &tokio::process::Child) {
         .success();
     assert!(ok, "kill -TERM {pid}");
 }
+
+/// GET /metrics over plain HTTP/1.0 from the HTTP listener at `addr`: the whole response.
+pub async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    step("metrics", s.read_to_string(&mut body)).await.unwrap();
+    body
+}
