@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, next_event, recv, send, step, subscribe, TestServer};
+use common::{eventually, group_names, next_event, recv, send, step, subscribe, TestServer};
 use switchboard::pb::{
     subscribe_response::Event, CreateGroupRequest, CreateGroupResponse, DeleteGroupRequest,
     RecvRequest,
@@ -184,17 +184,6 @@ async fn a_created_group_keeps_its_address_past_the_idle_time() {
     let got = recv(&mut c, "g.keep", "g", 10, Duration::ZERO).await;
     assert_eq!(got.messages.len(), 1);
     server.stop().await;
-}
-
-/// Group names seen by GetAddress (any engine).
-async fn group_names(server: &TestServer, address: &str) -> Vec<String> {
-    server
-        .broker
-        .inspect(address, true)
-        .await
-        .expect("inspect")
-        .map(|(_, g)| g.into_iter().map(|g| g.group).collect())
-        .unwrap_or_default()
 }
 
 /// `--max-groups-per-address` bounds the named groups one address holds, however they are

@@ -281,14 +281,7 @@ send = ["jobs", "jobs.dead"]
         "{}",
         e.message()
     );
-    let groups = |b: switchboard::broker::Broker| async move {
-        b.inspect("jobs", true)
-            .await
-            .unwrap()
-            .map(|(_, g)| g.into_iter().map(|g| g.group).collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
-    let names = groups(server.broker.clone()).await;
+    let names = common::group_names(&server, "jobs").await;
     assert!(
         !names.iter().any(|g| g == "sneaky"),
         "no group created: {names:?}"

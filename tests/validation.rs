@@ -363,13 +363,7 @@ async fn start_times_past_the_timestamp_range_are_refused() {
         .expect("the last second of year 9999 is valid")
         .into_inner();
     assert_eq!(r.next_sequence, 2);
-    let groups = server
-        .broker
-        .inspect("far.future", true)
-        .await
-        .unwrap()
-        .map(|(_, g)| g.into_iter().map(|g| g.group).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let groups = common::group_names(&server, "far.future").await;
     assert!(!groups.iter().any(|g| g == "g"), "{groups:?}");
     assert_eq!(send(&mut c, "far.future", b"y").await, 2);
     server.stop().await;

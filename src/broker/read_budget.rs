@@ -93,6 +93,21 @@ impl ReadBudget {
         }
     }
 
+    /// [`ReadBudget::reserve`], unless `shutdown` fires first: then `None`.
+    pub async fn reserve_until(
+        &self,
+        bytes: usize,
+        shutdown: &mut crate::shutdown::ShutdownToken,
+    ) -> Option<ReadCharge> {
+        if let Some(c) = self.try_reserve(bytes) {
+            return Some(c);
+        }
+        tokio::select! {
+            c = self.reserve(bytes) => Some(c),
+            () = shutdown.cancelled() => None,
+        }
+    }
+
     /// Bytes reserved now.
     pub fn in_use(&self) -> usize {
         self.limit - self.permits.available_permits().min(self.limit)

@@ -270,13 +270,13 @@ impl RedisSubscription {
                         // A replay read is charged to the broker's read budget (reserved
                         // first, waiting while it is spent) until handed to the stream.
                         let budget = self.broker.read_budget().clone();
-                        self.charge = match budget.try_reserve(SUBSCRIBER_READ_BYTES) {
-                            Some(c) => c,
-                            None => tokio::select! {
-                                c = budget.reserve(SUBSCRIBER_READ_BYTES) => c,
-                                () = self.shutdown.cancelled() => continue,
-                            },
+                        let Some(c) = budget
+                            .reserve_until(SUBSCRIBER_READ_BYTES, &mut self.shutdown)
+                            .await
+                        else {
+                            continue;
                         };
+                        self.charge = c;
                         match self.engine.read_range(feed.address(), *next, want).await {
                             Ok((dropped, got)) => {
                                 let bytes = got.iter().map(|m| m.size).sum();

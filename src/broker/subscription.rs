@@ -208,13 +208,10 @@ impl LocalSubscription {
             } = self;
             if let Kind::Fanout(_, budget) = kind {
                 // Reserve before reading, waiting while the broker's read budget is spent.
-                *charge = match budget.try_reserve(SUBSCRIBER_READ_BYTES) {
-                    Some(c) => c,
-                    None => tokio::select! {
-                        c = budget.reserve(SUBSCRIBER_READ_BYTES) => c,
-                        () = shutdown.cancelled() => continue,
-                    },
+                let Some(c) = budget.reserve_until(SUBSCRIBER_READ_BYTES, shutdown).await else {
+                    continue;
                 };
+                *charge = c;
             }
             let notified = log.notify().notified();
             tokio::pin!(notified);

@@ -166,6 +166,31 @@ impl Drop for Slot {
     }
 }
 
+/// The next connection on `listener`, or `None` once `shutdown` fires. An accept error (out of
+/// file descriptors and the like) is logged within the connection log budget as `what` and
+/// retried after 10 ms, so the loop never spins.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut ShutdownToken,
+    what: &'static str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = shutdown.cancelled() => return None,
+        };
+        match accepted {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                if CONNECTION_LOGS.allow(what) {
+                    tracing::warn!(error = %e, "{what}");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections on `listener` until `shutdown`, and yields those that sent their
 /// preface in time, with their slot. Runs the accept loop and each handshake wait in tasks of
 /// their own, so one slow connection never holds up another.
@@ -180,20 +205,8 @@ pub(crate) fn incoming(
     let open = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = shutdown.cancelled() => return,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: do not spin.
-                    if CONNECTION_LOGS.allow("accept failed") {
-                        tracing::warn!(error = %e, "accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
+            let Some((stream, _)) = accept(&listener, &mut shutdown, "accept failed").await else {
+                return;
             };
             let Some(slot) = Slot::try_acquire(&open, admission.max_connections) else {
                 metrics.connection_rejected("max_connections");

@@ -191,20 +191,11 @@ pub(crate) async fn serve(
         .keep_alive(true);
     let open = Arc::new(AtomicUsize::new(0));
     loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: do not spin.
-                if CONNECTION_LOGS.allow("http accept failed") {
-                    tracing::warn!(error = %e, "HTTP listener: accept failed");
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let Some((stream, peer)) =
+            super::admission::accept(&listener, &mut shutdown, "HTTP listener: accept failed")
+                .await
+        else {
+            return;
         };
         let Some(slot) = Slot::try_acquire(&open, limits.max_connections) else {
             metrics.connection_rejected("http_max_connections");

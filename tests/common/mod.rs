@@ -385,3 +385,15 @@ pub async fn metrics_text(addr: &str) -> String {
     step("metrics", s.read_to_string(&mut body)).await.unwrap();
     body
 }
+
+/// The names of `address`'s groups, as GetAddress reports them (any engine); empty if the
+/// address does not exist.
+pub async fn group_names(server: &TestServer, address: &str) -> Vec<String> {
+    server
+        .broker
+        .inspect(address, true)
+        .await
+        .expect("inspect")
+        .map(|(_, g)| g.into_iter().map(|g| g.group).collect())
+        .unwrap_or_default()
+}

@@ -126,7 +126,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Truncates `path` to `len` bytes and fsyncs it; the error names the file and the length.
-fn cut_back(path: &Path, len: u64) -> Result<(), String> {
+pub(super) fn cut_back(path: &Path, len: u64) -> Result<(), String> {
     OpenOptions::new()
         .write(true)
         .open(path)

@@ -19,7 +19,7 @@
 //!   dropped) and the log continues at the mark + 1, in an empty segment of that name.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -101,17 +101,6 @@ fn set_aside(r: &mut Recovered, next: u64) -> Result<PathBuf, String> {
     r.ids.clear();
     r.next_seq = next;
     Ok(aside)
-}
-
-fn cut_to(path: &Path, len: u64) -> Result<(), String> {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| {
-            f.set_len(len)?;
-            f.sync_all()
-        })
-        .map_err(|e| format!("{}: cannot truncate: {e}", path.display()))
 }
 
 /// Reads and checks one address's directory. `Ok(None)`: the directory holds no address (a crash
@@ -253,7 +242,7 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
                             bad.describe()
                         ));
                     }
-                    cut_to(path, pos)?;
+                    super::files::cut_back(path, pos)?;
                     break pos;
                 }
             }
@@ -294,7 +283,7 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
         if path.exists() {
             tracing::warn!(address = %r.name, file = %path.display(), bytes = cut, reason = bad.describe(), "storage: torn tail truncated at the last valid record");
             r.cut += cut;
-            cut_to(&path, pos)?;
+            super::files::cut_back(&path, pos)?;
         }
     }
     let journal = dir.join(JOURNAL_FILE);
@@ -326,7 +315,7 @@ pub fn recover_address(dir: &Path, repair: bool) -> Result<Option<Recovered>, St
                         tracing::error!(address = %r.name, file = %journal.display(), offset = pos, bytes = cut, reason = bad.describe(), "storage: --repair: corrupt group journal record; keeping the records before it");
                     }
                     r.cut += cut;
-                    cut_to(&journal, pos as u64)?;
+                    super::files::cut_back(&journal, pos as u64)?;
                     break;
                 }
             }

@@ -784,14 +784,13 @@ impl AddressLog {
         let from = from.max(v.first);
         let start = out.len();
         if from < v.hot_first
-            && (self
+            && self
                 .read_cold(v.cold, from, v.hot_first, (max, max_bytes), out)
                 .is_err()
-                || out.len() - start >= max
-                || out[start..].iter().map(|m| m.size).sum::<usize>() >= max_bytes)
         {
             return;
         }
+        // The hot part goes on where the cold part stopped, within what is left of both bounds.
         let mut bytes: usize = out[start..].iter().map(|m| m.size).sum();
         let skip = usize::try_from(from.saturating_sub(v.hot_first)).unwrap_or(usize::MAX);
         let left = max - (out.len() - start);
