@@ -242,8 +242,8 @@ pub struct SendResponses {
     caller: Caller,
     inbound: Streaming<pb::SendRequest>,
     cancelled: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// Responses in request order, each waiting for its write to be durable, with its
-    /// request's encoded bytes.
+    /// Responses in request order, each waiting for its write to be durable, with the bytes
+    /// its request holds (payload, address, message id, header keys and values).
     in_flight: VecDeque<(pb::SendResponse, Durable, usize)>,
     /// The read budget held for the requests in flight (reserved in steps of at least
     /// [`SEND_STREAM_CHARGE_STEP`], so most requests touch no shared state); given back when
@@ -386,8 +386,8 @@ impl Stream for SendResponses {
             }
             match Pin::new(&mut self.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(r))) => {
-                    // What the request holds (its encoded size less framing), read before
-                    // it is consumed; cheap, as the memory engine's path never uses it.
+                    // What the request holds, read before it is consumed; cheap, as the
+                    // memory engine's path never uses it.
                     let bytes = r.payload.len()
                         + r.address.len()
                         + r.message_id.len()
